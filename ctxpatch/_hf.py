@@ -1,0 +1,82 @@
+"""Everything that touches transformers' version-specific internals, in one place.
+
+Tested on the transformers version the README installs. transformers 5.24 renamed the decoder
+layers' `past_key_values` keyword to `cache` (the old name is accepted until 5.40); the name in use
+is read off the attention module's signature, not assumed.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+IMPLEMENTATION = "ctxpatch"
+CACHE_KWARG = "_ctxpatch_cache"  # how the attention module's cache reaches ctxpatch's attention function
+
+
+def cache_keyword(attention: nn.Module) -> str:
+    """The keyword an attention module's forward takes its KV cache under."""
+    params = inspect.signature(type(attention).forward).parameters
+    for name in ("cache", "past_key_values", "past_key_value"):
+        if name in params:
+            return name
+    return "cache"
+
+
+def register(attention_fn: Callable[..., Any]) -> None:
+    """Register ctxpatch's attention function and its mask function (once per process)."""
+    if IMPLEMENTATION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(IMPLEMENTATION, attention_fn)
+        AttentionMaskInterface.register(IMPLEMENTATION, padding_only_mask)
+
+
+def padding_only_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Callable | None = None,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor | None:
+    """ctxpatch builds its own masks from positions: layers only need which keys are real.
+
+    Returns the (B, kv_length) boolean padding mask, or None when every key is real.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask.to(torch.bool)
+    if (missing := kv_length + kv_offset - mask.shape[-1]) > 0:
+        mask = torch.nn.functional.pad(mask, (0, missing), value=True)
+    mask = mask[:, kv_offset : kv_offset + kv_length]
+    return None if bool(mask.all()) else mask
+
+
+def attn_implementation(model: nn.Module) -> str | None:
+    return model.config._attn_implementation
+
+
+def set_attn_implementation(model: nn.Module, name: str) -> None:
+    """Select an attention implementation for this model instance (transformers' own setter)."""
+    model.set_attn_implementation(name)
+
+
+def cache_length(cache: Any, layer_idx: int) -> int:
+    """How many keys the cache holds for a layer after its update."""
+    return int(cache.get_seq_length(layer_idx))
+
+
+def is_static_cache(cache: Any) -> bool:
+    return bool(getattr(cache, "is_compileable", False))
+
+
+def rope_init_functions() -> dict[str, Callable]:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return ROPE_INIT_FUNCTIONS

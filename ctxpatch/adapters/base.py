@@ -1,0 +1,35 @@
+"""What an adapter gives the patch: the attention modules, the rotary map, the model facts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from ..registry import ModelInfo
+from ..rotary import Rotary
+
+
+@dataclass
+class Adapter:
+    """A recognised model: where its parts are."""
+
+    families: ClassVar[str] = ""
+    requirement: ClassVar[str] = ""
+
+    model: nn.Module
+    base: nn.Module  # the module owning the decoder layers and the rotary embedding
+    attentions: list[nn.Module]  # one per layer, in order
+    rotary: Rotary
+    info: ModelInfo
+
+    @classmethod
+    def find(cls, model: nn.Module) -> "Adapter | None":
+        raise NotImplementedError
+
+
+def train_len(config) -> int:
+    """L: rope_parameters' original_max_position_embeddings if present, else max_position_embeddings."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    return int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)

@@ -1,0 +1,42 @@
+"""`dense`: the readable reference. Builds the whole (B, H, Tq, Tk) score tensor, so it is for
+tests and short inputs; every other backend is tested against it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .common import AttentionCall, LayerRuntime, compute_dtype, head_index
+
+
+def dense_attention(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, layer: LayerRuntime) -> Tensor:
+    batch, heads, tq, _ = q.shape
+    tk, groups = k.shape[2], heads // k.shape[1]
+    dtype = compute_dtype(q)
+    layer.prepare(call)
+    i = call.q_pos[:, None, :, None]  # (B, 1, Tq, 1)
+    j = call.k_pos[:, None, None, :]  # (B, 1, 1, Tk)
+    qi = torch.arange(tq, device=q.device).view(1, 1, tq, 1) + call.q_offset
+    kj = torch.arange(tk, device=q.device).view(1, 1, 1, tk)
+    key_real = None if call.key_padding is None else call.key_padding[:, None, None, :]  # (B, 1, 1, Tk)
+
+    q_views = layer.rotated_views(q, call.q_pos, 0)
+    k_views = [kv.repeat_interleave(groups, dim=1) for kv in layer.rotated_views(k, call.k_pos, 1)]  # GQA: (B, H, Tk, d)
+    select = layer.select(i, j)
+    scores = None
+    for n, (qv, kv) in enumerate(zip(q_views, k_views)):
+        view_scores = (qv.to(dtype) @ kv.to(dtype).transpose(-1, -2)) * call.scaling
+        scores = view_scores if scores is None else torch.where(select == n, view_scores, scores)
+
+    kappa = layer.kappa(i)
+    if kappa is not None:
+        scores = scores * kappa.to(dtype)
+    bias = layer.bias(head_index(heads, q.device), i, j)
+    if bias is not None:
+        scores = scores + bias.to(dtype)
+    scores = scores.masked_fill(~layer.visible(call, i, j, qi, kj, key_real), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = F.dropout(probs, p=call.dropout, training=call.dropout > 0)
+    out = probs.to(v.dtype) @ v.repeat_interleave(groups, dim=1)  # (B, H, Tq, d)
+    return out.transpose(1, 2)

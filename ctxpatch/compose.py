@@ -1,0 +1,165 @@
+"""From a spec ("logn+window", a list of method objects) to one plan per layer.
+
+Composition rules (DESIGN.md): biases add, scales multiply, at most one mask and one position rule
+per layer (a second is an error naming both; a rule marked `modifier`, like xpos, combines with
+any other), `layers=` picks layers, and a spec holding both `logn` and `window` with no `layers=`
+anywhere gets the article's hybrid layout: `window` on every layer but the last `full_layers`,
+which get full causal attention with `logn`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from .errors import CompositionError
+from .kinds import Bias, CachePolicy, Mask, PositionRule, Scale
+from .registry import Method, ModelInfo, method_class
+
+LAYOUT_PARAMS = {"full_layers": 1}
+
+
+@dataclass
+class LayerPlan:
+    """What one attention layer runs."""
+
+    index: int
+    mask: Mask | None = None
+    biases: tuple[Bias, ...] = ()
+    scales: tuple[Scale, ...] = ()
+    position: PositionRule | None = None
+    modifiers: tuple[PositionRule, ...] = ()
+    methods: list[Method] = field(default_factory=list)
+
+    @property
+    def is_plain(self) -> bool:
+        return not self.methods
+
+
+def parse_spec(spec: str | Method | Sequence[str | Method]) -> list[Method]:
+    """Method objects for a spec; names are looked up in the registry."""
+    if isinstance(spec, str):
+        names = [part.strip() for part in spec.split("+")]
+        if not spec.strip() or any(not n for n in names):
+            raise ValueError(f"bad spec {spec!r}: write method names joined by '+', e.g. 'logn+window'")
+        items: Iterable[str | Method] = names
+    elif isinstance(spec, Method):
+        items = [spec]
+    else:
+        items = list(spec)
+        if not items:
+            raise ValueError("empty spec: name at least one method, e.g. 'window'")
+    out = []
+    for item in items:
+        if isinstance(item, Method):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(method_class(item)())
+        else:
+            raise TypeError(f"a spec holds method names or method objects, not {type(item).__name__}")
+    seen: dict[str, Method] = {}
+    for m in out:
+        if m.name in seen:
+            raise CompositionError(f"{m.name!r} appears twice in the spec; give it once")
+        seen[m.name] = m
+    return out
+
+
+def _layout_applies(methods: list[Method], layers: Any) -> bool:
+    names = {m.name for m in methods}
+    return {"logn", "window"} <= names and layers is None and all(m.layers is None for m in methods)
+
+
+def distribute(methods: list[Method], params: dict[str, Any]) -> tuple[list[Method], dict[str, Any]]:
+    """Hand every keyword parameter to each method taking it; return the layout's own ones.
+
+    A parameter no chosen method takes is a `TypeError` naming those they do take.
+    """
+    layers = params.pop("layers", None)
+    layout = {k: params.pop(k) for k in list(params) if k in LAYOUT_PARAMS and _layout_applies(methods, layers)}
+    accepted = {p.name: m for m in methods for p in m.params}
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        takes = sorted(set(accepted) | {"layers"} | (set(LAYOUT_PARAMS) if _layout_applies(methods, layers) else set()))
+        raise TypeError(
+            f"parameter(s) {', '.join(unknown)} not taken by {'+'.join(m.name for m in methods)}; "
+            f"they take: {', '.join(takes)}"
+        )
+    out = []
+    for m in methods:
+        mine = {p.name: params[p.name] for p in m.params if p.name in params and p.name not in m.values}
+        new = type(m)(layers=m.layers if m.layers is not None else layers, **{**m.values, **mine})
+        out.append(new)
+    return out, {**LAYOUT_PARAMS, **layout} if _layout_applies(methods, layers) else {}
+
+
+def _normalise_layers(m: Method, num_layers: int) -> list[int]:
+    if m.layers is None:
+        return list(range(num_layers))
+    out = []
+    for index in m.layers:
+        if isinstance(index, bool) or not isinstance(index, int) or not -num_layers <= index < num_layers:
+            raise ValueError(
+                f"{m.name}: layer index {index!r} is out of range for a model with {num_layers} layers "
+                f"(use 0..{num_layers - 1}, or negatives from -{num_layers})"
+            )
+        out.append(index % num_layers)
+    return sorted(set(out))
+
+
+def apply_layout(methods: list[Method], layout: dict[str, Any], num_layers: int) -> list[Method]:
+    """The logn+window hybrid: window below the last `full_layers` layers, logn on them."""
+    if not layout:
+        return methods
+    full = layout["full_layers"]
+    if isinstance(full, bool) or not isinstance(full, int) or not 1 <= full <= num_layers:
+        raise ValueError(f"full_layers={full!r} must be an integer in 1..{num_layers} (the model's layer count)")
+    split = num_layers - full
+    for m in methods:
+        if m.name == "window":
+            m.layers = list(range(split))
+        elif m.name == "logn":
+            m.layers = list(range(split, num_layers))
+    return methods
+
+
+def plan_layers(methods: list[Method], info: ModelInfo) -> list[LayerPlan]:
+    """One `LayerPlan` per layer; refuses two masks or two position rules on one layer."""
+    plans = [LayerPlan(index) for index in range(info.num_layers)]
+    for m in methods:
+        for index in _normalise_layers(m, info.num_layers):
+            plan = plans[index]
+            if isinstance(m, Mask):
+                if plan.mask is not None:
+                    raise CompositionError(
+                        f"layer {index} would get two masks, {plan.mask.name!r} and {m.name!r}; "
+                        "a layer takes one mask (pick one, or give them disjoint layers=)"
+                    )
+                plan.mask = m
+            elif isinstance(m, Bias):
+                plan.biases += (m,)
+            elif isinstance(m, Scale):
+                plan.scales += (m,)
+            elif isinstance(m, PositionRule) and getattr(m, "modifier", False):
+                plan.modifiers += (m,)
+            elif isinstance(m, PositionRule):
+                if plan.position is not None:
+                    raise CompositionError(
+                        f"layer {index} would get two position rules, {plan.position.name!r} and {m.name!r}; "
+                        "a layer takes one (xpos is the exception: it combines with any other)"
+                    )
+                plan.position = m
+            elif not isinstance(m, CachePolicy):
+                raise TypeError(f"{m.name}: unknown method kind {m.kind!r}")
+            plan.methods.append(m)
+    return plans
+
+
+def build_plan(spec: Any, params: dict[str, Any], info: ModelInfo) -> tuple[list[Method], list[LayerPlan]]:
+    """Parse, distribute parameters, resolve defaults from the model, lay out, plan every layer."""
+    methods, layout = distribute(parse_spec(spec), dict(params))
+    methods = [m.resolve(info) for m in methods]
+    for m in methods:
+        m.layers = None if m.layers is None else _normalise_layers(m, info.num_layers)
+    methods = apply_layout(methods, layout, info.num_layers)
+    return methods, plan_layers(methods, info)

@@ -1,0 +1,119 @@
+"""The four kinds of method and what each must define (DESIGN.md, "Layers of the code", 1).
+
+Every function here is elementwise on broadcastable tensors of *positions* (`i` queries, `j` keys,
+`h` 0-based query-head indices), so one definition serves the dense backend (whole grid), the
+blockwise backend (one block at a time) and FlexAttention (one score at a time).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .registry import Method, ModelInfo
+
+if TYPE_CHECKING:
+    from .rotary import Rotary
+
+PositionMap = Callable[[Tensor], Tensor]
+
+
+def identity(positions: Tensor) -> Tensor:
+    return positions
+
+
+class Mask(Method):
+    """Which (i, j) pairs are visible, on top of causality (j <= i) and padding."""
+
+    kind = "mask"
+
+    def visible(self, i: Tensor, j: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def blocks_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
+        """May any pair with i in [i_lo, i_hi] and j in [j_lo, j_hi] be visible? (conservative)"""
+        return torch.ones(torch.broadcast_shapes(i_lo.shape, j_lo.shape), dtype=torch.bool, device=i_lo.device)
+
+    def max_keys(self, num_keys: int) -> int:
+        """How many keys one query sees at most (sizes the blockwise backend's chunks)."""
+        return num_keys
+
+
+class Bias(Method):
+    """An additive term b_h(i, j) of the attention score."""
+
+    kind = "bias"
+
+    def make_parameters(self, num_heads: int) -> dict[str, Tensor]:
+        """Tensors the bias reads (trainable ones as `nn.Parameter`), one set per layer."""
+        return {}
+
+    def bias(self, h: Tensor, i: Tensor, j: Tensor, params: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def features(self, h: Tensor, i: Tensor, j: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+        """(f_q(h, i), f_k(j)) with b_h(i, j) = <f_q, f_k> + a term constant along each query row.
+
+        Lets a backend fold the bias into the fused attention kernel as extra q/k dimensions.
+        None when the bias does not split this way. `h` has shape (H, 1), i (..., Tq), j (..., Tk);
+        f_q is (..., H, Tq, F) and f_k (..., 1, Tk, F).
+        """
+        return None
+
+
+class Scale(Method):
+    """A factor kappa_i on the query's dot products (not on the biases)."""
+
+    kind = "scale"
+
+    def scale(self, i: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class PositionRule(Method):
+    """What replaces R(i)q . R(j)k: a rotary map and one or more position "views".
+
+    A view is a pair of maps (query positions -> rotation positions, key positions -> rotation
+    positions). A rule with several views picks one per pair with `select(i, j)`; the relative
+    position RoPE then sees is f_q(i) - f_k(j) of the chosen view.
+    """
+
+    kind = "position"
+
+    def make_rotary(self, rotary: "Rotary", config: object, info: ModelInfo) -> "Rotary":
+        """The rotary map this rule rotates with (default: the model's own)."""
+        return rotary
+
+    def views(self) -> tuple[tuple[PositionMap, PositionMap], ...]:
+        return ((identity, identity),)
+
+    def select(self, i: Tensor, j: Tensor) -> Tensor | None:
+        """Index of the view each pair uses (None with one view)."""
+        return None
+
+    def views_needed(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> list[bool]:
+        """Which views may be selected for some pair in the block (conservative)."""
+        return [True] * len(self.views())
+
+    def relative(self, i: Tensor, j: Tensor) -> Tensor:
+        """The relative position RoPE sees for the pair (the rule's definition)."""
+        return i - j
+
+
+class CachePolicy(Method):
+    """What the KV cache keeps, and at which positions the kept keys are seen."""
+
+    kind = "cache"
+
+
+def parameter_holder(tensors: dict[str, Tensor]) -> nn.Module:
+    """An `nn.Module` carrying a method's per-layer tensors, so `model.parameters()` sees them."""
+    holder = nn.Module()
+    for name, value in tensors.items():
+        if isinstance(value, nn.Parameter):
+            holder.register_parameter(name, value)
+        else:
+            holder.register_buffer(name, value, persistent=False)
+    return holder

@@ -1,0 +1,27 @@
+"""`bca`: blockwise causal attention, visible iff j <= i and floor(i/B) - floor(j/B) <= 1.
+
+Paper: Sun et al., "A Length-Extrapolatable Transformer" (XPOS/LEX, arXiv:2212.10554), 2022.
+"""
+
+from torch import Tensor
+
+from ..kinds import Mask
+from ..registry import Param, from_model, positive_int, register
+
+
+@register
+class BlockwiseCausal(Mask):
+    """Blockwise causal attention: a query sees its own block and the one before."""
+
+    name = "bca"
+    paper = "A Length-Extrapolatable Transformer (Sun et al., 2022)"
+    params = (Param("block_size", from_model("L // 2", lambda m: max(1, m.train_len // 2)), positive_int, "B"),)
+
+    def visible(self, i: Tensor, j: Tensor) -> Tensor:
+        return (j <= i) & (i // self.block_size - j // self.block_size <= 1)
+
+    def blocks_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
+        return (j_lo <= i_hi) & (i_lo // self.block_size - j_hi // self.block_size <= 1)
+
+    def max_keys(self, num_keys: int) -> int:
+        return min(num_keys, 2 * self.block_size)

@@ -1,0 +1,307 @@
+"""`apply` and the `Patch` handle: install a plan on a model instance, and take it off again.
+
+What a patch changes, all on the instance and all undone by `remove()`:
+  * the model's attention implementation becomes "ctxpatch" (transformers' `AttentionInterface`);
+  * a forward hook makes the rotary embedding return the identity rotation, so q and k reach
+    ctxpatch un-rotated and the KV cache holds un-rotated keys; ctxpatch rotates them inside
+    attention at the positions each method asks for;
+  * pre-hooks pass the KV cache to the attention function and, when no position ids are given,
+    derive them from the attention mask (left padding ignored);
+  * per-layer method tensors (KERPLE's r1, r2) are added as a submodule `ctxpatch` of each
+    attention module, so they train and save with the model.
+
+Applying a second patch to a patched model is an `AlreadyPatchedError`: remove the first
+(`patch.remove()` or `ctxpatch.remove(model)`) or pass `replace=True`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import _hf
+from .adapters import find_adapter
+from .backends import get_backend
+from .backends.common import AttentionCall, LayerRuntime
+from .compose import LayerPlan, build_plan
+from .errors import AlreadyPatchedError, CtxpatchError
+from .kinds import parameter_holder
+from .registry import Method, ModelInfo
+from .rotary import Rotary
+
+RUNTIME = "_ctxpatch_runtime"  # attribute of a patched attention module
+PATCH = "_ctxpatch_patch"  # attribute of a patched model
+
+
+class KeyPositions:
+    """The position of every key in a KV cache, per cache and layer, kept beside the cache.
+
+    The cache holds un-rotated keys; to rotate them at attention time ctxpatch needs their
+    positions, which are the position ids they were written with (not their index: left padding,
+    position ids that skip ahead and sliding caches all make the two differ).
+    """
+
+    def __init__(self) -> None:
+        self._records: weakref.WeakKeyDictionary[Any, dict[int, Tensor]] = weakref.WeakKeyDictionary()
+
+    def keys_for(self, cache: Any, layer_idx: int, q_pos: Tensor, num_keys: int) -> Tensor:
+        new = q_pos.shape[1]
+        if cache is None:
+            if num_keys != new:
+                raise CtxpatchError(f"attention got {num_keys} keys for {new} queries and no cache")
+            return q_pos
+        if _hf.is_static_cache(cache):
+            raise CtxpatchError(
+                "a static (compileable) KV cache is not supported under a ctxpatch patch; "
+                "use the default dynamic cache (do not pass cache_implementation='static')"
+            )
+        records = self._records.setdefault(cache, {})
+        past = num_keys - new
+        record = records.get(layer_idx)
+        if past == 0:
+            positions = q_pos
+        elif record is None or record.shape[1] < past:
+            raise CtxpatchError(
+                "the KV cache holds keys written before this patch was applied (or by another "
+                "model); ctxpatch needs to see every key written. Start from a fresh cache."
+            )
+        else:  # a record longer than the cache means the cache was cropped from its end
+            positions = torch.cat([record[:, :past].expand(q_pos.shape[0], -1), q_pos], dim=1)
+        records[layer_idx] = positions[:, positions.shape[1] - _hf.cache_length(cache, layer_idx) :]
+        return positions
+
+
+def ctxpatch_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """The function registered with transformers' AttentionInterface under "ctxpatch"."""
+    runtime: LayerRuntime | None = getattr(module, RUNTIME, None)
+    if runtime is None:  # a model sharing its config with a patched one: plain causal attention
+        runtime = LayerRuntime(LayerPlan(getattr(module, "layer_idx", 0)), rotary=None)
+        positions, backend = KeyPositions(), get_backend("blockwise")
+    else:
+        positions, backend = runtime.key_positions, runtime.backend
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise CtxpatchError("ctxpatch builds its own masks: pass a 2D attention_mask (batch, keys) or none")
+    batch, _, tq, _ = query.shape
+    tk = key.shape[2]
+    q_pos = kwargs.get("position_ids")
+    if q_pos is None:
+        q_pos = torch.arange(tk - tq, tk, device=query.device)[None]
+    q_pos = q_pos.to(query.device).expand(batch, tq)
+    k_pos = positions.keys_for(kwargs.get(_hf.CACHE_KWARG), module.layer_idx, q_pos, tk)
+    call = AttentionCall(
+        q_pos=q_pos,
+        k_pos=k_pos,
+        key_padding=attention_mask,
+        scaling=module.scaling if scaling is None else scaling,
+        dropout=dropout if module.training else 0.0,
+        native_window=kwargs.get("sliding_window"),
+    )
+    return backend(query, key, value, call, runtime).contiguous(), None
+
+
+def make_runtime(
+    plan: LayerPlan,
+    model_rotary: Rotary,
+    config: Any,
+    info: ModelInfo,
+    device: torch.device,
+    rotaries: dict[str, Rotary] | None = None,
+) -> LayerRuntime:
+    """Bind a layer's plan to its rotary map (shared between layers with the same rule) and to
+    freshly made method tensors on `device`."""
+    rotary = model_rotary
+    if plan.position is not None:
+        rotaries = {} if rotaries is None else rotaries
+        key = plan.position.describe()
+        if key not in rotaries:
+            rotaries[key] = plan.position.make_rotary(model_rotary, config, info)
+        rotary = rotaries[key]
+    made = {b.name: b.make_parameters(info.num_heads) for b in plan.biases}
+    made = {name: tensors for name, tensors in made.items() if tensors}
+    tensors = nn.ModuleDict({n: parameter_holder(t) for n, t in made.items()}).to(device) if made else None
+    return LayerRuntime(plan, rotary, tensors)
+
+
+class Patch:
+    """A patch installed on a model; `remove()` (or leaving a `with` block) takes it off."""
+
+    def __init__(self, model: nn.Module, methods: list[Method], plans: list[LayerPlan], backend: str):
+        self.model = model
+        self.methods = methods
+        self.plans = plans
+        self.backend = backend
+        self.active = False
+        self._undo: list[Any] = []
+
+    # ---- install / remove --------------------------------------------------------------------
+
+    def _install(self, adapter) -> None:
+        model, keyword = self.model, _hf.cache_keyword(adapter.attentions[0])
+        backend, key_positions = get_backend(self.backend), KeyPositions()
+        rotaries: dict[str, Rotary] = {}
+        for attention, plan in zip(adapter.attentions, self.plans):
+            device = attention.q_proj.weight.device
+            runtime = make_runtime(plan, adapter.rotary, model.config, adapter.info, device, rotaries)
+            runtime.backend, runtime.key_positions = backend, key_positions
+            setattr(attention, RUNTIME, runtime)
+            self._undo.append(lambda a=attention: delattr(a, RUNTIME))
+            if runtime.tensors is not None:
+                attention.add_module("ctxpatch", runtime.tensors)
+                self._undo.append(lambda a=attention: delattr(a, "ctxpatch"))
+            hook = attention.register_forward_pre_hook(_pass_cache(keyword), with_kwargs=True)
+            self._undo.append(hook.remove)
+        hook = adapter.base.register_forward_pre_hook(_positions_from_mask, with_kwargs=True)
+        self._undo.append(hook.remove)
+        hook = adapter.rotary.module.register_forward_hook(_identity_rotation)
+        self._undo.append(hook.remove)
+        previous = _hf.attn_implementation(model)
+        _hf.register(ctxpatch_attention)
+        _hf.set_attn_implementation(model, _hf.IMPLEMENTATION)
+        self._undo.append(lambda: _hf.set_attn_implementation(model, previous))
+        setattr(model, PATCH, self)
+        self._undo.append(lambda: delattr(model, PATCH))
+        self.active = True
+
+    def remove(self) -> None:
+        """Take the patch off: the model computes exactly what it did before `apply`."""
+        while self._undo:
+            self._undo.pop()()
+        self.active = False
+
+    def __enter__(self) -> "Patch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    # ---- what it is --------------------------------------------------------------------------
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The patch's own trainable parameters (KERPLE's r1, r2), across layers."""
+        out = []
+        for attention in self._attentions():
+            holder = getattr(attention, "ctxpatch", None)
+            if holder is not None:
+                out.extend(holder.parameters())
+        return out
+
+    def _attentions(self) -> list[nn.Module]:
+        return [m for m in self.model.modules() if getattr(m, RUNTIME, None) is not None]
+
+    @property
+    def spec(self) -> str:
+        return "+".join(m.name for m in self.methods)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec with resolved parameters and layers (what `ctxpatch.json` records)."""
+        return {
+            "spec": self.spec,
+            "backend": self.backend,
+            "methods": [{"name": m.name, "params": dict(m.values), "layers": m.layers} for m in self.methods],
+        }
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        lines = [f"Patch({self.spec!r}, backend={self.backend!r}, {state})"]
+        for m in self.methods:
+            layers = "all layers" if m.layers is None else f"layers {_ranges(m.layers)}"
+            lines.append(f"  {m.describe()}  [{m.kind}; {layers}]")
+        return "\n".join(lines)
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    out, start = [], None
+    for n, index in enumerate(indices):
+        if start is None:
+            start = index
+        if n + 1 == len(indices) or indices[n + 1] != index + 1:
+            out.append(str(start) if start == index else f"{start}-{index}")
+            start = None
+    return ",".join(out) or "none"
+
+
+def _pass_cache(keyword: str):
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kwargs[_hf.CACHE_KWARG] = kwargs.get(keyword)
+        return args, kwargs
+
+    return hook
+
+
+def _positions_from_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """No position ids given and a padded 2D mask: positions count real tokens only."""
+    mask = kwargs.get("attention_mask")
+    if kwargs.get("position_ids") is not None or mask is None or mask.dim() != 2 or bool(mask.all()):
+        return None
+    tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+    if tokens is None:
+        tokens = args[0] if args else None
+    if tokens is None:
+        return None
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
+    kwargs["position_ids"] = positions[:, -tokens.shape[1] :]
+    return args, kwargs
+
+
+def _identity_rotation(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    cos, sin = output
+    return torch.ones_like(cos), torch.zeros_like(sin)
+
+
+def apply(
+    model: nn.Module,
+    spec: str | Method | Sequence[str | Method],
+    *,
+    backend: str = "blockwise",
+    replace: bool = False,
+    **params: Any,
+) -> Patch:
+    """Patch `model` in place with the methods of `spec` and return the `Patch` handle.
+
+    `spec` is "a+b" or a list of names / method objects (`ctxpatch.method(...)`); keyword
+    parameters go to every method of the spec that takes them (`layers=` to all). Everything is
+    checked before the model is touched: after an error the model is exactly as before.
+    """
+    get_backend(backend)
+    adapter = find_adapter(model)
+    methods, plans = build_plan(spec, params, adapter.info)
+    existing = getattr(model, PATCH, None)
+    if existing is not None:
+        if not replace:
+            raise AlreadyPatchedError(
+                f"this model already carries {existing.spec!r}; call patch.remove() (or "
+                "ctxpatch.remove(model)) first, or pass replace=True"
+            )
+        existing.remove()
+    patch = Patch(model, methods, plans, backend)
+    try:
+        patch._install(adapter)
+    except BaseException:
+        patch.remove()
+        raise
+    return patch
+
+
+def remove(model: nn.Module) -> bool:
+    """Remove the patch a model carries, if any; True when one was removed."""
+    patch = getattr(model, PATCH, None)
+    if patch is None:
+        return False
+    patch.remove()
+    return True
+
+
+def current_patch(model: nn.Module) -> Patch | None:
+    return getattr(model, PATCH, None)

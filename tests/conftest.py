@@ -1,0 +1,58 @@
+"""Tiny random-weight models built from configs: no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+TRAIN_LEN = 32
+
+
+def tiny_config(arch: str = "llama", **overrides):
+    common = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=TRAIN_LEN,
+        initializer_range=0.35,  # large weights: well-separated logits, so greedy argmax has no ties
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,  # generation runs its full length: no row stops early
+        tie_word_embeddings=False,
+    )
+    common.update(overrides)
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "mistral":
+        return MistralConfig(**{"sliding_window": None, **common})
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "qwen3":
+        return Qwen3Config(**{"head_dim": 8, **common})
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation="sdpa")
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+def token_ids(batch: int, length: int, seed: int = 1, vocab: int = 97) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, vocab, (batch, length), generator=generator)

@@ -1,0 +1,87 @@
+"""The blockwise backend's structure: linear memory, and key-block pruning that is exact."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ctxpatch.backends import blockwise
+from ctxpatch.compose import build_plan
+from ctxpatch.registry import ModelInfo
+
+INFO = ModelInfo(train_len=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, rotary_dim=8)
+
+
+@pytest.mark.parametrize(
+    "spec,params",
+    [
+        ("window", {"window": 5}),
+        ("bca", {"block_size": 4}),
+        ("hybrid", {"window": 3, "global_tokens": 2, "random_blocks": 2, "block_size": 3}),
+    ],
+)
+def test_blocks_visible_is_conservative(spec, params):
+    """Whenever some pair of two position ranges is visible, the block test must say so."""
+    _, plans = build_plan(spec, params, INFO)
+    mask = plans[0].mask
+    if hasattr(mask, "prepare"):
+        mask.prepare(40, torch.device("cpu"))
+    ranges = [(a, b) for a, b in itertools.combinations_with_replacement(range(0, 40, 3), 2)]
+    for (i_lo, i_hi), (j_lo, j_hi) in itertools.product(ranges, ranges):
+        i = torch.arange(i_lo, i_hi + 1)[:, None]
+        j = torch.arange(j_lo, j_hi + 1)[None, :]
+        any_visible = bool((mask.visible(i, j) & (j <= i)).any())
+        said = bool(mask.blocks_visible(*(torch.tensor([[x]]) for x in (i_lo, i_hi, j_lo, j_hi))))
+        assert said or not any_visible, (i_lo, i_hi, j_lo, j_hi)
+
+
+def test_hybrid_random_blocks_are_deterministic_and_before_the_window():
+    from ctxpatch.masks.hybrid import random_block_table
+
+    table = random_block_table(num_query_blocks=40, window=10, block=4, count=3, seed=7)
+    assert torch.equal(table, random_block_table(40, 10, 4, 3, 7))
+    assert not torch.equal(table, random_block_table(40, 10, 4, 3, 8))
+    for qb, row in enumerate(table):
+        drawn = row[row >= 0]
+        assert len(set(drawn.tolist())) == len(drawn)  # without replacement
+        assert all((kb + 1) * 4 - 1 < qb * 4 - 10 + 1 for kb in drawn.tolist())  # ends before the window
+        candidates = max(0, (qb * 4 - 10 + 1) // 4)
+        assert len(drawn) == min(3, candidates)
+
+
+def test_window_touches_only_keys_inside_the_window(monkeypatch):
+    """O(n W): every SDPA call of a windowed layer sees at most W + 2 blocks of keys."""
+    import ctxpatch
+    from conftest import tiny_model, token_ids
+
+    monkeypatch.setattr(blockwise, "BLOCK", 16)
+    seen = []
+    real = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(k.shape[2])
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(blockwise.F, "scaled_dot_product_attention", spy)
+    model = tiny_model("llama", num_hidden_layers=1)
+    with torch.no_grad(), ctxpatch.apply(model, "window", window=20):
+        model(token_ids(1, 400))
+    assert len(seen) == -(-400 // 16) and max(seen) <= 20 + 2 * 16
+
+
+def test_plain_layers_use_one_fused_causal_call(monkeypatch):
+    import ctxpatch
+    from conftest import tiny_model, token_ids
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        blockwise.F, "scaled_dot_product_attention", lambda *a, **k: calls.append(k.get("is_causal")) or real(*a, **k)
+    )
+    model = tiny_model("llama")
+    with torch.no_grad(), ctxpatch.apply(model, "logn+yarn"):
+        model(token_ids(1, 50))
+    assert calls == [True, True, True]  # logn and rope scalers keep the fused causal kernel
