@@ -13,7 +13,7 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
-from .patch import Patch, apply, current_patch, remove
+from .patch import Patch, apply, current_patch, remove, spec_from_dict
 from .registry import Method, MethodInfo, method, methods, register
 
 __version__ = "0.1.0"
@@ -33,4 +33,5 @@ __all__ = [
     "methods",
     "register",
     "remove",
+    "spec_from_dict",
 ]

@@ -294,6 +294,13 @@ def apply(
     return patch
 
 
+def spec_from_dict(record: dict[str, Any]) -> list[Method]:
+    """Method objects from `Patch.to_dict()` (e.g. a saved `ctxpatch.json`): `apply(model, spec_from_dict(d))`."""
+    from .registry import method
+
+    return [method(m["name"], layers=m.get("layers"), **m.get("params", {})) for m in record["methods"]]
+
+
 def remove(model: nn.Module) -> bool:
     """Remove the patch a model carries, if any; True when one was removed."""
     patch = getattr(model, PATCH, None)

@@ -167,3 +167,14 @@ def test_cache_filled_before_the_patch_is_refused(llama):
         cache = llama(ids[:, :8], use_cache=True).past_key_values
         with ctxpatch.apply(llama, "window", window=4), pytest.raises(ctxpatch.CtxpatchError, match="fresh cache"):
             llama(ids[:, 8:], past_key_values=cache, use_cache=True)
+
+
+def test_to_dict_round_trips_through_spec_from_dict(llama):
+    ids = token_ids(1, 40)
+    with torch.no_grad():
+        with ctxpatch.apply(llama, "logn+window+alibi", window=9, full_layers=2) as patch:
+            record = patch.to_dict()
+            expected = llama(ids).logits
+        with ctxpatch.apply(llama, ctxpatch.spec_from_dict(record), backend=record["backend"]) as again:
+            assert again.to_dict() == record
+            assert torch.equal(llama(ids).logits, expected)
