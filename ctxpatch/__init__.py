@@ -5,7 +5,8 @@
     patch.remove()
 """
 
-from . import adapters, biases, masks, positions, scales  # noqa: F401  (registers every method)
+from . import adapters, biases, caches, masks, positions, scales  # noqa: F401  (registers every method)
+from .chatglm import load_chatglm
 from .errors import (
     AlreadyPatchedError,
     CompositionError,
@@ -29,6 +30,7 @@ __all__ = [
     "UnsupportedModelError",
     "apply",
     "current_patch",
+    "load_chatglm",
     "method",
     "methods",
     "register",

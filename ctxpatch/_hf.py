@@ -45,16 +45,15 @@ def padding_only_mask(
     attention_mask: Tensor | None = None,
     **kwargs: Any,
 ) -> Tensor | None:
-    """ctxpatch builds its own masks from positions: layers only need which keys are real.
+    """ctxpatch builds its own masks from positions: layers only need which tokens are real.
 
-    Returns the (B, kv_length) boolean padding mask, or None when every key is real.
+    Returns the whole 2D boolean padding mask (batch, tokens so far), or None when every token is
+    real. ctxpatch takes the new tokens' flags from its end and keeps the cached ones itself, so a
+    cache that drops keys (sinks, sliding windows) needs no offsets from here.
     """
     if attention_mask is None:
         return None
     mask = attention_mask.to(torch.bool)
-    if (missing := kv_length + kv_offset - mask.shape[-1]) > 0:
-        mask = torch.nn.functional.pad(mask, (0, missing), value=True)
-    mask = mask[:, kv_offset : kv_offset + kv_length]
     return None if bool(mask.all()) else mask
 
 
@@ -70,6 +69,17 @@ def set_attn_implementation(model: nn.Module, name: str) -> None:
 def cache_length(cache: Any, layer_idx: int) -> int:
     """How many keys the cache holds for a layer after its update."""
     return int(cache.get_seq_length(layer_idx))
+
+
+def keep_cached(cache: Any, layer_idx: int, keep: Tensor) -> None:
+    """Keep only the cached keys and values at indices `keep` (B, K) of one layer (a cache policy)."""
+    layer = cache.layers[layer_idx]
+
+    def gather(states: Tensor) -> Tensor:  # (B, Hk, Tk, d) -> (B, Hk, K, d)
+        index = keep[:, None, :, None].expand(states.shape[0], states.shape[1], -1, states.shape[3])
+        return states.gather(2, index)
+
+    layer.keys, layer.values = gather(layer.keys), gather(layer.values)
 
 
 def is_static_cache(cache: Any) -> bool:

@@ -29,6 +29,7 @@ class LayerPlan:
     scales: tuple[Scale, ...] = ()
     position: PositionRule | None = None
     modifiers: tuple[PositionRule, ...] = ()
+    cache: CachePolicy | None = None
     methods: list[Method] = field(default_factory=list)
 
     @property
@@ -123,34 +124,48 @@ def apply_layout(methods: list[Method], layout: dict[str, Any], num_layers: int)
     return methods
 
 
+def _slots(m: Method) -> list[str]:
+    """The plan slots a method fills (a cache policy may also be a mask and a position rule)."""
+    slots = []
+    if isinstance(m, Mask):
+        slots.append("mask")
+    if isinstance(m, Bias):
+        slots.append("biases")
+    if isinstance(m, Scale):
+        slots.append("scales")
+    if isinstance(m, PositionRule):
+        slots.append("modifiers" if m.modifier else "position")
+    if isinstance(m, CachePolicy):
+        slots.append("cache")
+    if not slots:
+        raise TypeError(f"{m.name}: unknown method kind {m.kind!r}")
+    return slots
+
+
+_SINGLE = {"mask": "masks", "position": "position rules", "cache": "cache policies"}
+_HINT = {
+    "mask": "a layer takes one mask (pick one, or give them disjoint layers=)",
+    "position": "a layer takes one (xpos is the exception: it combines with any other)",
+    "cache": "a layer takes one",
+}
+
+
 def plan_layers(methods: list[Method], info: ModelInfo) -> list[LayerPlan]:
-    """One `LayerPlan` per layer; refuses two masks or two position rules on one layer."""
+    """One `LayerPlan` per layer; refuses two masks, position rules or cache policies on one layer."""
     plans = [LayerPlan(index) for index in range(info.num_layers)]
     for m in methods:
         for index in _normalise_layers(m, info.num_layers):
             plan = plans[index]
-            if isinstance(m, Mask):
-                if plan.mask is not None:
-                    raise CompositionError(
-                        f"layer {index} would get two masks, {plan.mask.name!r} and {m.name!r}; "
-                        "a layer takes one mask (pick one, or give them disjoint layers=)"
-                    )
-                plan.mask = m
-            elif isinstance(m, Bias):
-                plan.biases += (m,)
-            elif isinstance(m, Scale):
-                plan.scales += (m,)
-            elif isinstance(m, PositionRule) and getattr(m, "modifier", False):
-                plan.modifiers += (m,)
-            elif isinstance(m, PositionRule):
-                if plan.position is not None:
-                    raise CompositionError(
-                        f"layer {index} would get two position rules, {plan.position.name!r} and {m.name!r}; "
-                        "a layer takes one (xpos is the exception: it combines with any other)"
-                    )
-                plan.position = m
-            elif not isinstance(m, CachePolicy):
-                raise TypeError(f"{m.name}: unknown method kind {m.kind!r}")
+            for slot in _slots(m):
+                if slot in _SINGLE:
+                    if getattr(plan, slot) is not None:
+                        raise CompositionError(
+                            f"layer {index} would get two {_SINGLE[slot]}, {getattr(plan, slot).name!r} and "
+                            f"{m.name!r}; {_HINT[slot]}"
+                        )
+                    setattr(plan, slot, m)
+                else:
+                    setattr(plan, slot, getattr(plan, slot) + (m,))
             plan.methods.append(m)
     return plans
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .registry import Method, ModelInfo
 
 if TYPE_CHECKING:
-    from .rotary import Rotary
+    from .rotary import Rotary, RotaryLayout
 
 PositionMap = Callable[[Tensor], Tensor]
 
@@ -81,6 +81,7 @@ class PositionRule(Method):
     """
 
     kind = "position"
+    modifier: bool = False  # True: combines with any other rule (xpos), applied in every view
 
     def make_rotary(self, rotary: "Rotary", config: object, info: ModelInfo) -> "Rotary":
         """The rotary map this rule rotates with (default: the model's own)."""
@@ -90,7 +91,7 @@ class PositionRule(Method):
         return ((identity, identity),)
 
     def select(self, i: Tensor, j: Tensor) -> Tensor | None:
-        """Index of the view each pair uses (None with one view)."""
+        """Index of the view each pair uses, or a bool tensor with two views (None with one view)."""
         return None
 
     def views_needed(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> list[bool]:
@@ -102,10 +103,53 @@ class PositionRule(Method):
         return i - j
 
 
+class TwoViewRule(PositionRule):
+    """A rule that uses the true relative position up to a window and a remapped one beyond.
+
+    The near view is RoPE at the true positions; the far view rotates q and k at the positions
+    `far_query(i)`, `far_key(j)`; pairs with i - j >= `window` use the far view.
+    """
+
+    def far_query(self, i: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def far_key(self, j: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def views(self) -> tuple[tuple[PositionMap, PositionMap], ...]:
+        return ((identity, identity), (self.far_query, self.far_key))
+
+    def select(self, i: Tensor, j: Tensor) -> Tensor:
+        return i - j >= self.window  # bool: True = the far view (index 1)
+
+    def views_needed(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> list[Tensor]:
+        return [i_lo - j_hi < self.window, i_hi - j_lo >= self.window]
+
+    def relative(self, i: Tensor, j: Tensor) -> Tensor:
+        return torch.where(i - j >= self.window, self.far_query(i) - self.far_key(j), i - j)
+
+
+class PositionModifier(PositionRule):
+    """A per-pair factor on q and k applied in every view (xpos): combines with any rule."""
+
+    modifier = True
+
+    def factors(self, positions: Tensor, centre: Tensor, sign: int, layout: "RotaryLayout", head_dim: int) -> Tensor:
+        """(B, 1, T, head_dim) factors for q (sign +1) or k (sign -1) at positions (B, T)."""
+        raise NotImplementedError
+
+
 class CachePolicy(Method):
     """What the KV cache keeps, and at which positions the kept keys are seen."""
 
     kind = "cache"
+
+    def keep(self, positions: Tensor, real: Tensor) -> Tensor | None:
+        """(B, K) indices of the cached keys each row keeps after a step (None: keep all).
+
+        positions and real are (B, Tk): every cached key's position and whether it is a real token.
+        """
+        return None
 
 
 def parameter_holder(tensors: dict[str, Tensor]) -> nn.Module:

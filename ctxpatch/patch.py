@@ -36,42 +36,61 @@ RUNTIME = "_ctxpatch_runtime"  # attribute of a patched attention module
 PATCH = "_ctxpatch_patch"  # attribute of a patched model
 
 
-class KeyPositions:
-    """The position of every key in a KV cache, per cache and layer, kept beside the cache.
+class KeyRecord:
+    """Position and padding flag of every key in a KV cache, per cache and layer, kept beside it.
 
     The cache holds un-rotated keys; to rotate them at attention time ctxpatch needs their
     positions, which are the position ids they were written with (not their index: left padding,
-    position ids that skip ahead and sliding caches all make the two differ).
+    position ids that skip ahead, sliding caches and cache policies all make the two differ).
     """
 
     def __init__(self) -> None:
-        self._records: weakref.WeakKeyDictionary[Any, dict[int, Tensor]] = weakref.WeakKeyDictionary()
+        self._records: weakref.WeakKeyDictionary[Any, dict[int, tuple[Tensor, Tensor]]] = weakref.WeakKeyDictionary()
 
-    def keys_for(self, cache: Any, layer_idx: int, q_pos: Tensor, num_keys: int) -> Tensor:
+    def keys_for(self, cache: Any, layer_idx: int, q_pos: Tensor, q_real: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
+        """(positions, real flags) of all `num_keys` keys after the cache took the new ones."""
         new = q_pos.shape[1]
         if cache is None:
             if num_keys != new:
                 raise CtxpatchError(f"attention got {num_keys} keys for {new} queries and no cache")
-            return q_pos
+            return q_pos, q_real
         if _hf.is_static_cache(cache):
             raise CtxpatchError(
                 "a static (compileable) KV cache is not supported under a ctxpatch patch; "
                 "use the default dynamic cache (do not pass cache_implementation='static')"
             )
-        records = self._records.setdefault(cache, {})
         past = num_keys - new
-        record = records.get(layer_idx)
+        record = self._records.setdefault(cache, {}).get(layer_idx)
         if past == 0:
-            positions = q_pos
-        elif record is None or record.shape[1] < past:
+            positions, real = q_pos, q_real
+        elif record is None or record[0].shape[1] < past:
             raise CtxpatchError(
                 "the KV cache holds keys written before this patch was applied (or by another "
                 "model); ctxpatch needs to see every key written. Start from a fresh cache."
             )
         else:  # a record longer than the cache means the cache was cropped from its end
-            positions = torch.cat([record[:, :past].expand(q_pos.shape[0], -1), q_pos], dim=1)
-        records[layer_idx] = positions[:, positions.shape[1] - _hf.cache_length(cache, layer_idx) :]
-        return positions
+            batch = q_pos.shape[0]
+            positions = torch.cat([record[0][:, :past].expand(batch, -1), q_pos], dim=1)
+            real = torch.cat([record[1][:, :past].expand(batch, -1), q_real], dim=1)
+        self._store(cache, layer_idx, positions, real)
+        return positions, real
+
+    def _store(self, cache: Any, layer_idx: int, positions: Tensor, real: Tensor) -> None:
+        kept = _hf.cache_length(cache, layer_idx)  # a sliding cache may already have dropped some
+        self._records[cache][layer_idx] = (positions[:, positions.shape[1] - kept :], real[:, real.shape[1] - kept :])
+
+    def keep(self, cache: Any, layer_idx: int, keep: Tensor) -> None:
+        """Apply a cache policy: each row keeps the keys at indices `keep` (B, K), in the cache and the record."""
+        _hf.keep_cached(cache, layer_idx, keep)
+        positions, real = self._records[cache][layer_idx]
+        self._records[cache][layer_idx] = (positions.gather(1, keep), real.gather(1, keep))
+
+    def next_positions(self, cache: Any, length: int) -> Tensor | None:
+        """Positions of `length` new tokens after what layer 0 of the cache has seen (None: unknown)."""
+        record = self._records.get(cache, {}).get(0) if cache is not None else None
+        if record is None or record[0].shape[1] == 0:
+            return None
+        return record[0][:, -1:] + 1 + torch.arange(length, device=record[0].device)
 
 
 def ctxpatch_attention(
@@ -88,9 +107,9 @@ def ctxpatch_attention(
     runtime: LayerRuntime | None = getattr(module, RUNTIME, None)
     if runtime is None:  # a model sharing its config with a patched one: plain causal attention
         runtime = LayerRuntime(LayerPlan(getattr(module, "layer_idx", 0)), rotary=None)
-        positions, backend = KeyPositions(), get_backend("blockwise")
+        record, backend = KeyRecord(), get_backend("blockwise")
     else:
-        positions, backend = runtime.key_positions, runtime.backend
+        record, backend = runtime.key_record, runtime.backend
     if attention_mask is not None and attention_mask.dim() != 2:
         raise CtxpatchError("ctxpatch builds its own masks: pass a 2D attention_mask (batch, keys) or none")
     batch, _, tq, _ = query.shape
@@ -99,16 +118,22 @@ def ctxpatch_attention(
     if q_pos is None:
         q_pos = torch.arange(tk - tq, tk, device=query.device)[None]
     q_pos = q_pos.to(query.device).expand(batch, tq)
-    k_pos = positions.keys_for(kwargs.get(_hf.CACHE_KWARG), module.layer_idx, q_pos, tk)
+    q_real = torch.ones_like(q_pos, dtype=torch.bool) if attention_mask is None else attention_mask[:, -tq:]
+    cache = kwargs.get(_hf.CACHE_KWARG)
+    k_pos, k_real = record.keys_for(cache, module.layer_idx, q_pos, q_real, tk)
     call = AttentionCall(
         q_pos=q_pos,
         k_pos=k_pos,
-        key_padding=attention_mask,
+        key_padding=None if bool(k_real.all()) else k_real,
         scaling=module.scaling if scaling is None else scaling,
         dropout=dropout if module.training else 0.0,
         native_window=kwargs.get("sliding_window"),
     )
-    return backend(query, key, value, call, runtime).contiguous(), None
+    out = backend(query, key, value, call, runtime).contiguous()
+    policy = runtime.plan.cache
+    if policy is not None and cache is not None and (keep := policy.keep(k_pos, k_real)) is not None:
+        record.keep(cache, module.layer_idx, keep)
+    return out, None
 
 
 def make_runtime(
@@ -149,12 +174,12 @@ class Patch:
 
     def _install(self, adapter) -> None:
         model, keyword = self.model, _hf.cache_keyword(adapter.attentions[0])
-        backend, key_positions = get_backend(self.backend), KeyPositions()
+        backend, key_record = get_backend(self.backend), KeyRecord()
         rotaries: dict[str, Rotary] = {}
         for attention, plan in zip(adapter.attentions, self.plans):
             device = attention.q_proj.weight.device
             runtime = make_runtime(plan, adapter.rotary, model.config, adapter.info, device, rotaries)
-            runtime.backend, runtime.key_positions = backend, key_positions
+            runtime.backend, runtime.key_record = backend, key_record
             setattr(attention, RUNTIME, runtime)
             self._undo.append(lambda a=attention: delattr(a, RUNTIME))
             if runtime.tensors is not None:
@@ -162,7 +187,7 @@ class Patch:
                 self._undo.append(lambda a=attention: delattr(a, "ctxpatch"))
             hook = attention.register_forward_pre_hook(_pass_cache(keyword), with_kwargs=True)
             self._undo.append(hook.remove)
-        hook = adapter.base.register_forward_pre_hook(_positions_from_mask, with_kwargs=True)
+        hook = adapter.base.register_forward_pre_hook(_default_positions(key_record, keyword), with_kwargs=True)
         self._undo.append(hook.remove)
         hook = adapter.rotary.module.register_forward_hook(_identity_rotation)
         self._undo.append(hook.remove)
@@ -240,19 +265,31 @@ def _pass_cache(keyword: str):
     return hook
 
 
-def _positions_from_mask(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """No position ids given and a padded 2D mask: positions count real tokens only."""
-    mask = kwargs.get("attention_mask")
-    if kwargs.get("position_ids") is not None or mask is None or mask.dim() != 2 or bool(mask.all()):
-        return None
-    tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-    if tokens is None:
-        tokens = args[0] if args else None
-    if tokens is None:
-        return None
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
-    kwargs["position_ids"] = positions[:, -tokens.shape[1] :]
-    return args, kwargs
+def _default_positions(record: KeyRecord, cache_keyword: str):
+    """When no position ids are given: from a padded attention mask (left padding ignored), else
+    after the positions the cache has seen (a cache policy may have dropped keys, so its length
+    is not the position). Otherwise transformers' own default (arange after the cache) stands."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if kwargs.get("position_ids") is not None:
+            return None
+        tokens = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
+        if tokens is None and args:
+            tokens = args[0]
+        if tokens is None:
+            return None
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2 and not bool(mask.all()):
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, past + T)
+            kwargs["position_ids"] = positions[:, -tokens.shape[1] :]
+            return args, kwargs
+        following = record.next_positions(kwargs.get(cache_keyword), tokens.shape[1])
+        if following is None:
+            return None
+        kwargs["position_ids"] = following
+        return args, kwargs
+
+    return hook
 
 
 def _identity_rotation(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:

@@ -90,10 +90,15 @@ class Param:
     check: Callable[[Any], str | None]
     doc: str
 
-    def default_for(self, info: ModelInfo | None) -> Any:
-        if callable(self.default):
-            return self.default(info) if info is not None else None
-        return self.default
+    def default_for(self, info: ModelInfo | None, values: dict[str, Any] | None = None) -> Any:
+        """The default; a function of the model (and, if it takes two arguments, of the other values)."""
+        if not callable(self.default):
+            return self.default
+        if info is None:
+            return None
+        if self.default.__code__.co_argcount == 2:
+            return self.default(info, values or {})
+        return self.default(info)
 
     def describe_default(self) -> str:
         return getattr(self.default, "__doc__", None) or repr(self.default) if callable(self.default) else repr(self.default)
@@ -141,11 +146,13 @@ class Method:
     def resolve(self, info: ModelInfo) -> "Method":
         """A copy with defaults filled in from `info`, every value checked (`ValueError` if wrong)."""
         out = copy.copy(self)
-        out.values = {p.name: self.values.get(p.name, p.default_for(info)) for p in self.params}
-        for p in self.params:
-            problem = p.check(out.values[p.name])
+        out.values = {}
+        for p in self.params:  # in order: a default may read the (checked) values before it
+            value = self.values[p.name] if p.name in self.values else p.default_for(info, out.values)
+            problem = p.check(value)
             if problem:
-                raise ValueError(f"{self.name}: {p.name}={out.values[p.name]!r} {problem}")
+                raise ValueError(f"{self.name}: {p.name}={value!r} {problem}")
+            out.values[p.name] = value
         out.check_together(info)
         out.resolved = True
         return out

@@ -3,7 +3,9 @@
 cos/sin always come from the model's transformers rotary-embedding module (so rope_type, dynamic
 updates and attention scaling are transformers' own); only how they are applied to the pairs is
 written here: "half" pairs dims (k, k + d_r/2) as Llama does, "interleaved" pairs (2k, 2k + 1) as
-GLM does, and a partial rotary (d_r < d) leaves the last d - d_r dims alone.
+GLM does, and a partial rotary (d_r < d) leaves the last d - d_r dims alone. The cos/sin table a
+module returns is (c_0 .. c_{d_r/2-1}, c_0 .. c_{d_r/2-1}) for most models, (c_0, c_0, c_1, c_1, ..)
+for some (Cohere); `cos_interleaved` says which, and `per_dim` lays it out as the pairs are.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class RotaryLayout:
-    interleaved: bool
+    interleaved: bool  # pairs (2k, 2k + 1), not (k, k + d_r/2)
     rotary_dim: int
+    cos_interleaved: bool = False  # the module's cos/sin come as (c_0, c_0, c_1, c_1, ...)
 
 
 def rotate_pairs(x: Tensor, interleaved: bool) -> Tensor:
@@ -51,11 +54,17 @@ class Rotary:
         cos, sin = type(self.module).forward(self.module, like, positions)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
+    def per_dim(self, table: Tensor) -> Tensor:
+        """cos or sin as the module returns it (..., d_r) -> one value per rotated dim, laid out as the pairs."""
+        layout = self.layout
+        if layout.interleaved == layout.cos_interleaved:
+            return table
+        per_pair = table[..., 0::2] if layout.cos_interleaved else table[..., : layout.rotary_dim // 2]
+        return per_pair.repeat_interleave(2, dim=-1) if layout.interleaved else torch.cat((per_pair, per_pair), dim=-1)
+
     def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         d_r = self.layout.rotary_dim
-        if self.layout.interleaved:
-            cos = cos[..., : d_r // 2].repeat_interleave(2, dim=-1)
-            sin = sin[..., : d_r // 2].repeat_interleave(2, dim=-1)
+        cos, sin = self.per_dim(cos), self.per_dim(sin)
         if d_r == x.shape[-1]:
             return (x * cos) + (rotate_pairs(x, self.layout.interleaved) * sin)
         rot, rest = x[..., :d_r], x[..., d_r:]

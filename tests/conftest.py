@@ -6,6 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+# the models are tiny: one thread avoids thread start-up costs that dwarf the arithmetic
+torch.set_num_threads(1)
+
 ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 TRAIN_LEN = 32
 

@@ -25,14 +25,20 @@ def default_theta(rotary_dim: int, base: float) -> torch.Tensor:
     return base ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
 
 
-def rotary_scores(q, k, rel, theta, rotary_dim, interleaved=False, attention_scaling=1.0):
-    """(B, H, Tq, Tk) of R-rotated dot products at relative positions rel (B, 1, Tq, Tk)."""
+def rotary_scores(q, k, rel, theta, rotary_dim, interleaved=False, attention_scaling=1.0, pair_weights=None):
+    """(B, H, Tq, Tk) of R-rotated dot products at relative positions rel (B, 1, Tq, Tk).
+
+    pair_weights (B, 1, Tq, Tk, P), if given, multiplies each rotary pair's contribution (xpos).
+    """
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     qc, kc = pairs(q, rotary_dim, interleaved), pairs(k, rotary_dim, interleaved)
     prod = qc[:, :, :, None, :] * kc[:, :, None, :, :].conj()  # (B, H, Tq, Tk, P)
     phase = torch.exp(1j * rel[..., None].to(torch.float64) * theta.to(torch.float64))
-    scores = (prod * phase).real.sum(-1) * attention_scaling**2
+    contributions = (prod * phase).real
+    if pair_weights is not None:
+        contributions = contributions * pair_weights
+    scores = contributions.sum(-1) * attention_scaling**2
     rest = q[..., rotary_dim:] @ k[..., rotary_dim:].transpose(-1, -2)
     return scores + rest
 
@@ -90,3 +96,38 @@ def sandwich(h_count, dim, i, j):
     total = sum(torch.cos(delta * 10000 ** (-2 * k / dim)) for k in range(dim // 2)) - dim / 2
     h = torch.arange(1, h_count + 1, dtype=torch.float64).view(-1, 1, 1)
     return total * h_count / (8 * h)
+
+
+# ---- position rules: the relative position RoPE sees ------------------------------------------
+
+
+def rerope(i, j, w):
+    d = (i - j).double()
+    return torch.where(d < w, d, torch.full_like(d, float(w)))
+
+
+def leaky_rerope(i, j, w, leak):
+    d = (i - j).double()
+    return torch.where(d < w, d, w + (d - w) / leak)
+
+
+def selfextend(i, j, w, g):
+    d = (i - j).double()
+    grouped = (torch.div(i, g, rounding_mode="floor") - torch.div(j, g, rounding_mode="floor")) + w - w // g
+    return torch.where(d < w, d, grouped.double())
+
+
+def sinks_visible(i, j, sinks, w):
+    return window(i, j, w) | ((j < sinks) & (j <= i))
+
+
+def sinks_relative(i, j, sinks, w):
+    """Inside the cache the query sits at slot min(i, S + W - 1); window keys keep their distance."""
+    d = (i - j).double()
+    return torch.where(d < w, d, (torch.clamp(i, max=sinks + w - 1) - j).double())
+
+
+def xpos_weights(i, j, rotary_dim, scale_base):
+    """zeta_k ** (Δ / γ) per pair: (B, 1, Tq, Tk, P)."""
+    zeta = (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim + 0.4) / 1.4
+    return zeta ** ((i - j).double()[..., None] / scale_base)

@@ -98,29 +98,49 @@ def theta_and_scaling(spec: str, params: dict, max_pos: int):
     return f.default_theta(D, BASE), 1.0
 
 
+SCALERS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
+
+
 def reference(spec, params, runtime, q, k, v, k_pos, padding, tq):
+    """The formula of a whole spec: every component applied the way DESIGN.md composes them."""
+    names = spec.split("+")
     i = k_pos[:, None, T - tq :, None]  # (B, 1, Tq, 1)
     j = k_pos[:, None, None, :]  # (B, 1, 1, Tk)
     key_real = None if padding is None else padding[:, None, None, :]
-    theta, att = theta_and_scaling(spec, params, int(k_pos.max()))
-    scores = f.rotary_scores(q, k, (i - j).double(), theta, D, attention_scaling=att) * D**-0.5
+    scaler = next((n for n in names if n in SCALERS), "default")
+    theta, att = theta_and_scaling(scaler, params, int(k_pos.max()))
+    rel, weights, kappa, bias = (i - j).double(), None, 1.0, 0.0
     visible = f.causal(i, j, key_real)
-    if spec == "window":
-        visible &= f.window(i, j, params["window"])
-    elif spec == "bca":
-        visible &= f.bca(i, j, params["block_size"])
-    elif spec == "hybrid":
-        visible &= f.window(i, j, params["window"]) | (j < params["global_tokens"])
-    elif spec == "logn":
-        scores = scores * f.logn(i, params.get("train_len", L))
-    elif spec == "alibi":
-        scores = scores + f.alibi(H, i, j)
-    elif spec == "sandwich":
-        scores = scores + f.sandwich(H, params.get("sandwich_dim", 128), i, j)
-    elif spec in ("kerple_log", "kerple_power"):
-        r = runtime.params_of(spec)
-        scores = scores + getattr(f, spec)(r["r1"].detach(), r["r2"].detach(), i, j)
-    return f.attention(q, k, v, scores, visible)
+    w = params.get("window")
+    for name in names:
+        if name == "window":
+            visible = visible & f.window(i, j, w)
+        elif name == "bca":
+            visible = visible & f.bca(i, j, params["block_size"])
+        elif name == "hybrid":
+            visible = visible & (f.window(i, j, w) | (j < params["global_tokens"]))
+        elif name == "sinks":
+            visible = visible & f.sinks_visible(i, j, params["global_tokens"], w)
+            rel = f.sinks_relative(i, j, params["global_tokens"], w)
+        elif name == "logn":
+            kappa = f.logn(i, params.get("train_len", L))
+        elif name == "alibi":
+            bias = bias + f.alibi(H, i, j)
+        elif name == "sandwich":
+            bias = bias + f.sandwich(H, params.get("sandwich_dim", 128), i, j)
+        elif name in ("kerple_log", "kerple_power"):
+            r = runtime.params_of(name)
+            bias = bias + getattr(f, name)(r["r1"].detach(), r["r2"].detach(), i, j)
+        elif name == "rerope":
+            rel = f.rerope(i, j, w)
+        elif name == "leaky_rerope":
+            rel = f.leaky_rerope(i, j, w, params["leak"])
+        elif name == "selfextend":
+            rel = f.selfextend(i, j, w, params["group"])
+        elif name == "xpos":
+            weights = f.xpos_weights(i, j, D, params["scale_base"])
+    scores = f.rotary_scores(q, k, rel, theta, D, attention_scaling=att, pair_weights=weights) * D**-0.5
+    return f.attention(q, k, v, scores * kappa + bias, visible)
 
 
 CASES = [
@@ -138,6 +158,19 @@ CASES = [
     ("yarn", {"factor": 4.0}),
     ("llama3", {"factor": 8.0}),
     ("longrope", {"factor": 2.0}),
+    ("xpos", {"scale_base": 16.0}),
+    ("rerope", {"window": 6}),
+    ("leaky_rerope", {"window": 6, "leak": 4.0}),
+    ("selfextend", {"window": 6, "group": 3}),
+    ("sinks", {"global_tokens": 3, "window": 7}),
+    ("xpos+rerope", {"window": 5, "scale_base": 16.0}),
+    ("xpos+yarn+window", {"window": 9, "scale_base": 16.0, "factor": 2.0}),
+    ("selfextend+logn", {"window": 5, "group": 4, "train_len": 6}),
+    ("rerope+alibi", {"window": 6}),
+    ("hybrid+rerope", {"window": 5, "global_tokens": 2}),
+    ("leaky_rerope+kerple_log+bca", {"window": 4, "leak": 2.0, "block_size": 8}),
+    ("sinks+logn+sandwich", {"global_tokens": 2, "window": 6, "train_len": 8, "sandwich_dim": 8}),
+    ("sinks+xpos", {"global_tokens": 2, "window": 6, "scale_base": 8.0}),
 ]
 
 

@@ -3,19 +3,23 @@
 Llama, Mistral, Qwen2 and Qwen3 (q/k norms run before rotation, so they need nothing) are found
 by structure, not by class name: any decoder whose layers hold an attention module with
 `q_proj`, `k_proj`, `v_proj`, `o_proj` and a `layer_idx`, next to a rotary embedding with an
-`inv_freq` buffer. The pair layout (half-split or interleaved) is read off the model's own
-`apply_rotary_pos_emb` by probing it, so GLM's interleaved partial rotary is recognised too.
+`inv_freq` buffer. The layout (half-split or interleaved pairs, partial rotary, how the cos/sin
+table is ordered) is the one with which ctxpatch's rotation reproduces the model's own
+`apply_rotary_pos_emb` on the model's own cos/sin, so GLM's interleaved partial rotary and other
+families' variants (Cohere's interleaved table) are recognised, and a rotation ctxpatch cannot
+reproduce is refused rather than approximated.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
 from torch import nn
 
 from ..registry import ModelInfo
-from ..rotary import Rotary, RotaryLayout, rotate_pairs
+from ..rotary import Rotary, RotaryLayout
 from .base import Adapter, train_len
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -33,27 +37,35 @@ def _find_base(model: nn.Module) -> nn.Module | None:
     return None
 
 
-def probe_layout(attention: nn.Module, rotary_dim: int, head_dim: int) -> RotaryLayout | None:
-    """Ask the model's own apply_rotary_pos_emb which dims it pairs (cos = 0, sin = 1 gives the turn)."""
+def probe_layout(attention: nn.Module, rotary: nn.Module, rotary_dim: int, head_dim: int) -> RotaryLayout | None:
+    """The layout with which `Rotary.apply` equals the model's own apply_rotary_pos_emb (None: none does)."""
     apply = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
-    if apply is None:
+    if apply is None or rotary.inv_freq.is_meta:
         return None
-    x = torch.arange(1.0, head_dim + 1).view(1, 1, 1, head_dim)  # (B, heads, T, d)
-    cos, sin = torch.zeros(1, 1, rotary_dim), torch.ones(1, 1, rotary_dim)  # (B, T, d_r)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 4, head_dim, generator=generator).to(rotary.inv_freq.device)  # (B, heads, T, d)
+    positions = torch.arange(1, 5, device=x.device)[None]  # (B, T)
     try:
-        turned = apply(x, x, cos, sin)[0]
+        cos, sin = type(rotary).forward(rotary, x, positions)  # (B, T, d_r), bypassing any hook
+        expected = apply(x, x, cos, sin)[0]
     except Exception:  # noqa: BLE001 - an apply we cannot call is a layout we do not know
         return None
-    for interleaved in (False, True):
-        expected = torch.cat([rotate_pairs(x[..., :rotary_dim], interleaved), torch.zeros_like(x[..., rotary_dim:])], -1)
-        if turned.shape == expected.shape and torch.equal(turned[..., :rotary_dim], expected[..., :rotary_dim]):
-            return RotaryLayout(interleaved=interleaved, rotary_dim=rotary_dim)
+    if cos.shape[-1] != rotary_dim:  # one table entry per rotated dim is what ctxpatch lays out
+        return None
+    for interleaved, cos_interleaved in itertools.product((False, True), repeat=2):
+        layout = RotaryLayout(interleaved=interleaved, rotary_dim=rotary_dim, cos_interleaved=cos_interleaved)
+        turned = Rotary(rotary, layout).apply(x, cos.unsqueeze(1), sin.unsqueeze(1))
+        if turned.shape == expected.shape and torch.allclose(turned, expected, rtol=1e-5, atol=1e-6):
+            return layout
     return None
 
 
 class LlamaFamilyAdapter(Adapter):
     families = "Llama, Mistral, Qwen2, Qwen3, GLM, GLM-4"
-    requirement = "attention with q_proj/k_proj/v_proj/o_proj and a rotary_emb with inv_freq"
+    requirement = (
+        "attention with q_proj/k_proj/v_proj/o_proj and a rotary_emb with inv_freq whose rotation ctxpatch "
+        "reproduces; no attention-logit soft-capping"
+    )
 
     @classmethod
     def find(cls, model: nn.Module) -> "LlamaFamilyAdapter | None":
@@ -67,10 +79,12 @@ class LlamaFamilyAdapter(Adapter):
                 return None
             attentions.append(found[0])
         config = model.config
+        if getattr(config, "attn_logit_softcapping", None):  # Gemma 2: scores capped inside attention
+            return None
         first = attentions[0]
         head_dim = first.head_dim
         rotary_dim = 2 * base.rotary_emb.inv_freq.numel()
-        layout = probe_layout(first, rotary_dim, head_dim)
+        layout = probe_layout(first, base.rotary_emb, rotary_dim, head_dim)
         if layout is None:
             return None
         info = ModelInfo(

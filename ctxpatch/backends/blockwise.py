@@ -4,7 +4,10 @@ Walks query chunks; for each, keeps only the key blocks the layer's mask may mak
 window of W costs O(n W)), and calls PyTorch's fused SDPA kernel with a boolean mask for the chunk.
 Biases are built per chunk, or, when every bias splits into q/k features (ALiBi, Sandwich) and
 the dtype is fp32/fp64, folded into the fused kernel as extra dimensions (DESIGN.md, "What
-measurement says about cost"). No tensor of size heads x n x n is ever allocated.
+measurement says about cost"). A position rule with several views (ReRoPE, SelfExtend) stays on
+the fused kernel too: q carries every view side by side, and each key block enters once per view
+it may need, zero outside its view's slot, masked to the pairs that view owns - so a key block
+costs one extra product only where both views meet. No tensor of size heads x n x n is allocated.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import Tensor
 from .common import AttentionCall, LayerRuntime, head_index
 
 BLOCK = 256  # rows of a query chunk and size of a key block
-SCORE_BUDGET = 1 << 25  # elements of one chunk's float scores (128 MiB in fp32)
+SCORE_BUDGET = 1 << 25  # elements of one chunk's float mask (128 MiB in fp32)
 _FAR = torch.iinfo(torch.long).max // 4
 
 
@@ -49,6 +52,25 @@ class KeyBlocks:
         idx = (ids[:, None] * self.block + torch.arange(self.block, device=ids.device)).flatten()
         return idx[idx <= last]
 
+    def view_columns(self, layer: LayerRuntime, i: Tensor, kj: Tensor) -> list[Tensor | slice]:
+        """For each view, the chunk's key columns (positions in `kj`) whose block may need it."""
+        blocks, column_block = kj.div(self.block, rounding_mode="floor").unique(return_inverse=True)
+        needs = layer.view_needs(
+            i.amin(-1, keepdim=True), i.amax(-1, keepdim=True), self.lo[:, blocks], self.hi[:, blocks]
+        )
+        return [_as_slice(need.any(0)[column_block].nonzero().flatten()) for need in needs]
+
+
+def _width(cols: Tensor | slice, total: int) -> int:
+    return len(range(total)[cols]) if isinstance(cols, slice) else cols.numel()
+
+
+def _as_slice(columns: Tensor) -> Tensor | slice:
+    """A slice when the columns are one contiguous run (a view, not a copy, when indexing)."""
+    if columns.numel() and int(columns[-1]) - int(columns[0]) + 1 == columns.numel():
+        return slice(int(columns[0]), int(columns[-1]) + 1)
+    return columns
+
 
 def _is_plain_causal(call: AttentionCall, layer: LayerRuntime, tq: int, tk: int) -> bool:
     return (
@@ -61,15 +83,11 @@ def _is_plain_causal(call: AttentionCall, layer: LayerRuntime, tq: int, tk: int)
     )
 
 
-def _chunk_rows(batch: int, heads: int, tk: int, layer: LayerRuntime, float_scores: bool, block: int) -> int:
-    if not float_scores:
+def _chunk_rows(batch: int, heads: int, tk: int, layer: LayerRuntime, float_mask: bool, block: int) -> int:
+    if not float_mask:
         return block
-    keys = min(tk, layer.max_keys(tk) + 2 * block)
+    keys = len(layer.views()) * min(tk, layer.max_keys(tk) + 2 * block)
     return max(16, min(block, SCORE_BUDGET // max(1, batch * heads * keys)))
-
-
-def _key_indices(cols: Tensor | slice, tk: int, device: torch.device) -> Tensor:
-    return torch.arange(tk, device=device)[cols] if isinstance(cols, slice) else cols
 
 
 def blockwise_attention(
@@ -84,72 +102,85 @@ def blockwise_attention(
     kappa = layer.kappa(call.q_pos)  # (B, Tq)
     if kappa is not None:
         q_views = [qv * kappa[:, None, :, None].to(qv.dtype) for qv in q_views]
-    gqa = heads != kv_heads
     if _is_plain_causal(call, layer, tq, tk):
         out = F.scaled_dot_product_attention(
-            q_views[0], k_views[0], v, is_causal=tq > 1, dropout_p=call.dropout, scale=call.scaling, enable_gqa=gqa
+            q_views[0], k_views[0], v, is_causal=tq > 1, dropout_p=call.dropout, scale=call.scaling,
+            enable_gqa=heads != kv_heads,
         )
         return out.transpose(1, 2)
 
-    fold = len(q_views) == 1 and layer.biases_fold and q.dtype in (torch.float32, torch.float64)
-    float_scores = len(q_views) > 1 or (bool(layer.plan.biases) and not fold)
-    rows = _chunk_rows(batch, heads, tk, layer, float_scores, block)
+    fold = layer.biases_fold and q.dtype in (torch.float32, torch.float64)
+    float_mask = bool(layer.plan.biases) and not fold
+    rows = _chunk_rows(batch, heads, tk, layer, float_mask, block)
     keys = KeyBlocks(call, block)
     h = head_index(heads, q.device)
+    all_keys = torch.arange(tk, device=q.device)
     outs = []
     for q0 in range(0, tq, rows):
         q1 = min(tq, q0 + rows)
         cols = keys.select(layer, call, q0, q1)
-        i, j = call.q_pos[:, q0:q1], call.k_pos[:, cols]  # (B, Qc), (B, Kr)
-        qi = torch.arange(q0, q1, device=q.device).view(1, 1, -1, 1) + call.q_offset
-        kj = _key_indices(cols, tk, q.device).view(1, 1, 1, -1)
-        key_real = None if call.key_padding is None else call.key_padding[:, cols][:, None, None, :]
-        seen = layer.visible(call, i[:, None, :, None], j[:, None, None, :], qi, kj, key_real)  # (B, 1, Qc, Kr)
+        kj = all_keys[cols]
+        chunk = _Chunk(call, layer, q0, q1, cols, kj)
         qs = [qv[:, :, q0:q1] for qv in q_views]
         ks = [kv[:, :, cols] for kv in k_views]
-        vs = v[:, :, cols]
-        if len(qs) == 1:
-            outs.append(_fused_chunk(qs[0], ks[0], vs, seen, i, j, h, call, layer, fold)[..., :dv])
-        else:
-            outs.append(_views_chunk(qs, ks, vs, seen, i, j, h, call, layer))
+        if layer.plan.modifiers:
+            centre = chunk.i.amax(-1, keepdim=True)  # (B, 1): the chunk's last query keeps every factor <= ~1
+            qs, ks = layer.modify(qs, chunk.i, centre, 0), layer.modify(ks, chunk.j, centre, 1)
+        view_cols = keys.view_columns(layer, chunk.i, kj) if len(qs) > 1 else [None]
+        outs.append(_fused_chunk(qs, ks, v[:, :, cols], chunk, view_cols, h, call, layer, fold)[..., :dv])
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
-def _fused_chunk(qc, kc, vc, seen, i, j, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:
-    """One chunk through SDPA: a boolean mask, plus biases folded in or as a float mask."""
+class _Chunk:
+    """Positions, indices and visibility of one query chunk against its selected keys."""
+
+    def __init__(self, call: AttentionCall, layer: LayerRuntime, q0: int, q1: int, cols, kj: Tensor):
+        self.i, self.j = call.q_pos[:, q0:q1], call.k_pos[:, cols]  # (B, Qc), (B, Kr)
+        # the pair grids below are the chunk's costliest elementwise work: int32 halves their traffic
+        small = bool(call.k_pos.abs().max() < 2**30)
+        self.i, self.j = (self.i.int(), self.j.int()) if small else (self.i, self.j)
+        qi = torch.arange(q0, q1, device=kj.device).view(1, 1, -1, 1) + call.q_offset
+        key_real = None if call.key_padding is None else call.key_padding[:, cols][:, None, None, :]
+        self.pair_i, self.pair_j = self.i[:, None, :, None], self.j[:, None, None, :]
+        self.seen = layer.visible(call, self.pair_i, self.pair_j, qi, kj.view(1, 1, 1, -1), key_real)  # (B, 1, Qc, Kr)
+
+
+def _fused_chunk(qs, ks, vc, chunk: _Chunk, view_cols, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:
+    """One chunk through SDPA: views side by side, biases folded in or as a float mask."""
+    batch, kv_heads, _, dim = ks[0].shape
+    bias = None
+    if layer.plan.biases and not fold:
+        bias = layer.bias(h, chunk.pair_i, chunk.pair_j)  # (B, H, Qc, Kr)
+    if len(qs) == 1:
+        q_all, k_all, v_all, seen = qs[0], ks[0], vc, chunk.seen
+    else:
+        select = layer.select(chunk.pair_i, chunk.pair_j)
+        q_all = torch.cat(qs, dim=-1)  # (B, H, Qc, V*d): every view side by side
+        widths = [_width(cols, kv.shape[2]) for kv, cols in zip(ks, view_cols)]
+        k_all = ks[0].new_zeros(batch, kv_heads, sum(widths), len(qs) * dim)  # each key in its view's slot
+        seen_parts, bias_parts, v_parts, start = [], [], [], 0
+        for n, (kv, cols, width) in enumerate(zip(ks, view_cols, widths)):
+            k_all[:, :, start : start + width, n * dim : (n + 1) * dim] = kv[:, :, cols]
+            v_parts.append(vc[:, :, cols])
+            seen_parts.append(chunk.seen[..., cols] & (select[..., cols] == n))
+            if bias is not None:
+                bias_parts.append(bias[..., cols])
+            start += width
+        v_all, seen = torch.cat(v_parts, dim=2), torch.cat(seen_parts, dim=-1)
+        bias = torch.cat(bias_parts, dim=-1) if bias is not None else None
+        chunk_j = torch.cat([chunk.j[:, cols] for cols in view_cols], dim=-1)
     mask = seen
     if fold:
-        centre = i[:, -1:]  # (B, 1): keeps the folded key features small (they are positions for ALiBi)
-        f_q, f_k = layer.features(h[..., 0], i - centre, j - centre)  # (B, H, Qc, F), (B, 1, Kr, F)
-        batch, kv_heads, keys, _ = kc.shape
-        qc = torch.cat([qc, (f_q / call.scaling).to(qc.dtype)], dim=-1)
-        kc = torch.cat([kc, f_k.to(kc.dtype).expand(batch, kv_heads, keys, -1)], dim=-1)
-        # v padded to the same width keeps SDPA on its fused kernel; the extra columns are dropped
-        width = qc.shape[-1] - vc.shape[-1]
-        vc = torch.cat([vc, vc.new_zeros(batch, kv_heads, keys, width)], dim=-1)
-    elif layer.plan.biases:
-        bias = layer.bias(h, i[:, None, :, None], j[:, None, None, :])  # (B, H, Qc, Kr)
-        mask = bias.masked_fill(~seen, float("-inf")).to(qc.dtype)
+        j = chunk.j if len(qs) == 1 else chunk_j
+        centre = chunk.i[:, -1:]  # (B, 1): keeps the folded key features small (they are positions for ALiBi)
+        f_q, f_k = layer.features(h[..., 0], chunk.i - centre, j - centre)  # (B, H, Qc, F), (B, 1, Kr, F)
+        q_all = torch.cat([q_all, (f_q / call.scaling).to(q_all.dtype)], dim=-1)
+        k_all = torch.cat([k_all, f_k.to(k_all.dtype).expand(batch, kv_heads, -1, -1)], dim=-1)
+    elif bias is not None:
+        mask = bias.masked_fill(~seen, float("-inf")).to(q_all.dtype)
+    # v padded to q's width keeps SDPA on its fused kernel; the extra columns are dropped by the caller
+    v_all = F.pad(v_all, (0, max(0, q_all.shape[-1] - v_all.shape[-1])))
     return F.scaled_dot_product_attention(
-        qc, kc, vc, attn_mask=mask, dropout_p=call.dropout, scale=call.scaling, enable_gqa=qc.shape[1] != kc.shape[1]
+        q_all, k_all, v_all, attn_mask=mask, dropout_p=call.dropout, scale=call.scaling,
+        enable_gqa=q_all.shape[1] != k_all.shape[1],
     )
-
-
-def _views_chunk(qs, ks, vs, seen, i, j, h, call: AttentionCall, layer: LayerRuntime) -> Tensor:
-    """One chunk for a position rule with several views: scores per view, chosen per pair."""
-    batch, heads, rows, dim = qs[0].shape
-    kv_heads = ks[0].shape[1]
-    groups = heads // kv_heads
-    select = layer.select(i[:, None, :, None], j[:, None, None, :])
-    scores = None
-    for n, (qv, kv) in enumerate(zip(qs, ks)):
-        grouped = qv.reshape(batch, kv_heads, groups, rows, dim).float()  # query heads sharing a kv head
-        s = (grouped @ kv.float().unsqueeze(2).transpose(-1, -2)).reshape(batch, heads, rows, -1) * call.scaling
-        scores = s if scores is None else torch.where(select == n, s, scores)
-    bias = layer.bias(h, i[:, None, :, None], j[:, None, None, :])
-    if bias is not None:
-        scores = scores + bias
-    probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
-    probs = F.dropout(probs, p=call.dropout, training=call.dropout > 0).to(vs.dtype)
-    grouped = probs.reshape(batch, kv_heads, groups, rows, -1)  # (B, Hk, G, Qc, Kr)
-    return (grouped @ vs.unsqueeze(2)).reshape(batch, heads, rows, -1)

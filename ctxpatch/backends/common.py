@@ -58,6 +58,19 @@ class LayerRuntime:
         """x rotated for every view; side 0 = queries, 1 = keys."""
         return [self.rotate(x, view[side](positions)) for view in self.views()]
 
+    def modify(self, views: list[Tensor], positions: Tensor, centre: Tensor, side: int) -> list[Tensor]:
+        """Apply the modifiers (xpos) to every view: queries (side 0) or keys (side 1), centre (B, 1)."""
+        for modifier in self.plan.modifiers:
+            factors = modifier.factors(positions, centre, 1 if side == 0 else -1, self.rotary.layout, views[0].shape[-1])
+            views = [(x.to(compute_dtype(x)) * factors.to(compute_dtype(x))).to(x.dtype) for x in views]
+        return views
+
+    def view_needs(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> list[Tensor]:
+        """Per view, may it be selected for a pair in the ranges (broadcast like the inputs)?"""
+        if self.plan.position is None:
+            return [torch.ones(torch.broadcast_shapes(i_lo.shape, j_lo.shape), dtype=torch.bool, device=j_lo.device)]
+        return self.plan.position.views_needed(i_lo, i_hi, j_lo, j_hi)
+
     # ---- scale and bias ---------------------------------------------------------------------
 
     def kappa(self, i: Tensor) -> Tensor | None:

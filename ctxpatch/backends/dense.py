@@ -22,7 +22,13 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, layer:
     key_real = None if call.key_padding is None else call.key_padding[:, None, None, :]  # (B, 1, 1, Tk)
 
     q_views = layer.rotated_views(q, call.q_pos, 0)
-    k_views = [kv.repeat_interleave(groups, dim=1) for kv in layer.rotated_views(k, call.k_pos, 1)]  # GQA: (B, H, Tk, d)
+    k_views = layer.rotated_views(k, call.k_pos, 1)
+    if layer.plan.modifiers:  # one centre per sequence: fine at test sizes (blockwise centres per chunk)
+        everything = torch.cat([call.q_pos, call.k_pos], dim=1)
+        centre = (everything.amin(-1, keepdim=True) + everything.amax(-1, keepdim=True)) // 2  # (B, 1)
+        q_views = layer.modify(q_views, call.q_pos, centre, 0)
+        k_views = layer.modify(k_views, call.k_pos, centre, 1)
+    k_views = [kv.repeat_interleave(groups, dim=1) for kv in k_views]  # GQA: (B, H, Tk, d)
     select = layer.select(i, j)
     scores = None
     for n, (qv, kv) in enumerate(zip(q_views, k_views)):

@@ -13,7 +13,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .common import AttentionCall, LayerRuntime
+from .common import AttentionCall, LayerRuntime, compute_dtype
 
 
 @functools.cache
@@ -37,6 +37,10 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall,
     if kappa is not None:
         q_views = [qv * kappa[:, None, :, None].to(qv.dtype) for qv in q_views]
     k_views = layer.rotated_views(k, k_pos, 1)
+    if layer.plan.modifiers:
+        everything = torch.cat([q_pos, k_pos], dim=1)
+        centre = (everything.amin(-1, keepdim=True) + everything.amax(-1, keepdim=True)) // 2  # (B, 1)
+        q_views, k_views = layer.modify(q_views, q_pos, centre, 0), layer.modify(k_views, k_pos, centre, 1)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         bias = layer.bias(h, q_pos[b, q_idx], k_pos[b, kv_idx])
@@ -60,9 +64,9 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall,
                 enable_gqa=heads != k.shape[1], return_lse=True,
             )
         outs.append(out)
-        lses.append(lse.float())
+        lses.append(lse.to(compute_dtype(q)))
     if len(outs) == 1:
         return outs[0].transpose(1, 2)
     total = torch.logsumexp(torch.stack(lses), dim=0)  # (B, H, Tq)
-    merged = sum(o.float() * torch.exp(l - total).unsqueeze(-1) for o, l in zip(outs, lses))
+    merged = sum(o.to(total.dtype) * torch.exp(l - total).unsqueeze(-1) for o, l in zip(outs, lses))
     return merged.to(q.dtype).transpose(1, 2)

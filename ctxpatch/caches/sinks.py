@@ -1,0 +1,64 @@
+"""`sinks`: StreamingLLM. The KV cache keeps the first S and the last W tokens, and positions are
+assigned inside the cache, so generation runs for ever at constant memory.
+
+Inside the cache the newest token sits at slot min(i, S + W - 1): a window key is seen at its
+true distance Δ, and a sink key j at min(i, S + W - 1) - j. A full forward applies the same rule
+(a window-or-sink mask plus that position rule), so a long prompt read in one pass and a
+generation that evicted as it went see exactly the same thing. Paper: Xiao et al., "Efficient
+Streaming Language Models with Attention Sinks" (arXiv:2309.17453), ICLR 2024.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..kinds import CachePolicy, Mask, TwoViewRule
+from ..masks.window import window_blocks_visible, window_visible
+from ..registry import Param, from_model, non_negative_int, positive_int, register
+
+
+@register
+class Sinks(CachePolicy, TwoViewRule, Mask):
+    """StreamingLLM: keep S sink tokens and the last W, positions inside the cache."""
+
+    name = "sinks"
+    kind = "cache"
+    paper = "StreamingLLM (Xiao et al., ICLR 2024)"
+    params = (
+        Param("global_tokens", 4, non_negative_int, "S, sink tokens kept"),
+        Param("window", from_model("L - S", lambda m, v: max(1, m.train_len - v["global_tokens"])), positive_int, "W, recent tokens kept"),
+    )
+
+    # ---- as a mask: the window and the sinks ------------------------------------------------
+
+    def visible(self, i: Tensor, j: Tensor) -> Tensor:
+        return window_visible(i, j, self.window) | ((j < self.global_tokens) & (j <= i))
+
+    def blocks_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
+        return window_blocks_visible(i_lo, i_hi, j_lo, j_hi, self.window) | (j_lo < self.global_tokens)
+
+    def max_keys(self, num_keys: int) -> int:
+        return min(num_keys, self.window + self.global_tokens)
+
+    # ---- as a position rule: sinks seen from the query's slot in the cache ------------------
+
+    def far_query(self, i: Tensor) -> Tensor:
+        return torch.clamp(i, max=self.global_tokens + self.window - 1)
+
+    def far_key(self, j: Tensor) -> Tensor:
+        return j
+
+    # ---- as a cache policy --------------------------------------------------------------------
+
+    def keep(self, positions: Tensor, real: Tensor) -> Tensor | None:
+        """Per row: its first S real keys (the sinks) and the last W keys."""
+        batch, n = positions.shape
+        if n <= self.global_tokens + self.window:
+            return None
+        index = torch.arange(n, device=positions.device).expand(batch, n)
+        recent = index[:, n - self.window :]
+        # real keys before the recent ones come first, in order; padding only fills rows short of S
+        rank = torch.where(real & (index < n - self.window), index, index + n)
+        sinks = rank.argsort(dim=-1)[:, : self.global_tokens].sort(dim=-1).values
+        return torch.cat([sinks, recent], dim=-1)  # (B, S + W)

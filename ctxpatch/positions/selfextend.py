@@ -1,0 +1,30 @@
+"""`selfextend`: Δ if Δ < W else (⌊i/G⌋ − ⌊j/G⌋) + W − ⌊W/G⌋.
+
+Neighbour attention keeps the true positions; beyond W, grouped attention maps positions to
+floor(p / G), shifted so the two meet at W. Paper: Jin et al., "LLM Maybe LongLM: Self-Extend LLM
+Context Window Without Tuning" (arXiv:2401.01325), ICML 2024.
+"""
+
+import torch
+from torch import Tensor
+
+from ..kinds import TwoViewRule
+from ..registry import Param, from_model, positive_int, register
+
+
+@register
+class SelfExtend(TwoViewRule):
+    """SelfExtend: grouped positions beyond a neighbour window."""
+
+    name = "selfextend"
+    paper = "LLM Maybe LongLM / SelfExtend (Jin et al., ICML 2024)"
+    params = (
+        Param("window", from_model("L // 4", lambda m: max(1, m.train_len // 4)), positive_int, "W, neighbour window"),
+        Param("group", 8, positive_int, "G, group size"),
+    )
+
+    def far_query(self, i: Tensor) -> Tensor:
+        return torch.div(i, self.group, rounding_mode="floor") + (self.window - self.window // self.group)
+
+    def far_key(self, j: Tensor) -> Tensor:
+        return torch.div(j, self.group, rounding_mode="floor")

@@ -1,0 +1,508 @@
+"""GLM-family models (transformers' `Glm`, `Glm4`): interleaved, partial rotary, qkv bias, few KV groups.
+
+The rotary pair k of a GLM head is dims (2k, 2k+1) of its first d_r = d/2 dims; the other half
+carries no position. Checked here with the Llama-family bar:
+  * every method against a float64 evaluation of its formula at GLM's geometry (tests/formulas.py
+    with `interleaved=True` and a partial `rotary_dim`), `blockwise` and `flex` against `dense`;
+  * the un-rotated half is left alone by every position rule: attention that only reads it is the
+    content-only formula whatever the rule and the positions, in the backends and in whole models;
+  * whole Glm / Glm4 models, over every registered method: neutral parameters give the unpatched
+    logits, remove() gives them back bit for bit, each cached decoding step equals a full forward,
+    a left-padded row equals the row alone;
+  * detection is structural: families ctxpatch never names are handled when their attention has a
+    supported layout, and refused with the supported families listed when not.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoConfig, AutoModelForCausalLM, GlmConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+
+import ctxpatch
+import formulas as f
+from conftest import token_ids
+from ctxpatch.adapters import find_adapter
+from ctxpatch.backends import blockwise, get_backend
+from ctxpatch.backends.common import AttentionCall
+from ctxpatch.compose import build_plan
+from ctxpatch.patch import make_runtime
+from ctxpatch.registry import ModelInfo
+from ctxpatch.rotary import Rotary, RotaryLayout
+
+# ---- the backends at GLM's geometry: d = 16, d_r = 8 (four interleaved pairs), 4 heads, 2 KV groups
+
+L, H, HK, D, D_R, T = 16, 4, 2, 16, 8, 22
+BASE = 10000.0
+INFO = ModelInfo(train_len=L, num_layers=1, num_heads=H, num_kv_heads=HK, head_dim=D, rotary_dim=D_R)
+CONFIG = GlmConfig(hidden_size=32, num_attention_heads=H, num_key_value_heads=HK, head_dim=D, max_position_embeddings=L)
+SCALERS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
+
+
+def registered(*kinds: str) -> list[str]:
+    """Names of every registered method (of the given kinds): new methods are covered as they land."""
+    return sorted(m.name for m in ctxpatch.methods() if not kinds or m.kind in kinds)
+
+
+def make_call(kind: str):
+    """Positions of a batch of two: row 1 left-padded by 3, or with position ids that skip ahead."""
+    k_pos = torch.arange(T).repeat(2, 1)
+    padding = None
+    if kind == "padded":
+        padding = torch.ones(2, T, dtype=torch.bool)
+        padding[1, :3] = False
+        k_pos[1] = (padding[1].long().cumsum(0) - 1).clamp(min=0)
+    elif kind == "skips":
+        k_pos[1] = torch.cat([torch.arange(8), torch.arange(8, T) + 9])  # a PoSE-style jump of 9
+    return k_pos, padding
+
+
+def inputs(tq: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, H, tq, D, generator=g, dtype=torch.float64)
+    k = torch.randn(2, HK, T, D, generator=g, dtype=torch.float64)
+    v = torch.randn(2, HK, T, D, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def runtime_for(spec: str, params: dict, seed: int = 0):
+    _, plans = build_plan(spec, params, INFO)
+    rotary = Rotary(GlmRotaryEmbedding(CONFIG).double(), RotaryLayout(interleaved=True, rotary_dim=D_R))
+    runtime = make_runtime(plans[0], rotary, CONFIG, INFO, torch.device("cpu"))
+    if runtime.tensors is not None:  # trainable per-head values: make them differ per head
+        g = torch.Generator().manual_seed(seed)
+        for p in runtime.tensors.parameters():
+            with torch.no_grad():
+                p.copy_(torch.rand(p.shape, generator=g) * 1.5 + 0.25)
+    return runtime
+
+
+def run(backend: str, runtime, q, k, v, k_pos, padding, tq):
+    call = AttentionCall(q_pos=k_pos[:, T - tq :], k_pos=k_pos, key_padding=padding, scaling=D**-0.5)
+    return get_backend(backend)(q, k, v, call, runtime).transpose(1, 2)  # (B, H, Tq, d)
+
+
+def theta_and_scaling(scaler: str, params: dict, max_pos: int):
+    """Frequencies of the d_r/2 pairs: transformers' initialisers for the scalers, textbook RoPE otherwise."""
+    factor = params.get("factor", 2.0)
+    if scaler == "ntk":
+        return f.default_theta(D_R, BASE * factor ** (D_R / (D_R - 2))), 1.0
+    if scaler not in SCALERS:
+        return f.default_theta(D_R, BASE), 1.0
+    cfg = copy.deepcopy(CONFIG)
+    rope = {
+        "rope_type": scaler, "rope_theta": BASE, "factor": factor, "original_max_position_embeddings": L,
+        "partial_rotary_factor": D_R / D,
+    }
+    if scaler == "llama3":
+        rope.update(low_freq_factor=1.0, high_freq_factor=4.0)
+    if scaler == "longrope":
+        rope.update(short_factor=[1.0] * (D_R // 2), long_factor=[factor] * (D_R // 2))
+    cfg.rope_parameters = rope
+    if scaler == "dynamic":
+        inv, scale = ROPE_INIT_FUNCTIONS["dynamic"](cfg, None, seq_len=max(max_pos + 1, L))
+    elif scaler == "longrope" and max_pos + 1 <= L:
+        _, scale = ROPE_INIT_FUNCTIONS["longrope"](cfg, None, seq_len=L)
+        rope["long_factor"] = rope["short_factor"]
+        inv, _ = ROPE_INIT_FUNCTIONS["longrope"](cfg, None, seq_len=L)
+    else:
+        inv, scale = ROPE_INIT_FUNCTIONS[scaler](cfg, None, seq_len=max_pos + 1)
+    assert inv.numel() == D_R // 2  # the initialisers read the partial rotary factor
+    return inv.double(), scale
+
+
+def reference(spec, params, runtime, q, k, v, k_pos, padding, tq):
+    """DESIGN.md's formula of a whole spec, with GLM's interleaved pairs on the first d_r dims."""
+    names = spec.split("+")
+    i = k_pos[:, None, T - tq :, None]  # (B, 1, Tq, 1)
+    j = k_pos[:, None, None, :]  # (B, 1, 1, Tk)
+    key_real = None if padding is None else padding[:, None, None, :]
+    scaler = next((n for n in names if n in SCALERS), "default")
+    theta, att = theta_and_scaling(scaler, params, int(k_pos.max()))
+    rel, weights, kappa, bias = (i - j).double(), None, 1.0, 0.0
+    visible = f.causal(i, j, key_real)
+    w = params.get("window")
+    for name in names:
+        if name == "window":
+            visible = visible & f.window(i, j, w)
+        elif name == "bca":
+            visible = visible & f.bca(i, j, params["block_size"])
+        elif name == "hybrid":
+            visible = visible & (f.window(i, j, w) | (j < params["global_tokens"]))
+        elif name == "sinks":
+            visible = visible & f.sinks_visible(i, j, params["global_tokens"], w)
+            rel = f.sinks_relative(i, j, params["global_tokens"], w)
+        elif name == "logn":
+            kappa = f.logn(i, params.get("train_len", L))
+        elif name == "alibi":
+            bias = bias + f.alibi(H, i, j)
+        elif name == "sandwich":
+            bias = bias + f.sandwich(H, params.get("sandwich_dim", 128), i, j)
+        elif name in ("kerple_log", "kerple_power"):
+            r = runtime.params_of(name)
+            bias = bias + getattr(f, name)(r["r1"].detach(), r["r2"].detach(), i, j)
+        elif name == "rerope":
+            rel = f.rerope(i, j, w)
+        elif name == "leaky_rerope":
+            rel = f.leaky_rerope(i, j, w, params["leak"])
+        elif name == "selfextend":
+            rel = f.selfextend(i, j, w, params["group"])
+        elif name == "xpos":
+            weights = f.xpos_weights(i, j, D_R, params["scale_base"])
+    scores = f.rotary_scores(q, k, rel, theta, D_R, interleaved=True, attention_scaling=att, pair_weights=weights)
+    return f.attention(q, k, v, scores * D**-0.5 * kappa + bias, visible)
+
+
+CASES = [
+    ("window", {"window": 5}),
+    ("bca", {"block_size": 4}),
+    ("hybrid", {"window": 4, "global_tokens": 3}),
+    ("logn", {"train_len": 6}),
+    ("alibi", {}),
+    ("sandwich", {"sandwich_dim": 16}),
+    ("kerple_log", {}),
+    ("kerple_power", {}),
+    ("linear", {"factor": 3.0}),
+    ("ntk", {"factor": 4.0}),
+    ("dynamic", {"factor": 2.0}),
+    ("yarn", {"factor": 4.0}),
+    ("llama3", {"factor": 8.0}),
+    ("longrope", {"factor": 2.0}),
+    ("xpos", {"scale_base": 16.0}),
+    ("rerope", {"window": 6}),
+    ("leaky_rerope", {"window": 6, "leak": 4.0}),
+    ("selfextend", {"window": 6, "group": 3}),
+    ("sinks", {"global_tokens": 3, "window": 7}),
+    ("xpos+rerope", {"window": 5, "scale_base": 16.0}),
+    ("logn+yarn+bca", {"block_size": 6, "train_len": 6}),  # (logn+window would get the hybrid layer layout)
+    ("hybrid+leaky_rerope+alibi", {"window": 5, "global_tokens": 2, "leak": 2.0}),
+]
+CASES = [(s, p) for s, p in CASES if set(s.split("+")) <= set(registered())]
+IDS = [s for s, _ in CASES]
+
+
+def real_rows(out, padding, tq):
+    """Outputs of real (non-padding) queries only: a padding query's output is arbitrary."""
+    if padding is None:
+        return out
+    return out.masked_fill(~padding[:, None, T - tq :, None], 0.0)
+
+
+@pytest.mark.parametrize("kind", ["plain", "padded", "skips"])
+@pytest.mark.parametrize("tq", [T, 3])
+@pytest.mark.parametrize("spec,params", CASES, ids=IDS)
+def test_dense_matches_formula_at_glm_geometry(spec, params, kind, tq):
+    k_pos, padding = make_call(kind)
+    q, k, v = inputs(tq)
+    runtime = runtime_for(spec, params)
+    got = run("dense", runtime, q, k, v, k_pos, padding, tq)
+    expected = reference(spec, params, runtime, q, k, v, k_pos, padding, tq)
+    # transformers computes rotary angles in fp32 even for fp64 inputs: 1e-6 is that, not slack
+    assert_close(real_rows(got, padding, tq), real_rows(expected, padding, tq), rtol=1e-6, atol=1e-6)
+
+
+# flex on CPU runs FlexAttention's slow eager path and shares the rotation code with the others:
+# a few position-heavy cases (every case runs through flex at Llama's geometry in test_formulas.py)
+FLEX_CASES = [
+    ("xpos+rerope", "padded", T),
+    ("sinks", "skips", 3),
+    ("hybrid+leaky_rerope+alibi", "padded", 3),
+]
+BACKEND_RUNS = [(s, p, kind, tq, "blockwise") for s, p in CASES for kind in ("padded", "skips") for tq in (T, 3)]
+BACKEND_RUNS += [(s, p, kind, tq, "flex") for s, p in CASES for name, kind, tq in FLEX_CASES if name == s]
+
+
+@pytest.mark.parametrize(
+    "spec,params,kind,tq,backend", BACKEND_RUNS, ids=[f"{r[0]}-{r[2]}-{r[3]}-{r[4]}" for r in BACKEND_RUNS]
+)
+def test_backends_match_dense_at_glm_geometry(spec, params, kind, tq, backend, monkeypatch):
+    monkeypatch.setattr(blockwise, "BLOCK", 4)  # many chunks and key blocks on a short input
+    k_pos, padding = make_call(kind)
+    q, k, v = inputs(tq)
+    runtime = runtime_for(spec, params)
+    expected = run("dense", runtime, q, k, v, k_pos, padding, tq)
+    got = run(backend, runtime, q, k, v, k_pos, padding, tq)
+    assert_close(real_rows(got, padding, tq), real_rows(expected, padding, tq), rtol=1e-7, atol=1e-7)
+
+
+# ---- the un-rotated half of each head is left alone ----------------------------------------------
+
+# parameters that make each position rule act on a 22-token input with L = 16
+RULE_PARAMS = {
+    "xpos": {"scale_base": 8.0},
+    "rerope": {"window": 5},
+    "leaky_rerope": {"window": 5, "leak": 4.0},
+    "selfextend": {"window": 5, "group": 3},
+    "dynamic": {"factor": 4.0},
+    "longrope": {"factor": 4.0},
+}
+
+
+def only_dims(x, rotated: bool):
+    """x with the other half of every head zeroed: the rotated dims (rotated=True) or the pass-through ones."""
+    out = x.clone()
+    if rotated:
+        out[..., D_R:] = 0
+    else:
+        out[..., :D_R] = 0
+    return out
+
+
+@pytest.mark.parametrize("backend", ["dense", "blockwise"])
+@pytest.mark.parametrize("rule", registered("position"))
+def test_position_rules_leave_the_pass_through_half_alone(rule, backend, monkeypatch):
+    """q and k living in the un-rotated half: the output is content-only attention whatever the rule and
+    the positions (skips included); living in the rotated half: the rule changes it (not vacuous)."""
+    monkeypatch.setattr(blockwise, "BLOCK", 4)
+    params = RULE_PARAMS.get(rule, {})
+    runtime = runtime_for(rule, params)
+    q, k, v = inputs(T)
+    for kind in ("plain", "skips"):
+        k_pos, _ = make_call(kind)
+        qp, kp = only_dims(q, rotated=False), only_dims(k, rotated=False)
+        content = qp @ kp.repeat_interleave(H // HK, dim=1).transpose(-1, -2) * D**-0.5  # (B, H, T, T)
+        expected = f.attention(qp, kp, v, content, f.causal(k_pos[:, None, :, None], k_pos[:, None, None, :]))
+        assert_close(run(backend, runtime, qp, kp, v, k_pos, None, T), expected, rtol=1e-7, atol=1e-7)
+    qr, kr = only_dims(q, rotated=True), only_dims(k, rotated=True)
+    k_pos, _ = make_call("plain")
+    unpatched = run(backend, runtime_for("window", {"window": 10_000}), qr, kr, v, k_pos, None, T)
+    assert (run(backend, runtime, qr, kr, v, k_pos, None, T) - unpatched).abs().max() > 1e-4
+
+
+# ---- whole Glm / Glm4 models ----------------------------------------------------------------------
+
+GLM_ARCHS = ("glm", "glm4")
+TRAIN_LEN = 32
+
+
+def glm_model(arch: str = "glm", seed: int = 0, dtype=torch.float32, **overrides):
+    """A tiny random GLM: head_dim 16, partial_rotary_factor 0.5 (4 interleaved pairs), qkv bias, 2 KV groups."""
+    sizes = {
+        "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": TRAIN_LEN, "attention_bias": True,
+        "initializer_range": 0.35,  # large weights: well-separated logits, so greedy argmax has no ties
+    }
+    tokens = {"pad_token_id": 0, "bos_token_id": None, "eos_token_id": None, "tie_word_embeddings": False}
+    config = AutoConfig.for_model(arch, **{**sizes, **tokens, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    with torch.no_grad():  # the biases start at zero: give them values so they are exercised
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0.0, 0.35)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(params=GLM_ARCHS)
+def arch(request):
+    return request.param
+
+
+# per-method parameters that act on a ~40-token input with L = 32 (other methods: their defaults)
+PARAMS = {
+    "window": {"window": 6},
+    "hybrid": {"window": 5, "global_tokens": 2, "random_blocks": 1, "block_size": 3},
+    "bca": {"block_size": 5},
+    "logn": {"train_len": 8},
+    "kerple_power": {"r2": 0.5},
+    "sandwich": {"sandwich_dim": 16},
+    "dynamic": {"factor": 4.0},
+    "xpos": {"scale_base": 16.0},
+    "rerope": {"window": 6},
+    "leaky_rerope": {"window": 6, "leak": 4.0},
+    "selfextend": {"window": 6, "group": 3},
+    "sinks": {"global_tokens": 3, "window": 8},
+}
+COMPOSED = [
+    ("logn+window", {"window": 6}),
+    ("alibi+window", {"window": 7}),
+    ("logn+yarn+bca", {"block_size": 6}),
+    ("xpos+rerope", {"window": 6, "scale_base": 16.0}),
+    ("hybrid+selfextend", {"window": 6, "global_tokens": 2, "group": 3}),
+]
+SPECS = [(name, PARAMS.get(name, {})) for name in registered()]
+SPECS += [(s, p) for s, p in COMPOSED if set(s.split("+")) <= set(registered())]
+SPEC_IDS = [s for s, _ in SPECS]
+LENGTH_DEPENDENT = {"dynamic", "longrope"}  # their frequencies depend on the current sequence length
+BACKENDS = ["dense", "blockwise"]
+
+NEUTRAL = {
+    "window": {"window": 10_000},
+    "hybrid": {"window": 10_000},
+    "bca": {"block_size": 10_000},
+    "logn": {},  # the sequence stays inside train_len, so kappa = 1
+    "linear": {"factor": 1.0},
+    "ntk": {"factor": 1.0},
+    "dynamic": {"factor": 1.0},
+    "yarn": {"factor": 1.0},
+    "llama3": {"factor": 1.0},
+    "rerope": {"window": 10_000},
+    "leaky_rerope": {"window": 10_000},
+    "selfextend": {"window": 10_000},
+    "sinks": {"window": 10_000},
+    "xpos": {"scale_base": 1e12},  # zeta^(Δ/γ) = 1 to double precision
+    "logn+window": {"window": 10_000},
+}
+NEUTRAL_SPECS = [(s, p) for s, p in NEUTRAL.items() if set(s.split("+")) <= set(registered())]
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(blockwise, "BLOCK", 8)
+
+
+def test_glm_rotary_is_found_interleaved_and_partial(arch):
+    adapter = find_adapter(glm_model(arch))
+    assert adapter.rotary.layout.interleaved and adapter.rotary.layout.rotary_dim == 8
+    assert (adapter.info.head_dim, adapter.info.num_kv_heads, adapter.info.train_len) == (16, 2, TRAIN_LEN)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec,params", NEUTRAL_SPECS, ids=[s for s, _ in NEUTRAL_SPECS])
+def test_neutral_parameters_give_the_unpatched_model(arch, spec, params, backend):
+    model = glm_model(arch)
+    ids = token_ids(2, TRAIN_LEN - 4)
+    with torch.no_grad():
+        expected = model(ids).logits
+        with ctxpatch.apply(model, spec, backend=backend, **params):
+            got = model(ids).logits
+    assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec,params", SPECS, ids=SPEC_IDS)
+def test_remove_restores_logits_bit_for_bit(arch, spec, params):
+    model = glm_model(arch)
+    ids = token_ids(2, 40)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(ids).logits
+        patch = ctxpatch.apply(model, spec, **params)
+        patched = model(ids).logits
+        patch.remove()
+        after = model(ids).logits
+    assert not torch.equal(patched, before)  # the patch did something
+    assert torch.equal(after, before)
+    assert model.config._attn_implementation == "sdpa"
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("arch,backend", [("glm", "dense"), ("glm", "blockwise"), ("glm4", "blockwise")])
+@pytest.mark.parametrize("spec,params", SPECS, ids=SPEC_IDS)
+def test_greedy_generation_equals_argmax_of_full_forward(arch, spec, params, backend):
+    """Each decoding step (KV cache) equals a full forward of the sequence so far (one layer for the
+    length-dependent rules, as in test_model.py: past layer 0 no cache can follow their changing
+    frequencies). Glm4's attention is Glm's (it differs in its layer norms): blockwise only there."""
+    model = glm_model(arch, num_hidden_layers=1 if spec in LENGTH_DEPENDENT else 2)
+    prompt = token_ids(2, 30)  # generation runs past train_len (32)
+    with torch.no_grad(), ctxpatch.apply(model, spec, backend=backend, **params):
+        out = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
+            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+        )
+        seq, start = out.sequences, prompt.shape[1]
+        prefixes = torch.stack([model(seq[:, : start + t]).logits[:, -1] for t in range(8)], dim=1)
+    assert torch.equal(seq[:, start:], prefixes.argmax(-1))
+    assert_close(torch.stack(out.logits, dim=1), prefixes, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spec,params", SPECS, ids=SPEC_IDS)
+def test_left_padding_equals_the_row_alone(arch, spec, params, backend):
+    """Positions come from the attention mask: a padded row computes what it computes alone
+    (length-dependent rules see the longest row, so there both rows are padded alike)."""
+    model = glm_model(arch)
+    ids = token_ids(2, 36)
+    pad = 11  # more than one key block of padding
+    rows = slice(0, 2) if spec in LENGTH_DEPENDENT else slice(1, 2)
+    mask = torch.ones_like(ids)
+    mask[rows, :pad] = 0
+    with torch.no_grad(), ctxpatch.apply(model, spec, backend=backend, **params):
+        logits = model(ids.masked_fill(mask == 0, 0), attention_mask=mask).logits
+        alone = model(ids[rows, pad:]).logits
+    assert torch.isfinite(logits).all()
+    assert_close(logits[rows, pad:], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_chunked_prefill_equals_one_pass():
+    model = glm_model("glm4")
+    ids = token_ids(1, 40)
+    spec = "xpos+rerope" if "rerope" in registered() else "alibi+window"
+    with torch.no_grad(), ctxpatch.apply(model, spec, window=9):
+        whole = model(ids).logits
+        first = model(ids[:, :17], use_cache=True)
+        second = model(ids[:, 17:], past_key_values=first.past_key_values, use_cache=True)
+    assert_close(torch.cat([first.logits, second.logits], dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rule", registered("position"))
+def test_model_reading_only_the_pass_through_half_ignores_every_position_rule(rule):
+    """Zero q_proj/k_proj on the rotated dims of every head: the model no longer sees positions, so
+    any position rule, and any position ids, give the unpatched logits."""
+    model = glm_model("glm")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                rows = proj.weight.view(-1, 16, proj.weight.shape[-1])  # (heads, head_dim, hidden)
+                rows[:, :8] = 0
+                proj.bias.view(-1, 16)[:, :8] = 0
+    ids = token_ids(2, 40)
+    skipping = torch.cat([torch.arange(10), torch.arange(10, 40) + 25]).expand(2, -1)
+    with torch.no_grad():
+        expected = model(ids).logits
+        with ctxpatch.apply(model, rule, **PARAMS.get(rule, {})):
+            assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+            assert_close(model(ids, position_ids=skipping).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- structural detection ------------------------------------------------------------------------
+
+FOREIGN = ["helium", "cohere", "ernie4_5", "granite", "olmo2", "starcoder2"]  # families ctxpatch never names
+
+
+def foreign_model(model_type: str):
+    config = AutoConfig.for_model(
+        model_type, vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=TRAIN_LEN, initializer_range=0.35,
+        pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+@pytest.mark.parametrize("model_type", FOREIGN)
+def test_unknown_family_with_a_supported_layout_is_handled(model_type):
+    model = foreign_model(model_type)
+    ids = token_ids(2, 28)
+    with torch.no_grad():
+        expected = model(ids).logits
+        with ctxpatch.apply(model, "window", window=10_000):  # neutral: ctxpatch's own rotation must match the model's
+            assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        with ctxpatch.apply(model, "window", window=4):
+            assert not torch.allclose(model(ids).logits, expected)
+        assert torch.equal(model(ids).logits, expected)
+
+
+UNSUPPORTED = [
+    ("phi3", "sdpa", "Phi3Attention"),  # fused qkv_proj
+    ("gemma2", "eager", "Gemma2Attention"),  # attention-logit soft-capping
+    ("gpt_oss", "eager", "GptOssAttention"),  # a half-size cos/sin table (and attention sinks)
+]
+
+
+@pytest.mark.parametrize("model_type,implementation,attention", UNSUPPORTED, ids=[u[0] for u in UNSUPPORTED])
+def test_unknown_family_with_another_layout_lists_the_supported_families(model_type, implementation, attention):
+    config = AutoConfig.for_model(
+        model_type, vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation)
+    message = rf"{type(model).__name__}.*'{model_type}'.*{attention}.*Supported: Llama, .*GLM, GLM-4 \(attention with"
+    with pytest.raises(ctxpatch.UnsupportedModelError, match=message):
+        ctxpatch.apply(model, "window")
+    assert model.config._attn_implementation == implementation and ctxpatch.current_patch(model) is None
