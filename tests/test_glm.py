@@ -15,147 +15,33 @@ carries no position. Checked here with the Llama-family bar:
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch.testing import assert_close
 from transformers import AutoConfig, AutoModelForCausalLM, GlmConfig
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
 import ctxpatch
 import formulas as f
 from conftest import token_ids
 from ctxpatch.adapters import find_adapter
-from ctxpatch.backends import blockwise, get_backend
-from ctxpatch.backends.common import AttentionCall
-from ctxpatch.compose import build_plan
-from ctxpatch.patch import make_runtime
-from ctxpatch.registry import ModelInfo
-from ctxpatch.rotary import Rotary, RotaryLayout
+from ctxpatch.backends import blockwise
+from harness import Geometry
 
 # ---- the backends at GLM's geometry: d = 16, d_r = 8 (four interleaved pairs), 4 heads, 2 KV groups
 
-L, H, HK, D, D_R, T = 16, 4, 2, 16, 8, 22
-BASE = 10000.0
-INFO = ModelInfo(train_len=L, num_layers=1, num_heads=H, num_kv_heads=HK, head_dim=D, rotary_dim=D_R)
-CONFIG = GlmConfig(hidden_size=32, num_attention_heads=H, num_key_value_heads=HK, head_dim=D, max_position_embeddings=L)
-SCALERS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
+G = Geometry(
+    heads=4, kv_heads=2, head_dim=16, rotary_dim=8, interleaved=True, train_len=16, length=22,
+    config=GlmConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=16),
+    rotary_class=GlmRotaryEmbedding,
+)
+H, HK, D, D_R, T = G.heads, G.kv_heads, G.head_dim, G.rotary_dim, G.length
+make_call, inputs, runtime_for, run, reference, real_rows = G.make_call, G.inputs, G.runtime_for, G.run, G.reference, G.real_rows
 
 
 def registered(*kinds: str) -> list[str]:
     """Names of every registered method (of the given kinds): new methods are covered as they land."""
     return sorted(m.name for m in ctxpatch.methods() if not kinds or m.kind in kinds)
-
-
-def make_call(kind: str):
-    """Positions of a batch of two: row 1 left-padded by 3, or with position ids that skip ahead."""
-    k_pos = torch.arange(T).repeat(2, 1)
-    padding = None
-    if kind == "padded":
-        padding = torch.ones(2, T, dtype=torch.bool)
-        padding[1, :3] = False
-        k_pos[1] = (padding[1].long().cumsum(0) - 1).clamp(min=0)
-    elif kind == "skips":
-        k_pos[1] = torch.cat([torch.arange(8), torch.arange(8, T) + 9])  # a PoSE-style jump of 9
-    return k_pos, padding
-
-
-def inputs(tq: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, H, tq, D, generator=g, dtype=torch.float64)
-    k = torch.randn(2, HK, T, D, generator=g, dtype=torch.float64)
-    v = torch.randn(2, HK, T, D, generator=g, dtype=torch.float64)
-    return q, k, v
-
-
-def runtime_for(spec: str, params: dict, seed: int = 0):
-    _, plans = build_plan(spec, params, INFO)
-    rotary = Rotary(GlmRotaryEmbedding(CONFIG).double(), RotaryLayout(interleaved=True, rotary_dim=D_R))
-    runtime = make_runtime(plans[0], rotary, CONFIG, INFO, torch.device("cpu"))
-    if runtime.tensors is not None:  # trainable per-head values: make them differ per head
-        g = torch.Generator().manual_seed(seed)
-        for p in runtime.tensors.parameters():
-            with torch.no_grad():
-                p.copy_(torch.rand(p.shape, generator=g) * 1.5 + 0.25)
-    return runtime
-
-
-def run(backend: str, runtime, q, k, v, k_pos, padding, tq):
-    call = AttentionCall(q_pos=k_pos[:, T - tq :], k_pos=k_pos, key_padding=padding, scaling=D**-0.5)
-    return get_backend(backend)(q, k, v, call, runtime).transpose(1, 2)  # (B, H, Tq, d)
-
-
-def theta_and_scaling(scaler: str, params: dict, max_pos: int):
-    """Frequencies of the d_r/2 pairs: transformers' initialisers for the scalers, textbook RoPE otherwise."""
-    factor = params.get("factor", 2.0)
-    if scaler == "ntk":
-        return f.default_theta(D_R, BASE * factor ** (D_R / (D_R - 2))), 1.0
-    if scaler not in SCALERS:
-        return f.default_theta(D_R, BASE), 1.0
-    cfg = copy.deepcopy(CONFIG)
-    rope = {
-        "rope_type": scaler, "rope_theta": BASE, "factor": factor, "original_max_position_embeddings": L,
-        "partial_rotary_factor": D_R / D,
-    }
-    if scaler == "llama3":
-        rope.update(low_freq_factor=1.0, high_freq_factor=4.0)
-    if scaler == "longrope":
-        rope.update(short_factor=[1.0] * (D_R // 2), long_factor=[factor] * (D_R // 2))
-    cfg.rope_parameters = rope
-    if scaler == "dynamic":
-        inv, scale = ROPE_INIT_FUNCTIONS["dynamic"](cfg, None, seq_len=max(max_pos + 1, L))
-    elif scaler == "longrope" and max_pos + 1 <= L:
-        _, scale = ROPE_INIT_FUNCTIONS["longrope"](cfg, None, seq_len=L)
-        rope["long_factor"] = rope["short_factor"]
-        inv, _ = ROPE_INIT_FUNCTIONS["longrope"](cfg, None, seq_len=L)
-    else:
-        inv, scale = ROPE_INIT_FUNCTIONS[scaler](cfg, None, seq_len=max_pos + 1)
-    assert inv.numel() == D_R // 2  # the initialisers read the partial rotary factor
-    return inv.double(), scale
-
-
-def reference(spec, params, runtime, q, k, v, k_pos, padding, tq):
-    """DESIGN.md's formula of a whole spec, with GLM's interleaved pairs on the first d_r dims."""
-    names = spec.split("+")
-    i = k_pos[:, None, T - tq :, None]  # (B, 1, Tq, 1)
-    j = k_pos[:, None, None, :]  # (B, 1, 1, Tk)
-    key_real = None if padding is None else padding[:, None, None, :]
-    scaler = next((n for n in names if n in SCALERS), "default")
-    theta, att = theta_and_scaling(scaler, params, int(k_pos.max()))
-    rel, weights, kappa, bias = (i - j).double(), None, 1.0, 0.0
-    visible = f.causal(i, j, key_real)
-    w = params.get("window")
-    for name in names:
-        if name == "window":
-            visible = visible & f.window(i, j, w)
-        elif name == "bca":
-            visible = visible & f.bca(i, j, params["block_size"])
-        elif name == "hybrid":
-            visible = visible & (f.window(i, j, w) | (j < params["global_tokens"]))
-        elif name == "sinks":
-            visible = visible & f.sinks_visible(i, j, params["global_tokens"], w)
-            rel = f.sinks_relative(i, j, params["global_tokens"], w)
-        elif name == "logn":
-            kappa = f.logn(i, params.get("train_len", L))
-        elif name == "alibi":
-            bias = bias + f.alibi(H, i, j)
-        elif name == "sandwich":
-            bias = bias + f.sandwich(H, params.get("sandwich_dim", 128), i, j)
-        elif name in ("kerple_log", "kerple_power"):
-            r = runtime.params_of(name)
-            bias = bias + getattr(f, name)(r["r1"].detach(), r["r2"].detach(), i, j)
-        elif name == "rerope":
-            rel = f.rerope(i, j, w)
-        elif name == "leaky_rerope":
-            rel = f.leaky_rerope(i, j, w, params["leak"])
-        elif name == "selfextend":
-            rel = f.selfextend(i, j, w, params["group"])
-        elif name == "xpos":
-            weights = f.xpos_weights(i, j, D_R, params["scale_base"])
-    scores = f.rotary_scores(q, k, rel, theta, D_R, interleaved=True, attention_scaling=att, pair_weights=weights)
-    return f.attention(q, k, v, scores * D**-0.5 * kappa + bias, visible)
 
 
 CASES = [
@@ -184,13 +70,6 @@ CASES = [
 ]
 CASES = [(s, p) for s, p in CASES if set(s.split("+")) <= set(registered())]
 IDS = [s for s, _ in CASES]
-
-
-def real_rows(out, padding, tq):
-    """Outputs of real (non-padding) queries only: a padding query's output is arbitrary."""
-    if padding is None:
-        return out
-    return out.masked_fill(~padding[:, None, T - tq :, None], 0.0)
 
 
 @pytest.mark.parametrize("kind", ["plain", "padded", "skips"])

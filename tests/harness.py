@@ -1,0 +1,160 @@
+"""Backend-level test harness shared by test_formulas.py (Llama geometry) and test_glm.py (GLM's).
+
+A `Geometry` holds one attention shape (heads, head dim, rotary dim and pair layout, trained
+length, input length) and builds: the positions of a test batch, random float64 q/k/v, a layer
+runtime for a spec, a backend run, and the whole spec's formula (`reference`), evaluated with
+tests/formulas.py without ctxpatch's code.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+import formulas as f
+from ctxpatch.backends import get_backend
+from ctxpatch.backends.common import AttentionCall
+from ctxpatch.compose import build_plan
+from ctxpatch.patch import make_runtime
+from ctxpatch.registry import ModelInfo
+from ctxpatch.rotary import Rotary, RotaryLayout
+
+SCALERS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
+BASE = 10000.0
+
+
+@dataclass
+class Geometry:
+    heads: int
+    kv_heads: int
+    head_dim: int
+    rotary_dim: int
+    interleaved: bool
+    train_len: int
+    length: int  # T: keys per test input
+    config: Any  # a transformers config of the family (its rotary class is built from it)
+    rotary_class: Any
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(self.train_len, 1, self.heads, self.kv_heads, self.head_dim, self.rotary_dim)
+
+    def make_call(self, kind: str):
+        """Positions of a batch of two: row 1 left-padded by 3, or with position ids that skip ahead."""
+        t = self.length
+        k_pos = torch.arange(t).repeat(2, 1)
+        padding = None
+        if kind == "padded":
+            padding = torch.ones(2, t, dtype=torch.bool)
+            padding[1, :3] = False
+            k_pos[1] = (padding[1].long().cumsum(0) - 1).clamp(min=0)
+        elif kind == "skips":
+            k_pos[1] = torch.cat([torch.arange(8), torch.arange(8, t) + 9])  # a PoSE-style jump of 9
+        return k_pos, padding
+
+    def inputs(self, tq: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(2, self.heads, tq, self.head_dim, generator=g, dtype=torch.float64)
+        k = torch.randn(2, self.kv_heads, self.length, self.head_dim, generator=g, dtype=torch.float64)
+        v = torch.randn(2, self.kv_heads, self.length, self.head_dim, generator=g, dtype=torch.float64)
+        return q, k, v
+
+    def runtime_for(self, spec: str, params: dict, seed: int = 0):
+        _, plans = build_plan(spec, params, self.info)
+        layout = RotaryLayout(interleaved=self.interleaved, rotary_dim=self.rotary_dim)
+        rotary = Rotary(self.rotary_class(self.config).double(), layout)
+        runtime = make_runtime(plans[0], rotary, self.config, self.info, torch.device("cpu"))
+        if runtime.tensors is not None:  # trainable per-head values: make them differ per head
+            g = torch.Generator().manual_seed(seed)
+            for p in runtime.tensors.parameters():
+                with torch.no_grad():
+                    p.copy_(torch.rand(p.shape, generator=g) * 1.5 + 0.25)
+        return runtime
+
+    def run(self, backend: str, runtime, q, k, v, k_pos, padding, tq):
+        t = self.length
+        call = AttentionCall(q_pos=k_pos[:, t - tq :], k_pos=k_pos, key_padding=padding, scaling=self.head_dim**-0.5)
+        return get_backend(backend)(q, k, v, call, runtime).transpose(1, 2)  # (B, H, Tq, d)
+
+    def real_rows(self, out, padding, tq):
+        """Outputs of real (non-padding) queries only: a padding query's output is arbitrary."""
+        if padding is None:
+            return out
+        return out.masked_fill(~padding[:, None, self.length - tq :, None], 0.0)
+
+    # ---- the formula ------------------------------------------------------------------------------
+
+    def theta_and_scaling(self, scaler: str, params: dict, max_pos: int):
+        """Pair frequencies: transformers' own initialisers for the scalers, textbook RoPE otherwise."""
+        d_r, factor = self.rotary_dim, params.get("factor", 2.0)
+        if scaler == "ntk":
+            return f.default_theta(d_r, BASE * factor ** (d_r / (d_r - 2))), 1.0
+        if scaler not in SCALERS:
+            return f.default_theta(d_r, BASE), 1.0
+        cfg = copy.deepcopy(self.config)
+        rope = {
+            "rope_type": scaler, "rope_theta": BASE, "factor": factor,
+            "original_max_position_embeddings": self.train_len, "partial_rotary_factor": d_r / self.head_dim,
+        }
+        if scaler == "llama3":
+            rope.update(low_freq_factor=1.0, high_freq_factor=4.0)
+        if scaler == "longrope":
+            rope.update(short_factor=[1.0] * (d_r // 2), long_factor=[factor] * (d_r // 2))
+        cfg.rope_parameters = rope
+        if scaler == "dynamic":
+            inv, scale = ROPE_INIT_FUNCTIONS["dynamic"](cfg, None, seq_len=max(max_pos + 1, self.train_len))
+        elif scaler == "longrope" and max_pos + 1 <= self.train_len:
+            _, scale = ROPE_INIT_FUNCTIONS["longrope"](cfg, None, seq_len=self.train_len)
+            rope["long_factor"] = rope["short_factor"]
+            inv, _ = ROPE_INIT_FUNCTIONS["longrope"](cfg, None, seq_len=self.train_len)
+        else:
+            inv, scale = ROPE_INIT_FUNCTIONS[scaler](cfg, None, seq_len=max_pos + 1)
+        assert inv.numel() == d_r // 2  # the initialisers read the partial rotary factor
+        return inv.double(), scale
+
+    def reference(self, spec, params, runtime, q, k, v, k_pos, padding, tq):
+        """The formula of a whole spec: every component applied the way DESIGN.md composes them."""
+        names = spec.split("+")
+        i = k_pos[:, None, self.length - tq :, None]  # (B, 1, Tq, 1)
+        j = k_pos[:, None, None, :]  # (B, 1, 1, Tk)
+        key_real = None if padding is None else padding[:, None, None, :]
+        scaler = next((n for n in names if n in SCALERS), "default")
+        theta, att = self.theta_and_scaling(scaler, params, int(k_pos.max()))
+        rel, weights, kappa, bias = (i - j).double(), None, 1.0, 0.0
+        visible = f.causal(i, j, key_real)
+        w = params.get("window")
+        for name in names:
+            if name == "window":
+                visible = visible & f.window(i, j, w)
+            elif name == "bca":
+                visible = visible & f.bca(i, j, params["block_size"])
+            elif name == "hybrid":
+                visible = visible & (f.window(i, j, w) | (j < params["global_tokens"]))
+            elif name == "sinks":
+                visible = visible & f.sinks_visible(i, j, params["global_tokens"], w)
+                rel = f.sinks_relative(i, j, params["global_tokens"], w)
+            elif name == "logn":
+                kappa = f.logn(i, params.get("train_len", self.train_len))
+            elif name == "alibi":
+                bias = bias + f.alibi(self.heads, i, j)
+            elif name == "sandwich":
+                bias = bias + f.sandwich(self.heads, params.get("sandwich_dim", 128), i, j)
+            elif name in ("kerple_log", "kerple_power"):
+                r = runtime.params_of(name)
+                bias = bias + getattr(f, name)(r["r1"].detach(), r["r2"].detach(), i, j)
+            elif name == "rerope":
+                rel = f.rerope(i, j, w)
+            elif name == "leaky_rerope":
+                rel = f.leaky_rerope(i, j, w, params["leak"])
+            elif name == "selfextend":
+                rel = f.selfextend(i, j, w, params["group"])
+            elif name == "xpos":
+                weights = f.xpos_weights(i, j, self.rotary_dim, params["scale_base"])
+        scores = f.rotary_scores(
+            q, k, rel, theta, self.rotary_dim, interleaved=self.interleaved, attention_scaling=att, pair_weights=weights
+        )
+        return f.attention(q, k, v, scores * self.head_dim**-0.5 * kappa + bias, visible)
