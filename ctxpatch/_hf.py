@@ -84,9 +84,3 @@ def keep_cached(cache: Any, layer_idx: int, keep: Tensor) -> None:
 
 def is_static_cache(cache: Any) -> bool:
     return bool(getattr(cache, "is_compileable", False))
-
-
-def rope_init_functions() -> dict[str, Callable]:
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    return ROPE_INIT_FUNCTIONS

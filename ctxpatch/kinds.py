@@ -36,6 +36,10 @@ class Mask(Method):
         """May any pair with i in [i_lo, i_hi] and j in [j_lo, j_hi] be visible? (conservative)"""
         return torch.ones(torch.broadcast_shapes(i_lo.shape, j_lo.shape), dtype=torch.bool, device=i_lo.device)
 
+    def blocks_all_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
+        """Is every causal pair with i in [i_lo, i_hi], j in [j_lo, j_hi] visible? (conservative: may say no)"""
+        return torch.zeros(torch.broadcast_shapes(i_lo.shape, j_lo.shape), dtype=torch.bool, device=i_lo.device)
+
     def max_keys(self, num_keys: int) -> int:
         """How many keys one query sees at most (sizes the blockwise backend's chunks)."""
         return num_keys

@@ -21,10 +21,12 @@ INFO = ModelInfo(train_len=64, num_layers=1, num_heads=4, num_kv_heads=2, head_d
         ("window", {"window": 5}),
         ("bca", {"block_size": 4}),
         ("hybrid", {"window": 3, "global_tokens": 2, "random_blocks": 2, "block_size": 3}),
+        ("sinks", {"window": 4, "global_tokens": 3}),
     ],
 )
-def test_blocks_visible_is_conservative(spec, params):
-    """Whenever some pair of two position ranges is visible, the block test must say so."""
+def test_block_tests_are_conservative(spec, params):
+    """Whenever some pair of two position ranges is visible, `blocks_visible` must say so; whenever
+    `blocks_all_visible` says every causal pair is visible, every one must be."""
     _, plans = build_plan(spec, params, INFO)
     mask = plans[0].mask
     if hasattr(mask, "prepare"):
@@ -34,8 +36,10 @@ def test_blocks_visible_is_conservative(spec, params):
         i = torch.arange(i_lo, i_hi + 1)[:, None]
         j = torch.arange(j_lo, j_hi + 1)[None, :]
         any_visible = bool((mask.visible(i, j) & (j <= i)).any())
-        said = bool(mask.blocks_visible(*(torch.tensor([[x]]) for x in (i_lo, i_hi, j_lo, j_hi))))
-        assert said or not any_visible, (i_lo, i_hi, j_lo, j_hi)
+        bounds = [torch.tensor([[x]]) for x in (i_lo, i_hi, j_lo, j_hi)]
+        assert bool(mask.blocks_visible(*bounds)) or not any_visible, (i_lo, i_hi, j_lo, j_hi)
+        if bool(mask.blocks_all_visible(*bounds)):
+            assert bool(mask.visible(i, j)[j <= i].all()) and j_hi <= i_lo, (i_lo, i_hi, j_lo, j_hi)
 
 
 def test_hybrid_random_blocks_are_deterministic_and_before_the_window():

@@ -52,13 +52,20 @@ class KeyBlocks:
         idx = (ids[:, None] * self.block + torch.arange(self.block, device=ids.device)).flatten()
         return idx[idx <= last]
 
-    def view_columns(self, layer: LayerRuntime, i: Tensor, kj: Tensor) -> list[Tensor | slice]:
-        """For each view, the chunk's key columns (positions in `kj`) whose block may need it."""
+    def classify(self, layer: LayerRuntime, call: AttentionCall, i: Tensor, kj: Tensor, first: int):
+        """Per key column of a chunk: (is every pair visible but for padding, the one view its block
+        uses or -1 when both may). Decided per key block, so only the blocks where the answer changes
+        inside the block are evaluated pair by pair. `first`: index of the chunk's first query."""
         blocks, column_block = kj.div(self.block, rounding_mode="floor").unique(return_inverse=True)
-        needs = layer.view_needs(
-            i.amin(-1, keepdim=True), i.amax(-1, keepdim=True), self.lo[:, blocks], self.hi[:, blocks]
-        )
-        return [_as_slice(need.any(0)[column_block].nonzero().flatten()) for need in needs]
+        i_lo, i_hi = i.amin(-1, keepdim=True), i.amax(-1, keepdim=True)
+        lo, hi = self.lo[:, blocks], self.hi[:, blocks]
+        before = (blocks + 1) * self.block - 1 < first  # strictly before every query: no diagonal inside
+        full = layer.blocks_all_visible(call, i_lo, i_hi, lo, hi).all(0) & before
+        if len(layer.views()) == 1:
+            return full[column_block], None
+        needs = torch.stack([need.any(0) for need in layer.view_needs(i_lo, i_hi, lo, hi)])  # (V, blocks)
+        view = torch.where(needs.sum(0) == 1, needs.int().argmax(0), -1)
+        return full[column_block], view[column_block]
 
 
 def _width(cols: Tensor | slice, total: int) -> int:
@@ -120,60 +127,77 @@ def blockwise_attention(
         q1 = min(tq, q0 + rows)
         cols = keys.select(layer, call, q0, q1)
         kj = all_keys[cols]
-        chunk = _Chunk(call, layer, q0, q1, cols, kj)
+        chunk = _Chunk(call, layer, keys, q0, q1, cols, kj)
         qs = [qv[:, :, q0:q1] for qv in q_views]
         ks = [kv[:, :, cols] for kv in k_views]
         if layer.plan.modifiers:
             centre = chunk.i.amax(-1, keepdim=True)  # (B, 1): the chunk's last query keeps every factor <= ~1
             qs, ks = layer.modify(qs, chunk.i, centre, 0), layer.modify(ks, chunk.j, centre, 1)
-        view_cols = keys.view_columns(layer, chunk.i, kj) if len(qs) > 1 else [None]
-        outs.append(_fused_chunk(qs, ks, v[:, :, cols], chunk, view_cols, h, call, layer, fold)[..., :dv])
+        outs.append(_fused_chunk(qs, ks, v[:, :, cols], chunk, h, call, layer, fold)[..., :dv])
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
 class _Chunk:
     """Positions, indices and visibility of one query chunk against its selected keys."""
 
-    def __init__(self, call: AttentionCall, layer: LayerRuntime, q0: int, q1: int, cols, kj: Tensor):
+    def __init__(self, call: AttentionCall, layer: LayerRuntime, keys: KeyBlocks, q0: int, q1: int, cols, kj: Tensor):
         self.i, self.j = call.q_pos[:, q0:q1], call.k_pos[:, cols]  # (B, Qc), (B, Kr)
         # the pair grids below are the chunk's costliest elementwise work: int32 halves their traffic
-        small = bool(call.k_pos.abs().max() < 2**30)
-        self.i, self.j = (self.i.int(), self.j.int()) if small else (self.i, self.j)
-        qi = torch.arange(q0, q1, device=kj.device).view(1, 1, -1, 1) + call.q_offset
-        key_real = None if call.key_padding is None else call.key_padding[:, cols][:, None, None, :]
+        if bool(call.k_pos.abs().max() < 2**30):
+            self.i, self.j = self.i.int(), self.j.int()
         self.pair_i, self.pair_j = self.i[:, None, :, None], self.j[:, None, None, :]
-        self.seen = layer.visible(call, self.pair_i, self.pair_j, qi, kj.view(1, 1, 1, -1), key_real)  # (B, 1, Qc, Kr)
+        full, self.view = keys.classify(layer, call, self.i, kj, call.q_offset + q0)
+        exact = ~full if self.view is None else ~full | (self.view < 0)
+        key_real = None if call.key_padding is None else call.key_padding[:, cols][:, None, None, :]
+        shape = (self.i.shape[0], 1, self.i.shape[1], kj.numel())
+        # blocks visible as a whole need only the padding; the others are checked pair by pair
+        self.seen = torch.ones(shape, dtype=torch.bool, device=kj.device) if key_real is None else key_real.expand(shape).clone()
+        self.exact = _as_slice(exact.nonzero().flatten())
+        if _width(self.exact, kj.numel()):
+            qi = torch.arange(q0, q1, device=kj.device).view(1, 1, -1, 1) + call.q_offset
+            real = None if key_real is None else key_real[..., self.exact]
+            self.seen[..., self.exact] = layer.visible(
+                call, self.pair_i, self.pair_j[..., self.exact], qi, kj[self.exact].view(1, 1, 1, -1), real
+            )
+
+    def view_columns(self, layer: LayerRuntime, n: int) -> tuple[Tensor | slice, Tensor]:
+        """Columns view n may own, and which pairs of them it does own (B, 1, Qc, those columns)."""
+        cols = _as_slice(((self.view == n) | (self.view < 0)).nonzero().flatten())
+        owned = self.seen[..., cols]
+        mixed = (self.view[cols] < 0).nonzero().flatten()
+        if mixed.numel():
+            owned = owned.clone()
+            picked = layer.select(self.pair_i, self.pair_j[..., cols][..., mixed])
+            owned[..., mixed] &= picked == n
+        return cols, owned
 
 
-def _fused_chunk(qs, ks, vc, chunk: _Chunk, view_cols, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:
+def _fused_chunk(qs, ks, vc, chunk: _Chunk, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:
     """One chunk through SDPA: views side by side, biases folded in or as a float mask."""
     batch, kv_heads, _, dim = ks[0].shape
     bias = None
     if layer.plan.biases and not fold:
         bias = layer.bias(h, chunk.pair_i, chunk.pair_j)  # (B, H, Qc, Kr)
+    chunk_j = chunk.j
     if len(qs) == 1:
         q_all, k_all, v_all, seen = qs[0], ks[0], vc, chunk.seen
     else:
-        select = layer.select(chunk.pair_i, chunk.pair_j)
         q_all = torch.cat(qs, dim=-1)  # (B, H, Qc, V*d): every view side by side
-        widths = [_width(cols, kv.shape[2]) for kv, cols in zip(ks, view_cols)]
+        parts = [chunk.view_columns(layer, n) for n in range(len(qs))]
+        widths = [_width(cols, ks[0].shape[2]) for cols, _ in parts]
         k_all = ks[0].new_zeros(batch, kv_heads, sum(widths), len(qs) * dim)  # each key in its view's slot
-        seen_parts, bias_parts, v_parts, start = [], [], [], 0
-        for n, (kv, cols, width) in enumerate(zip(ks, view_cols, widths)):
-            k_all[:, :, start : start + width, n * dim : (n + 1) * dim] = kv[:, :, cols]
-            v_parts.append(vc[:, :, cols])
-            seen_parts.append(chunk.seen[..., cols] & (select[..., cols] == n))
-            if bias is not None:
-                bias_parts.append(bias[..., cols])
+        start = 0
+        for n, ((cols, _), width) in enumerate(zip(parts, widths)):
+            k_all[:, :, start : start + width, n * dim : (n + 1) * dim] = ks[n][:, :, cols]
             start += width
-        v_all, seen = torch.cat(v_parts, dim=2), torch.cat(seen_parts, dim=-1)
-        bias = torch.cat(bias_parts, dim=-1) if bias is not None else None
-        chunk_j = torch.cat([chunk.j[:, cols] for cols in view_cols], dim=-1)
+        v_all = torch.cat([vc[:, :, cols] for cols, _ in parts], dim=2)
+        seen = torch.cat([owned for _, owned in parts], dim=-1)
+        bias = torch.cat([bias[..., cols] for cols, _ in parts], dim=-1) if bias is not None else None
+        chunk_j = torch.cat([chunk.j[:, cols] for cols, _ in parts], dim=-1)
     mask = seen
     if fold:
-        j = chunk.j if len(qs) == 1 else chunk_j
         centre = chunk.i[:, -1:]  # (B, 1): keeps the folded key features small (they are positions for ALiBi)
-        f_q, f_k = layer.features(h[..., 0], chunk.i - centre, j - centre)  # (B, H, Qc, F), (B, 1, Kr, F)
+        f_q, f_k = layer.features(h[..., 0], chunk.i - centre, chunk_j - centre)  # (B, H, Qc, F), (B, 1, Kr, F)
         q_all = torch.cat([q_all, (f_q / call.scaling).to(q_all.dtype)], dim=-1)
         k_all = torch.cat([k_all, f_k.to(k_all.dtype).expand(batch, kv_heads, -1, -1)], dim=-1)
     elif bias is not None:

@@ -133,6 +133,15 @@ class LayerRuntime:
             seen = seen & (i_lo - j_hi < call.native_window)
         return seen
 
+    def blocks_all_visible(self, call: AttentionCall, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
+        """Is every pair of the ranges visible, padding aside? (conservative: may say no)"""
+        full = j_hi <= i_lo
+        if self.plan.mask is not None:
+            full = full & self.plan.mask.blocks_all_visible(i_lo, i_hi, j_lo, j_hi)
+        if call.native_window is not None:
+            full = full & (i_hi - j_lo < call.native_window)
+        return full
+
     def max_keys(self, num_keys: int) -> int:
         return num_keys if self.plan.mask is None else self.plan.mask.max_keys(num_keys)
 

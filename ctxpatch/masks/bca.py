@@ -23,5 +23,8 @@ class BlockwiseCausal(Mask):
     def blocks_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
         return (j_lo <= i_hi) & (i_lo // self.block_size - j_hi // self.block_size <= 1)
 
+    def blocks_all_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
+        return (j_hi <= i_lo) & (i_hi // self.block_size - j_lo // self.block_size <= 1)
+
     def max_keys(self, num_keys: int) -> int:
         return min(num_keys, 2 * self.block_size)

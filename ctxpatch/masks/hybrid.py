@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..kinds import Mask
 from ..registry import Param, from_model, non_negative_int, positive_int, register
-from .window import window_blocks_visible, window_visible
+from .window import window_blocks_all_visible, window_blocks_visible, window_visible
 
 
 def random_block_table(num_query_blocks: int, window: int, block: int, count: int, seed: int) -> Tensor:
@@ -68,6 +68,10 @@ class Hybrid(Mask):
         if self.random_blocks:
             seen = seen | self._random_blocks_visible(i_lo, i_hi, j_lo, j_hi)
         return seen & (j_lo <= i_hi)
+
+    def blocks_all_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
+        causal = j_hi <= i_lo
+        return window_blocks_all_visible(i_lo, i_hi, j_lo, j_hi, self.window) | (causal & (j_hi < self.global_tokens))
 
     def _random_blocks_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
         self.prepare(int(i_hi.max()), i_hi.device)

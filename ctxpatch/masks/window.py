@@ -19,6 +19,11 @@ def window_blocks_visible(i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor
     return (i_hi - j_lo >= 0) & (i_lo - j_hi < window)
 
 
+def window_blocks_all_visible(i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor, window: int) -> Tensor:
+    # every delta of the two ranges in [0, W): the smallest is >= 0 and the largest < W
+    return (i_lo - j_hi >= 0) & (i_hi - j_lo < window)
+
+
 @register
 class Window(Mask):
     """Sliding window: a query sees the last W positions, itself included."""
@@ -32,6 +37,9 @@ class Window(Mask):
 
     def blocks_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
         return window_blocks_visible(i_lo, i_hi, j_lo, j_hi, self.window)
+
+    def blocks_all_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
+        return window_blocks_all_visible(i_lo, i_hi, j_lo, j_hi, self.window)
 
     def max_keys(self, num_keys: int) -> int:
         return min(num_keys, self.window)
