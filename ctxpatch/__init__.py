@@ -14,10 +14,21 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
+from .loading import load, merge
 from .patch import Patch, apply, current_patch, remove, spec_from_dict
 from .registry import Method, MethodInfo, method, methods, register
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`ctxpatch.evaluate` / `ctxpatch.compare` (ctxpatch.eval): imported on first use, as lm-eval is slow to import."""
+    if name in ("evaluate", "compare"):
+        from . import eval as evaluation
+
+        return getattr(evaluation, name)
+    raise AttributeError(f"module 'ctxpatch' has no attribute {name!r}")
+
 
 __all__ = [
     "AlreadyPatchedError",
@@ -29,8 +40,12 @@ __all__ = [
     "UnknownMethodError",
     "UnsupportedModelError",
     "apply",
+    "compare",
     "current_patch",
+    "evaluate",
+    "load",
     "load_chatglm",
+    "merge",
     "method",
     "methods",
     "register",

@@ -1,0 +1,122 @@
+"""`ctxpatch eval`, `ctxpatch compare` and `ctxpatch tasks`.
+
+    ctxpatch eval --model default --patch "logn+window" --lengths 8k,16k --tasks ppl,passkey
+    ctxpatch compare --patches "none,dynamic,yarn[factor=4],logn+window" --lengths 8k,16k --out runs/compare
+
+Everything the user typed is checked before the model is loaded (loading SmolLM2 takes ~20 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from ..errors import CtxpatchError
+from .errors import EvalError
+from .options import CTXPATCH_TASKS, RULER_OFFLINE, Spec, parse_params, parse_spec, parse_specs
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate one patch on long-context tasks (lm-eval)")
+    p.add_argument("--patch", default="none", help="a spec, e.g. 'logn+window' or 'yarn[factor=4]'; 'none' = unpatched")
+    add_common(p)
+    p.set_defaults(func=run_eval)
+    p = sub.add_parser("compare", help="evaluate several patches on the same data: leaderboard + plots")
+    p.add_argument("--patches", default="none,dynamic,logn+window",
+                   help="comma-separated specs, each optionally with [k=v,...]; 'none' = unpatched")
+    add_common(p)
+    p.set_defaults(func=run_compare)
+    p = sub.add_parser("tasks", help="list ctxpatch's lm-eval tasks and the folder to pass to lm_eval --include_path")
+    p.set_defaults(func=run_tasks)
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M), a folder (a ctxpatch run folder too), a .gguf file or a hub name")
+    p.add_argument("--param", action="append", default=[], metavar="K=V", help="a patch parameter (repeatable)")
+    p.add_argument("--lengths", default="8k,16k", help="comma-separated token lengths, e.g. 8k,16k,32k (k = 1024)")
+    p.add_argument("--tasks", default="ppl,passkey",
+                   help=f"comma-separated: {', '.join(CTXPATCH_TASKS)}, or RULER's {', '.join(RULER_OFFLINE)}")
+    p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="text file(s) for ppl and niah (default: Shakespeare)")
+    p.add_argument("--depths", default="5", help="needle depths: fractions '0,0.5,1' or a count (default 5)")
+    p.add_argument("--samples", type=int, default=1, help="windows (ppl) or prompts per depth (passkey, niah) per length")
+    p.add_argument("--tail", type=int, default=2048, help="ppl: score the last this many tokens of each window")
+    p.add_argument("--seed", type=int, default=0, help="seed of every generated prompt and window")
+    p.add_argument("--max-length", type=int, default=None, help="lm-eval max_length (default: longest length + 256)")
+    p.add_argument("--backend", default="blockwise", help="ctxpatch attention backend (blockwise, dense, flex)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: float32; a run folder: the dtype it was trained in)")
+    p.add_argument("--out", default=None, help="folder for leaderboard.md/.json and the plots")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    return guarded(args, lambda: [parse_spec(args.patch, parse_params(args.param))])
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    return guarded(args, lambda: parse_specs(args.patches, parse_params(args.param)))
+
+
+def guarded(args: argparse.Namespace, specs_from_args) -> int:
+    """Run, turning ctxpatch's own errors (truncation included) into a message and exit status 2."""
+    try:
+        return run(args, specs_from_args())
+    except CtxpatchError as error:
+        print(f"ctxpatch {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def check_spec_names(specs: list[Spec]) -> None:
+    """Unknown method names fail now, with a suggestion, not after the model has loaded."""
+    from ..registry import method_class
+
+    for spec in specs:
+        if not spec.is_none:
+            for name in spec.spec.split("+"):
+                method_class(name.strip())
+
+
+def run(args: argparse.Namespace, specs: list[Spec]) -> int:
+    import torch
+
+    from .loading import carries_patch, check_exists, load_for_eval
+    from .runner import EvalConfig, compare
+
+    config = EvalConfig(
+        lengths=args.lengths, tasks=args.tasks, depths=args.depths, samples=args.samples, tail=args.tail,
+        seed=args.seed, text_files=args.text, max_length=args.max_length, backend=args.backend,
+    )
+    check_spec_names(specs)
+    check_exists(args.model)
+    if carries_patch(args.model) and any(not s.is_none for s in specs):
+        raise EvalError(
+            f"{args.model!r} carries its own patch (a ctxpatch run folder); it is evaluated as loaded: "
+            "drop --patch/--patches (or pass 'none')"
+        )
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    started = time.perf_counter()
+    model, tokenizer = load_for_eval(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    print(f"loaded {args.model} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    name = "SmolLM2-135M-Instruct (GGUF Q4_1)" if args.model == "default" else args.model
+    board = compare(model, tokenizer, specs, config=config, out_dir=args.out, name=name)
+    print(board.markdown())
+    seconds = ", ".join(f"{k} {v:.0f}s" for k, v in board.seconds.items())
+    print(f"{board.forwards} forward passes in {time.perf_counter() - started:.0f}s ({seconds})", file=sys.stderr)
+    if args.out:
+        print(f"wrote {Path(args.out) / 'leaderboard.md'}, leaderboard.json and the plots", file=sys.stderr)
+    return 0
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    from .tasks import TASKS_DIR
+
+    print(f"lm-eval include path: {TASKS_DIR}")
+    for short, name in CTXPATCH_TASKS.items():
+        print(f"  {name:<22} (ctxpatch eval --tasks {short})")
+    print(f"RULER tasks that run offline through ctxpatch: {', '.join(RULER_OFFLINE)}")
+    print(f"example: lm_eval --include_path {TASKS_DIR} --tasks ctxpatch_passkey --model hf "
+          "--device cpu --model_args pretrained=FOLDER,max_length=16640 --metadata '{\"lengths\": [8192, 16384]}'")
+    return 0

@@ -1,0 +1,65 @@
+"""Loading the model to evaluate: "default", a .gguf file, a folder, a hub name — or a ctxpatch run folder.
+
+A run folder of the fine-tune (`ctxpatch.json` beside the weights, or a merged model whose config has a
+`ctxpatch` entry) is loaded with `ctxpatch.load`, and the model comes back carrying its patch: it is evaluated
+as loaded, and asking for another patch on top is refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import EvalError
+
+RUN_RECORD = "ctxpatch.json"
+
+
+def carries_patch(name: str) -> bool:
+    """True for a folder holding `ctxpatch.json` or a config.json with a `ctxpatch` entry."""
+    folder = Path(name)
+    if not folder.is_dir():
+        return False
+    if (folder / RUN_RECORD).is_file():
+        return True
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            return "ctxpatch" in json.loads(config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+    return False
+
+
+def check_exists(name: str) -> None:
+    """A name that looks like a path (./x, /x, x/y that is not a hub id, x.gguf) must exist."""
+    if name == "default":
+        return
+    looks_local = name.startswith((".", "/", "~")) or name.endswith(".gguf") or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model {name!r} does not exist: give 'default', a model folder, a .gguf file or a hub name")
+
+
+def load_for_eval(name: str, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer); a run folder comes back carrying its patch (and its peft adapter).
+    `dtype` None: float32 for a plain model, the dtype a run was trained in for a run folder."""
+    check_exists(name)
+    if carries_patch(name):
+        import ctxpatch
+
+        load = getattr(ctxpatch, "load", None)
+        if load is None:
+            raise EvalError(
+                f"{name!r} is a ctxpatch run folder ({RUN_RECORD} or a config with a 'ctxpatch' entry); loading it "
+                "needs ctxpatch.load, which this install of ctxpatch does not have yet (it comes with the fine-tune)"
+            )
+        accepts_dtype = "dtype" in inspect.signature(load).parameters
+        model, tokenizer = load(name, dtype=dtype) if accepts_dtype else load(name)
+        return model.eval(), tokenizer
+    from ..models import load_model
+
+    return load_model(name, dtype=dtype or torch.float32)

@@ -1,0 +1,160 @@
+"""The leaderboard: per-sample records summarised by spec, task and length, as markdown, JSON and PNG plots.
+
+Perplexity is summarised as the ratio full / native: the perplexity of a window's last `tail` tokens with the
+whole window as context, over the perplexity of the same tokens given only the last train_len tokens, scored
+by the model as given (the reference). Below 1 the extra context helped; above 1 it hurt. Inside the trained
+length the two contexts are the same tokens, so the ratio is the patch's cost against the model as given.
+Retrieval tasks are summarised as accuracy over depths and samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REFERENCE = "reference"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One scored sample: a perplexity (task "ppl") or a score in [0, 1]."""
+
+    spec: str
+    task: str
+    length: int
+    value: float
+    sample: int = 0
+    depth: float | None = None
+
+
+def geometric_mean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+@dataclass
+class Leaderboard:
+    model_name: str
+    train_len: int
+    config: dict[str, Any]
+    reference: str = "none"
+    records: list[Record] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    forwards: int = 0
+
+    # ---- summaries -----------------------------------------------------------------------------------------------
+
+    @property
+    def specs(self) -> list[str]:
+        return list(dict.fromkeys(r.spec for r in self.records if r.spec != REFERENCE)) or list(self.seconds)
+
+    @property
+    def lengths(self) -> list[int]:
+        return sorted({r.length for r in self.records})
+
+    @property
+    def retrieval_tasks(self) -> list[str]:
+        return list(dict.fromkeys(r.task for r in self.records if r.task != "ppl"))
+
+    def _values(self, spec: str, task: str, length: int) -> list[float]:
+        return [r.value for r in self.records if r.spec == spec and r.task == task and r.length == length]
+
+    def perplexity(self, spec: str, length: int) -> float | None:
+        values = self._values(spec, "ppl", length)
+        return geometric_mean(values) if values else None
+
+    def native_perplexity(self, length: int) -> float | None:
+        return self.perplexity(REFERENCE, length)
+
+    def ratio(self, spec: str, length: int) -> float | None:
+        full, native = self.perplexity(spec, length), self.native_perplexity(length)
+        return None if full is None or native is None else full / native
+
+    def accuracy(self, spec: str, task: str, length: int, depth: float | None = None) -> float | None:
+        values = [r.value for r in self.records if r.spec == spec and r.task == task and r.length == length
+                  and (depth is None or r.depth == depth)]
+        return mean(values) if values else None
+
+    def depths(self, task: str) -> list[float]:
+        return sorted({r.depth for r in self.records if r.task == task and r.depth is not None})
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"native_perplexity": {n: self.native_perplexity(n) for n in self.lengths}}
+        for spec in self.specs:
+            row: dict[str, Any] = {"seconds": self.seconds.get(spec)}
+            row["perplexity"] = {n: self.perplexity(spec, n) for n in self.lengths}
+            row["ratio"] = {n: self.ratio(spec, n) for n in self.lengths}
+            for task in self.retrieval_tasks:
+                row[task] = {n: self.accuracy(spec, task, n) for n in self.lengths}
+            out[spec] = row
+        return out
+
+    # ---- markdown ------------------------------------------------------------------------------------------------
+
+    def markdown(self) -> str:
+        lengths = self.lengths
+        head = "| spec | " + " | ".join(f"{n:,}" for n in lengths) + " |\n|---|" + "---:|" * len(lengths) + "\n"
+        parts = [
+            f"Model `{self.model_name}`, trained length {self.train_len:,}; reference: {self.reference}. "
+            f"Lengths in tokens; {self.config.get('samples', 1)} sample(s) per length"
+            + (f", depths {', '.join(f'{d:g}' for d in self.config.get('depths', []))}" if self.retrieval_tasks else "")
+            + "."
+        ]
+        if any(r.task == "ppl" for r in self.records):
+            parts.append(
+                f"**Perplexity ratio** full / native context, same tokens (last {self.config.get('tail')} of each "
+                "window; < 1: the extra context helped; inside the trained length: the patch's cost), "
+                "perplexity in brackets\n\n" + head
+                + "".join(f"| `{spec}` | " + " | ".join(self._ratio_cell(spec, n) for n in lengths) + " |\n"
+                          for spec in self.specs)
+                + "| native reference | " + " | ".join(_number(self.native_perplexity(n)) for n in lengths) + " |\n"
+            )
+        for task in self.retrieval_tasks:
+            parts.append(
+                f"**{task}** accuracy (% over depths and samples)\n\n" + head
+                + "".join(f"| `{spec}` | " + " | ".join(_percent(self.accuracy(spec, task, n)) for n in lengths)
+                          + " |\n" for spec in self.specs)
+            )
+        return "\n\n".join(parts) + "\n"
+
+    def _ratio_cell(self, spec: str, length: int) -> str:
+        ratio, ppl = self.ratio(spec, length), self.perplexity(spec, length)
+        if ppl is None:
+            return "–"
+        return f"{_number(ratio)} ({_number(ppl)})" if ratio is not None else _number(ppl)
+
+    # ---- files -------------------------------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model_name, "train_len": self.train_len, "reference": self.reference,
+            "config": self.config, "seconds": self.seconds, "forwards": self.forwards,
+            "summary": self.summary(), "records": [asdict(r) for r in self.records],
+        }
+
+    def write(self, folder: Path) -> list[Path]:
+        """leaderboard.md, leaderboard.json and the plots, in `folder`; returns the paths written."""
+        from .plots import write_plots
+
+        folder.mkdir(parents=True, exist_ok=True)
+        written = [folder / "leaderboard.md", folder / "leaderboard.json"]
+        written[0].write_text(self.markdown(), encoding="utf-8")
+        written[1].write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
+        return written + write_plots(self, folder)
+
+
+def _number(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.0f}%"
+

