@@ -133,3 +133,18 @@ def test_kerple_gradients_reach_r1_r2_and_agree_across_backends(monkeypatch):
             assert all(g.abs().sum() > 0 for g in grads[backend])
         for a, b in zip(grads["dense"], grads["blockwise"]):
             assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec,params", [c for c in CASES if c[0] in ("rerope", "selfextend", "sinks", "xpos+rerope", "rerope+alibi", "hybrid+rerope")])
+def test_two_view_rules_agree_on_both_blockwise_paths(spec, params, monkeypatch):
+    """Inference merges one fused call per view by log-sum-exp; with gradients one call holds the
+    views side by side. Both must equal dense."""
+    monkeypatch.setattr(blockwise, "BLOCK", 4)
+    k_pos, padding = make_call("padded")
+    q, k, v = inputs(T)
+    runtime = runtime_for(spec, params)
+    expected = run("dense", runtime, q, k, v, k_pos, padding, T)
+    merged = run("blockwise", runtime, q, k, v, k_pos, padding, T)
+    side_by_side = run("blockwise", runtime, q.clone().requires_grad_(), k, v, k_pos, padding, T)
+    for got in (merged, side_by_side.detach()):
+        assert_close(real_rows(got, padding, T), real_rows(expected, padding, T), rtol=1e-7, atol=1e-7)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import merge
 from .common import AttentionCall, LayerRuntime, head_index
 
 BLOCK = 256  # rows of a query chunk and size of a key block
@@ -174,6 +175,8 @@ class _Chunk:
 
 def _fused_chunk(qs, ks, vc, chunk: _Chunk, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:
     """One chunk through SDPA: views side by side, biases folded in or as a float mask."""
+    if len(qs) > 1 and merge.available(qs[0], ks[0], vc, call, layer):
+        return merge.views_chunk(qs, ks, vc, chunk, h, call, layer)
     batch, kv_heads, _, dim = ks[0].shape
     bias = None
     if layer.plan.biases and not fold:

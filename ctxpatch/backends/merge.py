@@ -1,0 +1,67 @@
+"""Several position views of a chunk as separate fused-attention calls, merged by their log-sum-exps.
+
+For inference on CPU: each view attends to the keys it owns with PyTorch's fused flash kernel, which
+also returns the log-sum-exp of every row; the partial results combine exactly,
+
+    out = sum_n out_n * exp(lse_n - lse),  lse = logsumexp_n lse_n,
+
+so a key block costs one product at the head width, and a second only where the views meet. The
+keys a view owns as whole blocks (every pair visible, no padding) go in a call with no mask at all.
+The kernel is `aten::_scaled_dot_product_flash_attention_for_cpu`, the one SDPA itself dispatches
+to on CPU, called directly because SDPA does not hand out the log-sum-exp. Where it is missing, or
+when gradients are needed (it does not differentiate through the log-sum-exp), the blockwise
+backend's single-call path (views side by side) runs instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .common import AttentionCall, LayerRuntime, compute_dtype
+
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def available(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, layer: LayerRuntime) -> bool:
+    trainable = [] if layer.tensors is None else list(layer.tensors.parameters())
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *trainable))
+    return _FLASH is not None and q.device.type == "cpu" and not needs_grad and call.dropout == 0.0
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """(out (B, H, Qc, d), lse (B, H, Qc)) of one call; query heads sharing a kv head folded into rows."""
+    batch, heads, rows, dim = q.shape
+    kv_heads = k.shape[1]
+    groups = heads // kv_heads
+    folded = q.reshape(batch, kv_heads, groups * rows, dim)  # (B, Hk, G*Qc, d): rows of a group side by side
+    if mask is not None:
+        if mask.shape[1] == 1:  # one mask for every head: repeat it for each head of a group
+            mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * rows, -1)
+        else:  # (B, H, Qc, Kr) -> (B, Hk, G*Qc, Kr)
+            mask = mask.reshape(batch, kv_heads, groups * rows, -1)
+    out, lse = _FLASH(folded, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    return out.reshape(batch, heads, rows, -1), lse.reshape(batch, heads, rows)
+
+
+def views_chunk(qs, ks, vc, chunk, h, call: AttentionCall, layer: LayerRuntime) -> Tensor:
+    """A chunk of a multi-view rule: one or two calls per view, merged exactly."""
+    bias = layer.bias(h, chunk.pair_i, chunk.pair_j) if layer.plan.biases else None  # (B, H, Qc, Kr)
+    outs, lses = [], []
+    for n, (qv, kv) in enumerate(zip(qs, ks)):
+        cols, owned = chunk.view_columns(layer, n)
+        if not owned.numel():
+            continue
+        column_bias = None if bias is None else bias[..., cols]
+        mask = owned.to(qv.dtype).log()  # 0 where the view owns the pair, -inf elsewhere
+        if column_bias is not None:
+            mask = mask + column_bias.to(qv.dtype)
+        elif bool(owned.all()):
+            mask = None  # whole blocks owned and visible: the kernel's unmasked path
+        out, lse = _attend(qv, kv[:, :, cols], vc[:, :, cols], mask, call.scaling)
+        empty = ~owned.any(-1)  # (B, 1, Qc): rows with nothing here; the kernel reports lse 0 for them
+        outs.append(out)
+        lses.append(lse.to(compute_dtype(qv)).masked_fill(empty, float("-inf")))
+    total = torch.logsumexp(torch.stack(lses), dim=0)  # (B, H, Qc)
+    merged = sum(o.to(total.dtype) * torch.exp(l - total).unsqueeze(-1) for o, l in zip(outs, lses))
+    return merged.to(qs[0].dtype)
