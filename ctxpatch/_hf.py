@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
+from .errors import CtxpatchError
+
 IMPLEMENTATION = "ctxpatch"
 CACHE_KWARG = "_ctxpatch_cache"  # how the attention module's cache reaches ctxpatch's attention function
 
@@ -84,3 +86,21 @@ def keep_cached(cache: Any, layer_idx: int, keep: Tensor) -> None:
 
 def is_static_cache(cache: Any) -> bool:
     return bool(getattr(cache, "is_compileable", False))
+
+
+def forget_dequantized_gguf(model: nn.Module) -> None:
+    """A model read from a GGUF file by transformers' dequantizing loader holds plain float tensors
+    but keeps the GGUF quantizer, which refuses `save_pretrained`; drop that marker (and the config's
+    quantization_config) so the merged weights save as ordinary safetensors."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is None or str(getattr(method, "value", method)) != "gguf":
+        return
+    if getattr(quantizer, "supported", False) or any(
+        not isinstance(m, (nn.Linear, nn.Embedding)) and m.__class__.__module__.endswith("gguf")
+        for m in model.modules()
+    ):
+        raise CtxpatchError("this model keeps its GGUF weights in quantized blocks, which cannot be merged and saved")
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _hf
 from .errors import CtxpatchError
 
 CTXPATCH_JSON = "ctxpatch.json"
@@ -327,24 +328,6 @@ def _load_merged(folder: Path, record: dict[str, Any], dtype: torch.dtype, model
     return net, tokenizer
 
 
-def forget_dequantized_gguf(model: nn.Module) -> None:
-    """A model read from a GGUF file by transformers' dequantizing loader holds plain float tensors
-    but keeps the GGUF quantizer, which refuses `save_pretrained`; drop that marker (and the config's
-    quantization_config) so the merged weights save as ordinary safetensors."""
-    quantizer = getattr(model, "hf_quantizer", None)
-    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
-    if quantizer is None or str(getattr(method, "value", method)) != "gguf":
-        return
-    if getattr(quantizer, "supported", False) or any(
-        not isinstance(m, (nn.Linear, nn.Embedding)) and m.__class__.__module__.endswith("gguf")
-        for m in model.modules()
-    ):
-        raise CtxpatchError("this model keeps its GGUF weights in quantized blocks, which cannot be merged and saved")
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-
 def merge(src: str | Path, dst: str | Path, *, dtype: str | torch.dtype | None = None, overwrite: bool = False) -> Path:
     """Write run `src` as a standalone model in `dst`: adapter merged into the weights (safetensors),
     the patch spec under config.json's `ctxpatch` key and in ctxpatch.json, the tokenizer, and the
@@ -374,7 +357,7 @@ def merge(src: str | Path, dst: str | Path, *, dtype: str | torch.dtype | None =
     has_parameters = save_patch_parameters(state, tmp)
     merged["patch_parameters"] = PATCH_PARAMETERS_FILE if has_parameters else None
     patch.remove()  # the saved weights are the model's own; the patch is re-applied on load
-    forget_dequantized_gguf(model)
+    _hf.forget_dequantized_gguf(model)
     setattr(model.config, CONFIG_KEY, merged)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))

@@ -178,3 +178,17 @@ def test_to_dict_round_trips_through_spec_from_dict(llama):
         with ctxpatch.apply(llama, ctxpatch.spec_from_dict(record), backend=record["backend"]) as again:
             assert again.to_dict() == record
             assert torch.equal(llama(ids).logits, expected)
+
+
+def test_a_peft_wrapped_model_can_be_patched(llama):
+    """LoRA layers wrap the projections (peft): the structural adapter still finds the attention."""
+    from peft import LoraConfig, get_peft_model
+
+    ids = token_ids(1, 30)
+    with torch.no_grad():
+        with ctxpatch.apply(llama, "rerope", window=6):
+            expected = llama(ids).logits
+        wrapped = get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))  # B = 0: no change yet
+        with ctxpatch.apply(wrapped, "rerope", window=6):
+            got = wrapped(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)

@@ -25,8 +25,13 @@ from .base import Adapter, train_len
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def _is_projection(module: object) -> bool:
+    """A linear layer, or one wrapped by an adapter (peft's LoRA layers keep it as `base_layer`)."""
+    return isinstance(module, nn.Linear) or isinstance(getattr(module, "base_layer", None), nn.Linear)
+
+
 def _is_attention(module: nn.Module) -> bool:
-    return all(isinstance(getattr(module, p, None), nn.Linear) for p in PROJECTIONS) and hasattr(module, "layer_idx")
+    return all(_is_projection(getattr(module, p, None)) for p in PROJECTIONS) and hasattr(module, "layer_idx")
 
 
 def _find_base(model: nn.Module) -> nn.Module | None:
