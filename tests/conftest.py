@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM
 
 # the models are tiny: one thread avoids thread start-up costs that dwarf the arithmetic
 torch.set_num_threads(1)
 
-ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+ARCHS = ("llama", "mistral", "qwen2", "qwen3", "glm", "glm4")
 TRAIN_LEN = 32
 
 
@@ -28,21 +28,25 @@ def tiny_config(arch: str = "llama", **overrides):
         eos_token_id=None,  # generation runs its full length: no row stops early
         tie_word_embeddings=False,
     )
-    common.update(overrides)
-    if arch == "llama":
-        return LlamaConfig(**common)
-    if arch == "mistral":
-        return MistralConfig(**{"sliding_window": None, **common})
-    if arch == "qwen2":
-        return Qwen2Config(**common)
-    if arch == "qwen3":
-        return Qwen3Config(**{"head_dim": 8, **common})
-    raise ValueError(arch)
+    family = {
+        "mistral": {"sliding_window": None},
+        "qwen3": {"head_dim": 8},
+        # GLM: head_dim 16 with partial_rotary_factor 0.5 (4 interleaved pairs), qkv bias
+        "glm": {"head_dim": 16, "attention_bias": True},
+        "glm4": {"head_dim": 16, "attention_bias": True},
+    }
+    if arch not in ("llama", "qwen2", *family):
+        raise ValueError(arch)
+    return AutoConfig.for_model(arch, **{**common, **family.get(arch, {}), **overrides})
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, dtype=torch.float32, **overrides):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), attn_implementation="sdpa")
+    with torch.no_grad():  # biases start at zero: give them values so they are exercised
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0.0, 0.35)
     return model.to(dtype).eval()
 
 

@@ -23,7 +23,7 @@ from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 
 import ctxpatch
 import formulas as f
-from conftest import token_ids
+from conftest import TRAIN_LEN, tiny_model, token_ids
 from ctxpatch.adapters import find_adapter
 from ctxpatch.backends import blockwise
 from harness import Geometry
@@ -153,177 +153,21 @@ def test_position_rules_leave_the_pass_through_half_alone(rule, backend, monkeyp
     assert (run(backend, runtime, qr, kr, v, k_pos, None, T) - unpatched).abs().max() > 1e-4
 
 
-# ---- whole Glm / Glm4 models ----------------------------------------------------------------------
-
-GLM_ARCHS = ("glm", "glm4")
-TRAIN_LEN = 32
+# ---- whole Glm / Glm4 models (every method, every mode: test_model.py runs them with the other families)
 
 
-def glm_model(arch: str = "glm", seed: int = 0, dtype=torch.float32, **overrides):
-    """A tiny random GLM: head_dim 16, partial_rotary_factor 0.5 (4 interleaved pairs), qkv bias, 2 KV groups."""
-    sizes = {
-        "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": TRAIN_LEN, "attention_bias": True,
-        "initializer_range": 0.35,  # large weights: well-separated logits, so greedy argmax has no ties
-    }
-    tokens = {"pad_token_id": 0, "bos_token_id": None, "eos_token_id": None, "tie_word_embeddings": False}
-    config = AutoConfig.for_model(arch, **{**sizes, **tokens, **overrides})
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    with torch.no_grad():  # the biases start at zero: give them values so they are exercised
-        for name, p in model.named_parameters():
-            if name.endswith("proj.bias"):
-                p.normal_(0.0, 0.35)
-    return model.to(dtype).eval()
-
-
-@pytest.fixture(params=GLM_ARCHS)
-def arch(request):
-    return request.param
-
-
-# per-method parameters that act on a ~40-token input with L = 32 (other methods: their defaults)
-PARAMS = {
-    "window": {"window": 6},
-    "hybrid": {"window": 5, "global_tokens": 2, "random_blocks": 1, "block_size": 3},
-    "bca": {"block_size": 5},
-    "logn": {"train_len": 8},
-    "kerple_power": {"r2": 0.5},
-    "sandwich": {"sandwich_dim": 16},
-    "dynamic": {"factor": 4.0},
-    "xpos": {"scale_base": 16.0},
-    "rerope": {"window": 6},
-    "leaky_rerope": {"window": 6, "leak": 4.0},
-    "selfextend": {"window": 6, "group": 3},
-    "sinks": {"global_tokens": 3, "window": 8},
-}
-COMPOSED = [
-    ("logn+window", {"window": 6}),
-    ("alibi+window", {"window": 7}),
-    ("logn+yarn+bca", {"block_size": 6}),
-    ("xpos+rerope", {"window": 6, "scale_base": 16.0}),
-    ("hybrid+selfextend", {"window": 6, "global_tokens": 2, "group": 3}),
-]
-SPECS = [(name, PARAMS.get(name, {})) for name in registered()]
-SPECS += [(s, p) for s, p in COMPOSED if set(s.split("+")) <= set(registered())]
-SPEC_IDS = [s for s, _ in SPECS]
-LENGTH_DEPENDENT = {"dynamic", "longrope"}  # their frequencies depend on the current sequence length
-BACKENDS = ["dense", "blockwise"]
-
-NEUTRAL = {
-    "window": {"window": 10_000},
-    "hybrid": {"window": 10_000},
-    "bca": {"block_size": 10_000},
-    "logn": {},  # the sequence stays inside train_len, so kappa = 1
-    "linear": {"factor": 1.0},
-    "ntk": {"factor": 1.0},
-    "dynamic": {"factor": 1.0},
-    "yarn": {"factor": 1.0},
-    "llama3": {"factor": 1.0},
-    "rerope": {"window": 10_000},
-    "leaky_rerope": {"window": 10_000},
-    "selfextend": {"window": 10_000},
-    "sinks": {"window": 10_000},
-    "xpos": {"scale_base": 1e12},  # zeta^(Δ/γ) = 1 to double precision
-    "logn+window": {"window": 10_000},
-}
-NEUTRAL_SPECS = [(s, p) for s, p in NEUTRAL.items() if set(s.split("+")) <= set(registered())]
-
-
-@pytest.fixture(autouse=True)
-def small_blocks(monkeypatch):
-    monkeypatch.setattr(blockwise, "BLOCK", 8)
-
-
-def test_glm_rotary_is_found_interleaved_and_partial(arch):
-    adapter = find_adapter(glm_model(arch))
-    assert adapter.rotary.layout.interleaved and adapter.rotary.layout.rotary_dim == 8
-    assert (adapter.info.head_dim, adapter.info.num_kv_heads, adapter.info.train_len) == (16, 2, TRAIN_LEN)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec,params", NEUTRAL_SPECS, ids=[s for s, _ in NEUTRAL_SPECS])
-def test_neutral_parameters_give_the_unpatched_model(arch, spec, params, backend):
-    model = glm_model(arch)
-    ids = token_ids(2, TRAIN_LEN - 4)
-    with torch.no_grad():
-        expected = model(ids).logits
-        with ctxpatch.apply(model, spec, backend=backend, **params):
-            got = model(ids).logits
-    assert_close(got, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("spec,params", SPECS, ids=SPEC_IDS)
-def test_remove_restores_logits_bit_for_bit(arch, spec, params):
-    model = glm_model(arch)
-    ids = token_ids(2, 40)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        before = model(ids).logits
-        patch = ctxpatch.apply(model, spec, **params)
-        patched = model(ids).logits
-        patch.remove()
-        after = model(ids).logits
-    assert not torch.equal(patched, before)  # the patch did something
-    assert torch.equal(after, before)
-    assert model.config._attn_implementation == "sdpa"
-    assert set(model.state_dict()) == set(state)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-
-
-@pytest.mark.parametrize("arch,backend", [("glm", "dense"), ("glm", "blockwise"), ("glm4", "blockwise")])
-@pytest.mark.parametrize("spec,params", SPECS, ids=SPEC_IDS)
-def test_greedy_generation_equals_argmax_of_full_forward(arch, spec, params, backend):
-    """Each decoding step (KV cache) equals a full forward of the sequence so far (one layer for the
-    length-dependent rules, as in test_model.py: past layer 0 no cache can follow their changing
-    frequencies). Glm4's attention is Glm's (it differs in its layer norms): blockwise only there."""
-    model = glm_model(arch, num_hidden_layers=1 if spec in LENGTH_DEPENDENT else 2)
-    prompt = token_ids(2, 30)  # generation runs past train_len (32)
-    with torch.no_grad(), ctxpatch.apply(model, spec, backend=backend, **params):
-        out = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
-            output_logits=True, return_dict_in_generate=True, pad_token_id=0,
-        )
-        seq, start = out.sequences, prompt.shape[1]
-        prefixes = torch.stack([model(seq[:, : start + t]).logits[:, -1] for t in range(8)], dim=1)
-    assert torch.equal(seq[:, start:], prefixes.argmax(-1))
-    assert_close(torch.stack(out.logits, dim=1), prefixes, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec,params", SPECS, ids=SPEC_IDS)
-def test_left_padding_equals_the_row_alone(arch, spec, params, backend):
-    """Positions come from the attention mask: a padded row computes what it computes alone
-    (length-dependent rules see the longest row, so there both rows are padded alike)."""
-    model = glm_model(arch)
-    ids = token_ids(2, 36)
-    pad = 11  # more than one key block of padding
-    rows = slice(0, 2) if spec in LENGTH_DEPENDENT else slice(1, 2)
-    mask = torch.ones_like(ids)
-    mask[rows, :pad] = 0
-    with torch.no_grad(), ctxpatch.apply(model, spec, backend=backend, **params):
-        logits = model(ids.masked_fill(mask == 0, 0), attention_mask=mask).logits
-        alone = model(ids[rows, pad:]).logits
-    assert torch.isfinite(logits).all()
-    assert_close(logits[rows, pad:], alone, rtol=1e-4, atol=1e-4)
-
-
-def test_chunked_prefill_equals_one_pass():
-    model = glm_model("glm4")
-    ids = token_ids(1, 40)
-    spec = "xpos+rerope" if "rerope" in registered() else "alibi+window"
-    with torch.no_grad(), ctxpatch.apply(model, spec, window=9):
-        whole = model(ids).logits
-        first = model(ids[:, :17], use_cache=True)
-        second = model(ids[:, 17:], past_key_values=first.past_key_values, use_cache=True)
-    assert_close(torch.cat([first.logits, second.logits], dim=1), whole, rtol=1e-5, atol=1e-5)
+def test_glm_rotary_is_found_interleaved_and_partial():
+    for arch in ("glm", "glm4"):
+        adapter = find_adapter(tiny_model(arch))
+        assert adapter.rotary.layout.interleaved and adapter.rotary.layout.rotary_dim == 8
+        assert (adapter.info.head_dim, adapter.info.num_kv_heads, adapter.info.train_len) == (16, 2, TRAIN_LEN)
 
 
 @pytest.mark.parametrize("rule", registered("position"))
 def test_model_reading_only_the_pass_through_half_ignores_every_position_rule(rule):
     """Zero q_proj/k_proj on the rotated dims of every head: the model no longer sees positions, so
     any position rule, and any position ids, give the unpatched logits."""
-    model = glm_model("glm")
+    model = tiny_model("glm")
     with torch.no_grad():
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
@@ -334,9 +178,10 @@ def test_model_reading_only_the_pass_through_half_ignores_every_position_rule(ru
     skipping = torch.cat([torch.arange(10), torch.arange(10, 40) + 25]).expand(2, -1)
     with torch.no_grad():
         expected = model(ids).logits
-        with ctxpatch.apply(model, rule, **PARAMS.get(rule, {})):
-            assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
-            assert_close(model(ids, position_ids=skipping).logits, expected, rtol=1e-5, atol=1e-5)
+        with ctxpatch.apply(model, rule, **RULE_PARAMS.get(rule, {})):
+            # fp32 summation order only (two-view rules sum the same terms in another order): a real change is >= 1e-2
+            assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-4)
+            assert_close(model(ids, position_ids=skipping).logits, expected, rtol=1e-5, atol=1e-4)
 
 
 # ---- structural detection ------------------------------------------------------------------------
