@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.testing import assert_close
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import formulas as f
@@ -25,6 +26,30 @@ from ctxpatch.rotary import Rotary, RotaryLayout
 
 SCALERS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 BASE = 10000.0
+
+# One case per registered method, at parameters that make it act inside the geometries' 16/22-token sequences;
+# each geometry's test file adds its own compositions.
+METHOD_CASES = [
+    ("window", {"window": 5}),
+    ("bca", {"block_size": 4}),
+    ("hybrid", {"window": 4, "global_tokens": 3}),
+    ("logn", {"train_len": 6}),
+    ("alibi", {}),
+    ("sandwich", {"sandwich_dim": 16}),
+    ("kerple_log", {}),
+    ("kerple_power", {}),
+    ("linear", {"factor": 3.0}),
+    ("ntk", {"factor": 4.0}),
+    ("dynamic", {"factor": 2.0}),
+    ("yarn", {"factor": 4.0}),
+    ("llama3", {"factor": 8.0}),
+    ("longrope", {"factor": 2.0}),
+    ("xpos", {"scale_base": 16.0}),
+    ("rerope", {"window": 6}),
+    ("leaky_rerope", {"window": 6, "leak": 4.0}),
+    ("selfextend", {"window": 6, "group": 3}),
+    ("sinks", {"global_tokens": 3, "window": 7}),
+]
 
 
 @dataclass
@@ -85,6 +110,23 @@ class Geometry:
         if padding is None:
             return out
         return out.masked_fill(~padding[:, None, self.length - tq :, None], 0.0)
+
+    def check_dense_against_formula(self, spec: str, params: dict, kind: str, tq: int) -> None:
+        k_pos, padding = self.make_call(kind)
+        q, k, v = self.inputs(tq)
+        runtime = self.runtime_for(spec, params)
+        got = self.run("dense", runtime, q, k, v, k_pos, padding, tq)
+        expected = self.reference(spec, params, runtime, q, k, v, k_pos, padding, tq)
+        # transformers computes rotary angles in fp32 even for fp64 inputs: 1e-6 is that, not slack
+        assert_close(self.real_rows(got, padding, tq), self.real_rows(expected, padding, tq), rtol=1e-6, atol=1e-6)
+
+    def check_backend_against_dense(self, backend: str, spec: str, params: dict, kind: str, tq: int) -> None:
+        k_pos, padding = self.make_call(kind)
+        q, k, v = self.inputs(tq)
+        runtime = self.runtime_for(spec, params)
+        expected = self.run("dense", runtime, q, k, v, k_pos, padding, tq)
+        got = self.run(backend, runtime, q, k, v, k_pos, padding, tq)
+        assert_close(self.real_rows(got, padding, tq), self.real_rows(expected, padding, tq), rtol=1e-7, atol=1e-7)
 
     # ---- the formula ------------------------------------------------------------------------------
 

@@ -13,9 +13,10 @@ from torch.testing import assert_close
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+import ctxpatch
 import formulas as f
 from ctxpatch.backends import blockwise
-from harness import Geometry
+from harness import METHOD_CASES, Geometry
 
 G = Geometry(
     heads=4, kv_heads=2, head_dim=8, rotary_dim=8, interleaved=False, train_len=16, length=22,
@@ -26,26 +27,7 @@ T, D = G.length, G.head_dim
 make_call, inputs, runtime_for, run, reference, real_rows = G.make_call, G.inputs, G.runtime_for, G.run, G.reference, G.real_rows
 
 
-CASES = [
-    ("window", {"window": 5}),
-    ("bca", {"block_size": 4}),
-    ("hybrid", {"window": 4, "global_tokens": 3}),
-    ("logn", {"train_len": 6}),
-    ("alibi", {}),
-    ("sandwich", {"sandwich_dim": 16}),
-    ("kerple_log", {}),
-    ("kerple_power", {}),
-    ("linear", {"factor": 3.0}),
-    ("ntk", {"factor": 4.0}),
-    ("dynamic", {"factor": 2.0}),
-    ("yarn", {"factor": 4.0}),
-    ("llama3", {"factor": 8.0}),
-    ("longrope", {"factor": 2.0}),
-    ("xpos", {"scale_base": 16.0}),
-    ("rerope", {"window": 6}),
-    ("leaky_rerope", {"window": 6, "leak": 4.0}),
-    ("selfextend", {"window": 6, "group": 3}),
-    ("sinks", {"global_tokens": 3, "window": 7}),
+CASES = METHOD_CASES + [
     ("xpos+rerope", {"window": 5, "scale_base": 16.0}),
     ("xpos+yarn+window", {"window": 9, "scale_base": 16.0, "factor": 2.0}),
     ("selfextend+logn", {"window": 5, "group": 4, "train_len": 6}),
@@ -57,17 +39,15 @@ CASES = [
 ]
 
 
+def test_every_registered_method_has_a_formula_case():
+    assert {name for name, _ in METHOD_CASES} == {m.name for m in ctxpatch.methods()}
+
+
 @pytest.mark.parametrize("kind", ["plain", "padded", "skips"])
 @pytest.mark.parametrize("tq", [T, 3])
 @pytest.mark.parametrize("spec,params", CASES, ids=[c[0] for c in CASES])
 def test_dense_matches_formula(spec, params, kind, tq):
-    k_pos, padding = make_call(kind)
-    q, k, v = inputs(tq)
-    runtime = runtime_for(spec, params)
-    got = run("dense", runtime, q, k, v, k_pos, padding, tq)
-    expected = reference(spec, params, runtime, q, k, v, k_pos, padding, tq)
-    # transformers computes rotary angles in fp32 even for fp64 inputs: 1e-6 is that, not slack
-    assert_close(real_rows(got, padding, tq), real_rows(expected, padding, tq), rtol=1e-6, atol=1e-6)
+    G.check_dense_against_formula(spec, params, kind, tq)
 
 
 @pytest.mark.parametrize("backend", ["blockwise", "flex"])
@@ -76,12 +56,7 @@ def test_dense_matches_formula(spec, params, kind, tq):
 @pytest.mark.parametrize("spec,params", CASES + [("hybrid", {"window": 3, "global_tokens": 2, "random_blocks": 2, "block_size": 2})], ids=[c[0] for c in CASES] + ["hybrid_random"])
 def test_backends_match_dense(spec, params, kind, tq, backend, monkeypatch):
     monkeypatch.setattr(blockwise, "BLOCK", 4)  # many chunks and key blocks on a short input
-    k_pos, padding = make_call(kind)
-    q, k, v = inputs(tq)
-    runtime = runtime_for(spec, params)
-    expected = run("dense", runtime, q, k, v, k_pos, padding, tq)
-    got = run(backend, runtime, q, k, v, k_pos, padding, tq)
-    assert_close(real_rows(got, padding, tq), real_rows(expected, padding, tq), rtol=1e-7, atol=1e-7)
+    G.check_backend_against_dense(backend, spec, params, kind, tq)
 
 
 @pytest.mark.parametrize("backend", ["dense", "blockwise"])

@@ -26,7 +26,7 @@ import formulas as f
 from conftest import TRAIN_LEN, tiny_model, token_ids
 from ctxpatch.adapters import find_adapter
 from ctxpatch.backends import blockwise
-from harness import Geometry
+from harness import METHOD_CASES, Geometry
 
 # ---- the backends at GLM's geometry: d = 16, d_r = 8 (four interleaved pairs), 4 heads, 2 KV groups
 
@@ -44,26 +44,7 @@ def registered(*kinds: str) -> list[str]:
     return sorted(m.name for m in ctxpatch.methods() if not kinds or m.kind in kinds)
 
 
-CASES = [
-    ("window", {"window": 5}),
-    ("bca", {"block_size": 4}),
-    ("hybrid", {"window": 4, "global_tokens": 3}),
-    ("logn", {"train_len": 6}),
-    ("alibi", {}),
-    ("sandwich", {"sandwich_dim": 16}),
-    ("kerple_log", {}),
-    ("kerple_power", {}),
-    ("linear", {"factor": 3.0}),
-    ("ntk", {"factor": 4.0}),
-    ("dynamic", {"factor": 2.0}),
-    ("yarn", {"factor": 4.0}),
-    ("llama3", {"factor": 8.0}),
-    ("longrope", {"factor": 2.0}),
-    ("xpos", {"scale_base": 16.0}),
-    ("rerope", {"window": 6}),
-    ("leaky_rerope", {"window": 6, "leak": 4.0}),
-    ("selfextend", {"window": 6, "group": 3}),
-    ("sinks", {"global_tokens": 3, "window": 7}),
+CASES = METHOD_CASES + [
     ("xpos+rerope", {"window": 5, "scale_base": 16.0}),
     ("logn+yarn+bca", {"block_size": 6, "train_len": 6}),  # (logn+window would get the hybrid layer layout)
     ("hybrid+leaky_rerope+alibi", {"window": 5, "global_tokens": 2, "leak": 2.0}),
@@ -76,13 +57,7 @@ IDS = [s for s, _ in CASES]
 @pytest.mark.parametrize("tq", [T, 3])
 @pytest.mark.parametrize("spec,params", CASES, ids=IDS)
 def test_dense_matches_formula_at_glm_geometry(spec, params, kind, tq):
-    k_pos, padding = make_call(kind)
-    q, k, v = inputs(tq)
-    runtime = runtime_for(spec, params)
-    got = run("dense", runtime, q, k, v, k_pos, padding, tq)
-    expected = reference(spec, params, runtime, q, k, v, k_pos, padding, tq)
-    # transformers computes rotary angles in fp32 even for fp64 inputs: 1e-6 is that, not slack
-    assert_close(real_rows(got, padding, tq), real_rows(expected, padding, tq), rtol=1e-6, atol=1e-6)
+    G.check_dense_against_formula(spec, params, kind, tq)
 
 
 # flex on CPU runs FlexAttention's slow eager path and shares the rotation code with the others:
@@ -101,12 +76,7 @@ BACKEND_RUNS += [(s, p, kind, tq, "flex") for s, p in CASES for name, kind, tq i
 )
 def test_backends_match_dense_at_glm_geometry(spec, params, kind, tq, backend, monkeypatch):
     monkeypatch.setattr(blockwise, "BLOCK", 4)  # many chunks and key blocks on a short input
-    k_pos, padding = make_call(kind)
-    q, k, v = inputs(tq)
-    runtime = runtime_for(spec, params)
-    expected = run("dense", runtime, q, k, v, k_pos, padding, tq)
-    got = run(backend, runtime, q, k, v, k_pos, padding, tq)
-    assert_close(real_rows(got, padding, tq), real_rows(expected, padding, tq), rtol=1e-7, atol=1e-7)
+    G.check_backend_against_dense(backend, spec, params, kind, tq)
 
 
 # ---- the un-rotated half of each head is left alone ----------------------------------------------
