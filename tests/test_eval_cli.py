@@ -10,6 +10,7 @@ import pytest
 import ctxpatch
 from ctxpatch.cli import main
 from ctxpatch.eval import TASKS_DIR
+from ctxpatch.eval import loading as eval_loading
 from test_eval_fixtures import model_folder, one_thread, text_file, tiny_lm  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,16 +71,13 @@ def test_a_length_beyond_the_text_is_an_error(model_folder, text_file, capsys): 
 
 def test_a_run_folder_is_loaded_with_ctxpatch_load(model_folder, monkeypatch, capsys):  # noqa: F811
     (model_folder / "ctxpatch.json").write_text(json.dumps({"patch": {"spec": "window"}}))
-    monkeypatch.delattr(ctxpatch, "load", raising=False)
-    assert main(["eval", "--model", str(model_folder), "--lengths", "256", "--tasks", "passkey"]) == 2
-    assert "needs ctxpatch.load" in capsys.readouterr().err
 
-    def fake_load(path):
+    def fake_load(path, dtype=None):
         model, tokenizer = tiny_lm()
         ctxpatch.apply(model, "window", window=64)
         return model, tokenizer
 
-    monkeypatch.setattr(ctxpatch, "load", fake_load, raising=False)
+    monkeypatch.setattr(eval_loading, "load", fake_load)
     assert main(["eval", "--model", str(model_folder), "--patch", "dynamic", "--lengths", "256", "--tasks", "passkey"]) == 2
     assert "carries its own patch" in capsys.readouterr().err
     assert main(["eval", "--model", str(model_folder), "--lengths", "256", "--tasks", "passkey", "--depths", "1"]) == 0

@@ -7,32 +7,23 @@ as loaded, and asking for another patch on top is refused.
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .errors import EvalError
-
-RUN_RECORD = "ctxpatch.json"
+from ..loading import load, read_record
 
 
 def carries_patch(name: str) -> bool:
     """True for a folder holding `ctxpatch.json` or a config.json with a `ctxpatch` entry."""
-    folder = Path(name)
-    if not folder.is_dir():
+    if not Path(name).is_dir():
         return False
-    if (folder / RUN_RECORD).is_file():
-        return True
-    config = folder / "config.json"
-    if config.is_file():
-        try:
-            return "ctxpatch" in json.loads(config.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return False
-    return False
+    try:
+        return read_record(name) is not None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False  # not ours to judge: loading it as a plain model says what is wrong
 
 
 def check_exists(name: str) -> None:
@@ -49,16 +40,7 @@ def load_for_eval(name: str, dtype: torch.dtype | None = None) -> tuple[Any, Any
     `dtype` None: float32 for a plain model, the dtype a run was trained in for a run folder."""
     check_exists(name)
     if carries_patch(name):
-        import ctxpatch
-
-        load = getattr(ctxpatch, "load", None)
-        if load is None:
-            raise EvalError(
-                f"{name!r} is a ctxpatch run folder ({RUN_RECORD} or a config with a 'ctxpatch' entry); loading it "
-                "needs ctxpatch.load, which this install of ctxpatch does not have yet (it comes with the fine-tune)"
-            )
-        accepts_dtype = "dtype" in inspect.signature(load).parameters
-        model, tokenizer = load(name, dtype=dtype) if accepts_dtype else load(name)
+        model, tokenizer = load(name, dtype=dtype)
         return model.eval(), tokenizer
     from ..models import load_model
 
