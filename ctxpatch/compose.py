@@ -170,10 +170,15 @@ def plan_layers(methods: list[Method], info: ModelInfo) -> list[LayerPlan]:
     return plans
 
 
-def build_plan(spec: Any, params: dict[str, Any], info: ModelInfo) -> tuple[list[Method], list[LayerPlan]]:
-    """Parse, distribute parameters, resolve defaults from the model, lay out, plan every layer."""
+def build_plan(
+    spec: Any, params: dict[str, Any], info: ModelInfo, target_len: int | None = None
+) -> tuple[list[Method], list[LayerPlan]]:
+    """Parse, distribute parameters, resolve defaults from the model (and the target length), lay
+    out, plan every layer."""
+    if target_len is not None and (isinstance(target_len, bool) or not isinstance(target_len, int) or target_len <= 0):
+        raise ValueError(f"target_len={target_len!r} must be a positive number of tokens, e.g. 32768")
     methods, layout = distribute(parse_spec(spec), dict(params))
-    methods = [m.resolve(info) for m in methods]
+    methods = [m.resolve(info, target_len) for m in methods]
     for m in methods:
         m.layers = None if m.layers is None else _normalise_layers(m, info.num_layers)
     methods = apply_layout(methods, layout, info.num_layers)

@@ -77,11 +77,12 @@ class Scale(Method):
 
 
 class PositionRule(Method):
-    """What replaces R(i)q . R(j)k: a rotary map and one or more position "views".
+    """What replaces R(i)q . R(j)k: a rotary map and k position "views".
 
     A view is a pair of maps (query positions -> rotation positions, key positions -> rotation
     positions). A rule with several views picks one per pair with `select(i, j)`; the relative
-    position RoPE then sees is f_q(i) - f_k(j) of the chosen view.
+    position RoPE then sees is f_q(i) - f_k(j) of the chosen view. Every backend computes each pair
+    in its view only: `views_needed` tells which views a block of pairs may use.
     """
 
     kind = "position"
@@ -95,24 +96,36 @@ class PositionRule(Method):
         return ((identity, identity),)
 
     def select(self, i: Tensor, j: Tensor) -> Tensor | None:
-        """Index of the view each pair uses, or a bool tensor with two views (None with one view)."""
+        """Index of the view each pair uses (an integer tensor; bool for two views; None with one view)."""
         return None
 
-    def views_needed(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> list[bool]:
-        """Which views may be selected for some pair in the block (conservative)."""
-        return [True] * len(self.views())
+    def views_needed(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> list[Tensor]:
+        """Per view: may it be selected for some pair with i in [i_lo, i_hi], j in [j_lo, j_hi]? (conservative)"""
+        shape = torch.broadcast_shapes(i_lo.shape, j_lo.shape)
+        return [torch.ones(shape, dtype=torch.bool, device=j_lo.device) for _ in self.views()]
 
     def relative(self, i: Tensor, j: Tensor) -> Tensor:
         """The relative position RoPE sees for the pair (the rule's definition)."""
-        return i - j
+        views = self.views()
+        if len(views) == 1:
+            return views[0][0](i) - views[0][1](j)
+        chosen = self.select(i, j).long()
+        out = torch.zeros(torch.broadcast_shapes(i.shape, j.shape), dtype=torch.float64, device=i.device)
+        for n, (f_q, f_k) in enumerate(views):
+            out = torch.where(chosen == n, (f_q(i) - f_k(j)).double(), out)
+        return out
 
 
 class TwoViewRule(PositionRule):
-    """A rule that uses the true relative position up to a window and a remapped one beyond.
+    """k = 2: the true relative position up to a threshold, a remapped one beyond.
 
     The near view is RoPE at the true positions; the far view rotates q and k at the positions
-    `far_query(i)`, `far_key(j)`; pairs with i - j >= `window` use the far view.
+    `far_query(i)`, `far_key(j)`; pairs with i - j >= `threshold` (the window W) use the far view.
     """
+
+    @property
+    def threshold(self):
+        return self.window
 
     def far_query(self, i: Tensor) -> Tensor:
         raise NotImplementedError
@@ -124,13 +137,10 @@ class TwoViewRule(PositionRule):
         return ((identity, identity), (self.far_query, self.far_key))
 
     def select(self, i: Tensor, j: Tensor) -> Tensor:
-        return i - j >= self.window  # bool: True = the far view (index 1)
+        return i - j >= self.threshold  # bool: True = the far view (index 1)
 
     def views_needed(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> list[Tensor]:
-        return [i_lo - j_hi < self.window, i_hi - j_lo >= self.window]
-
-    def relative(self, i: Tensor, j: Tensor) -> Tensor:
-        return torch.where(i - j >= self.window, self.far_query(i) - self.far_key(j), i - j)
+        return [i_lo - j_hi < self.threshold, i_hi - j_lo >= self.threshold]
 
 
 class PositionModifier(PositionRule):

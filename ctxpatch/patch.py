@@ -162,11 +162,14 @@ def make_runtime(
 class Patch:
     """A patch installed on a model; `remove()` (or leaving a `with` block) takes it off."""
 
-    def __init__(self, model: nn.Module, methods: list[Method], plans: list[LayerPlan], backend: str):
+    def __init__(
+        self, model: nn.Module, methods: list[Method], plans: list[LayerPlan], backend: str, target_len: int | None = None
+    ):
         self.model = model
         self.methods = methods
         self.plans = plans
         self.backend = backend
+        self.target_len = target_len
         self.active = False
         self._undo: list[Any] = []
 
@@ -234,15 +237,21 @@ class Patch:
         return {
             "spec": self.spec,
             "backend": self.backend,
-            "methods": [{"name": m.name, "params": dict(m.values), "layers": m.layers} for m in self.methods],
+            "target_len": self.target_len,
+            "methods": [
+                {"name": m.name, "params": dict(m.values), "layers": m.layers, "from_target_len": list(m.derived)}
+                for m in self.methods
+            ],
         }
 
     def __repr__(self) -> str:
         state = "active" if self.active else "removed"
-        lines = [f"Patch({self.spec!r}, backend={self.backend!r}, {state})"]
+        target = "" if self.target_len is None else f", target_len={self.target_len}"
+        lines = [f"Patch({self.spec!r}, backend={self.backend!r}{target}, {state})"]
         for m in self.methods:
             layers = "all layers" if m.layers is None else f"layers {_ranges(m.layers)}"
-            lines.append(f"  {m.describe()}  [{m.kind}; {layers}]")
+            derived = f"; {', '.join(m.derived)} from target_len" if m.derived else ""
+            lines.append(f"  {m.describe()}  [{m.kind}; {layers}{derived}]")
         return "\n".join(lines)
 
 
@@ -303,6 +312,7 @@ def apply(
     *,
     backend: str = "blockwise",
     replace: bool = False,
+    target_len: int | None = None,
     **params: Any,
 ) -> Patch:
     """Patch `model` in place with the methods of `spec` and return the `Patch` handle.
@@ -310,10 +320,13 @@ def apply(
     `spec` is "a+b" or a list of names / method objects (`ctxpatch.method(...)`); keyword
     parameters go to every method of the spec that takes them (`layers=` to all). Everything is
     checked before the model is touched: after an error the model is exactly as before.
+
+    `target_len` (tokens): every parameter not given is chosen by its method's own rule so that what
+    RoPE sees at that length stays inside the trained length (`repr(patch)` shows which).
     """
     get_backend(backend)
     adapter = find_adapter(model)
-    methods, plans = build_plan(spec, params, adapter.info)
+    methods, plans = build_plan(spec, params, adapter.info, target_len)
     existing = getattr(model, PATCH, None)
     if existing is not None:
         if not replace:
@@ -322,7 +335,7 @@ def apply(
                 "ctxpatch.remove(model)) first, or pass replace=True"
             )
         existing.remove()
-    patch = Patch(model, methods, plans, backend)
+    patch = Patch(model, methods, plans, backend, target_len)
     try:
         patch._install(adapter)
     except BaseException:

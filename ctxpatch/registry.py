@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -136,6 +137,7 @@ class Method:
         self.values = dict(values)
         self.layers = [layers] if isinstance(layers, int) else (list(layers) if layers is not None else None)
         self.resolved = False
+        self.derived: tuple[str, ...] = ()  # parameters filled in from a target length
 
     def __getattr__(self, name: str) -> Any:
         values = self.__dict__.get("values", {})
@@ -143,12 +145,31 @@ class Method:
             return values[name]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
-    def resolve(self, info: ModelInfo) -> "Method":
-        """A copy with defaults filled in from `info`, every value checked (`ValueError` if wrong)."""
+    training_free: ClassVar[bool] = True  # works without fine-tuning: `ctxpatch tune` may choose it
+
+    def resolve(self, info: ModelInfo, target_len: int | None = None) -> "Method":
+        """A copy with defaults filled in from `info`, every value checked (`ValueError` if wrong).
+
+        With `target_len`, parameters the user did not give come from the method's own rule for that
+        length (`target_values`); a given value that breaks the rule's bound is kept, with a warning.
+        """
+        out = self._filled(info, self.values)
+        if target_len is None:
+            return out
+        derived = {k: v for k, v in out.target_values(info, target_len).items() if k not in self.values}
+        if derived:
+            out = self._filled(info, {**self.values, **derived})
+        out.derived = tuple(derived)
+        problem = out.target_problem(info, target_len)
+        if problem:
+            warnings.warn(f"{self.name}: {problem} (the values you passed win)", UserWarning, stacklevel=4)
+        return out
+
+    def _filled(self, info: ModelInfo, given: dict[str, Any]) -> "Method":
         out = copy.copy(self)
         out.values = {}
         for p in self.params:  # in order: a default may read the (checked) values before it
-            value = self.values[p.name] if p.name in self.values else p.default_for(info, out.values)
+            value = given[p.name] if p.name in given else p.default_for(info, out.values)
             problem = p.check(value)
             if problem:
                 raise ValueError(f"{self.name}: {p.name}={value!r} {problem}")
@@ -156,6 +177,17 @@ class Method:
         out.check_together(info)
         out.resolved = True
         return out
+
+    def target_values(self, info: ModelInfo, target_len: int) -> dict[str, Any]:
+        """Parameter values that make the method reach `target_len`, by its paper's rule ({}: none needed).
+
+        Called on a resolved copy (`self.values` complete); raise `ValueError` if no value can reach it.
+        """
+        return {}
+
+    def target_problem(self, info: ModelInfo, target_len: int) -> str | None:
+        """Why the resolved values do not reach `target_len` inside the trained length (None: they do)."""
+        return None
 
     def check_together(self, info: ModelInfo) -> None:
         """Checks that involve several parameters or the model; raise `ValueError`."""

@@ -117,6 +117,20 @@ def selfextend(i, j, w, g):
     return torch.where(d < w, d, grouped.double())
 
 
+def dca(i, j, s, w):
+    """Dual Chunk Attention: keys at j mod s; the query at i mod s (same chunk), min(i mod s + s, s + w)
+    (previous chunk) or s + w (older chunks)."""
+    behind = i // s - j // s
+    key, query = (j % s).double(), (i % s).double()
+    same, previous, older = query - key, torch.clamp(query + s, max=s + w) - key, (s + w) - key
+    return torch.where(behind == 0, same, torch.where(behind == 1, previous, older))
+
+
+def string(i, j, offset, w):
+    d = (i - j).double()
+    return torch.where(d < offset, d, d - offset + w)
+
+
 def sinks_visible(i, j, sinks, w):
     return window(i, j, w) | ((j < sinks) & (j <= i))
 

@@ -49,6 +49,8 @@ METHOD_CASES = [
     ("leaky_rerope", {"window": 6, "leak": 4.0}),
     ("selfextend", {"window": 6, "group": 3}),
     ("sinks", {"global_tokens": 3, "window": 7}),
+    ("dca", {"chunk_len": 5, "local_window": 2}),
+    ("string", {"offset": 6, "local_window": 2}),
 ]
 
 
@@ -194,6 +196,10 @@ class Geometry:
                 rel = f.leaky_rerope(i, j, w, params["leak"])
             elif name == "selfextend":
                 rel = f.selfextend(i, j, w, params["group"])
+            elif name == "dca":
+                rel = f.dca(i, j, params["chunk_len"], params["local_window"])
+            elif name == "string":
+                rel = f.string(i, j, params["offset"], params["local_window"])
             elif name == "xpos":
                 weights = f.xpos_weights(i, j, self.rotary_dim, params["scale_base"])
         scores = f.rotary_scores(

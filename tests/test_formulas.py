@@ -36,6 +36,12 @@ CASES = METHOD_CASES + [
     ("leaky_rerope+kerple_log+bca", {"window": 4, "leak": 2.0, "block_size": 8}),
     ("sinks+logn+sandwich", {"global_tokens": 2, "window": 6, "train_len": 8, "sandwich_dim": 8}),
     ("sinks+xpos", {"global_tokens": 2, "window": 6, "scale_base": 8.0}),
+    ("dca", {"chunk_len": 4, "local_window": 3}),  # chunks aligned with the 4-key blocks
+    ("dca", {"chunk_len": 7, "local_window": 1}),  # chunk boundaries inside key blocks
+    ("dca+logn", {"chunk_len": 6, "local_window": 3, "train_len": 6}),
+    ("xpos+dca+alibi", {"chunk_len": 5, "local_window": 4, "scale_base": 16.0}),
+    ("string", {"offset": 9, "local_window": 0}),
+    ("string+kerple_log", {"offset": 4, "local_window": 3}),
 ]
 
 
@@ -110,7 +116,7 @@ def test_kerple_gradients_reach_r1_r2_and_agree_across_backends(monkeypatch):
             assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("spec,params", [c for c in CASES if c[0] in ("rerope", "selfextend", "sinks", "xpos+rerope", "rerope+alibi", "hybrid+rerope")])
+@pytest.mark.parametrize("spec,params", [c for c in CASES if c[0] in ("rerope", "selfextend", "sinks", "xpos+rerope", "rerope+alibi", "hybrid+rerope", "dca", "xpos+dca+alibi", "string")])
 def test_two_view_rules_agree_on_both_blockwise_paths(spec, params, monkeypatch):
     """Inference merges one fused call per view by log-sum-exp; with gradients one call holds the
     views side by side. Both must equal dense."""

@@ -41,6 +41,9 @@ SPECS = [
     ("selfextend+logn", {"window": 6, "group": 4, "train_len": 16}),
     ("hybrid+rerope", {"window": 6, "global_tokens": 2}),
     ("xpos+rerope+alibi", {"window": 7, "scale_base": 32.0}),
+    ("dca", {"chunk_len": 7, "local_window": 3}),
+    ("dca+logn", {"chunk_len": 6, "local_window": 2, "train_len": 8}),
+    ("string", {"offset": 9, "local_window": 3}),
 ]
 IDS = [s for s, _ in SPECS]
 BACKENDS = ["dense", "blockwise"]
@@ -62,6 +65,8 @@ NEUTRAL = [
     ("sinks", {"window": 10_000}),
     ("selfextend+logn", {"window": 10_000}),
     ("xpos", {"scale_base": 1e12}),  # zeta^(Δ/γ) = 1 to double precision
+    ("dca", {"chunk_len": 30, "local_window": 1}),  # one chunk holds the whole sequence
+    ("string", {"offset": 32, "local_window": 0}),
 ]
 
 

@@ -11,7 +11,7 @@ https://github.com/bojone/rerope and kexue.fm/archives/9708), 2023.
 from torch import Tensor
 
 from ..kinds import TwoViewRule
-from ..registry import Param, at_least, from_model, positive_int, register
+from ..registry import ModelInfo, Param, at_least, from_model, positive_int, register
 
 
 @register
@@ -27,6 +27,11 @@ class ReRoPE(TwoViewRule):
 
     def far_key(self, j: Tensor) -> Tensor:
         return j * 0
+
+    def target_problem(self, info: ModelInfo, target_len: int) -> str | None:
+        if self.window >= info.train_len:
+            return f"window={self.window} >= L = {info.train_len}: distances up to it are outside the trained length"
+        return None
 
 
 @register
@@ -45,3 +50,20 @@ class LeakyReRoPE(TwoViewRule):
 
     def far_key(self, j: Tensor) -> Tensor:
         return j.double() / self.leak
+
+    def widest(self, target_len: int, leak: float) -> float:
+        return self.window + (target_len - 1 - self.window) / leak
+
+    def target_values(self, info: ModelInfo, target_len: int) -> dict:
+        if self.window >= info.train_len:
+            raise ValueError(f"leaky_rerope: window={self.window} must be below L = {info.train_len} to reach further")
+        leak = 1
+        while self.widest(target_len, leak) >= info.train_len:
+            leak += 1
+        return {"leak": float(leak)}
+
+    def target_problem(self, info: ModelInfo, target_len: int) -> str | None:
+        widest = self.widest(target_len, self.leak)
+        if widest >= info.train_len:
+            return f"at target_len={target_len} leaked distances reach {widest:.0f} >= L = {info.train_len}"
+        return None

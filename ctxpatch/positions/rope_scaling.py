@@ -42,9 +42,22 @@ class RopeScaler(PositionRule):
         module = type(rotary.module)(config=scaled).to(rotary.inv_freq.device)
         return Rotary(module, rotary.layout)
 
+    length_rule: bool = False  # True: the scaling follows the length it sees (dynamic); no target rule
 
-def _scaler(name: str, rope_type: str, summary: str, extra: tuple[Param, ...] = ()) -> type[RopeScaler]:
+    def target_values(self, info: ModelInfo, target_len: int) -> dict[str, Any]:
+        if self.length_rule:
+            return {}
+        return {"factor": max(1.0, target_len / info.train_len)}
+
+    def target_problem(self, info: ModelInfo, target_len: int) -> str | None:
+        if not self.length_rule and self.factor * info.train_len < target_len:
+            return f"factor={self.factor} covers {self.factor * info.train_len:.0f} tokens, below target_len={target_len}"
+        return None
+
+
+def _scaler(name: str, rope_type: str, summary: str, extra: tuple[Param, ...] = (), **attrs: Any) -> type[RopeScaler]:
     cls = type(name.capitalize() + "Rope", (RopeScaler,), {
+        **attrs,
         "__doc__": summary,
         "name": name,
         "rope_type": rope_type,
@@ -56,7 +69,9 @@ def _scaler(name: str, rope_type: str, summary: str, extra: tuple[Param, ...] = 
 
 
 Linear = _scaler("linear", "linear", "Position interpolation: positions divided by s (transformers 'linear').")
-Dynamic = _scaler("dynamic", "dynamic", "Dynamic NTK: base grows with the sequence past L (transformers 'dynamic').")
+Dynamic = _scaler(
+    "dynamic", "dynamic", "Dynamic NTK: base grows with the sequence past L (transformers 'dynamic').", length_rule=True
+)
 Llama3 = _scaler(
     "llama3", "llama3", "Llama 3.1 frequency-dependent interpolation (transformers 'llama3').",
     (

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ..kinds import TwoViewRule
-from ..registry import Param, from_model, positive_int, register
+from ..registry import ModelInfo, Param, from_model, positive_int, register
 
 
 @register
@@ -28,3 +28,21 @@ class SelfExtend(TwoViewRule):
 
     def far_key(self, j: Tensor) -> Tensor:
         return torch.div(j, self.group, rounding_mode="floor")
+
+    def widest(self, target_len: int, group: int) -> int:
+        """The largest grouped distance at `target_len` (SelfExtend's inequality: it must stay below L)."""
+        return (target_len - 1) // group + self.window - self.window // group
+
+    def target_values(self, info: ModelInfo, target_len: int) -> dict:
+        if self.window >= info.train_len:
+            raise ValueError(f"selfextend: window={self.window} must be below L = {info.train_len} to reach further")
+        group = 1
+        while self.widest(target_len, group) >= info.train_len:
+            group += 1
+        return {"group": group}
+
+    def target_problem(self, info: ModelInfo, target_len: int) -> str | None:
+        widest = self.widest(target_len, self.group)
+        if widest >= info.train_len:
+            return f"at target_len={target_len} grouped distances reach {widest} >= L = {info.train_len}"
+        return None
