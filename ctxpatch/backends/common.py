@@ -55,8 +55,13 @@ class LayerRuntime:
         return x if self.rotary is None else self.rotary.rotate(x, positions)
 
     def rotated_views(self, x: Tensor, positions: Tensor, side: int) -> list[Tensor]:
-        """x rotated for every view; side 0 = queries, 1 = keys."""
-        return [self.rotate(x, view[side](positions)) for view in self.views()]
+        """x rotated for every view; side 0 = queries, 1 = keys. Views sharing a map share one rotation
+        (dca's three views rotate keys alike)."""
+        rotated: dict[Callable[[Tensor], Tensor], Tensor] = {}
+        for view in self.views():
+            if view[side] not in rotated:
+                rotated[view[side]] = self.rotate(x, view[side](positions))
+        return [rotated[view[side]] for view in self.views()]
 
     def modify(self, views: list[Tensor], positions: Tensor, centre: Tensor, side: int) -> list[Tensor]:
         """Apply the modifiers (xpos) to every view: queries (side 0) or keys (side 1), centre (B, 1)."""
