@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py                       # n = 2k, 4k, 8k, 16k; all methods
     python benchmarks/attention.py --lengths 2048,8192 --specs window,alibi --layers 2
+    python benchmarks/attention.py --lengths 8192,16384,32768 --specs dca,selfextend,rerope,string --backends blockwise
 
 One process: a small random Llama-architecture model shaped like SmolLM2-135M's attention
 (9 query / 3 key-value heads of 64 dims, trained length 8k), built from a config. Time is the best
@@ -28,7 +29,8 @@ import ctxpatch
 SPECS = [
     "window", "hybrid", "bca", "logn", "logn+window", "alibi", "alibi+window", "kerple_log", "kerple_power",
     "sandwich", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope",
-    "xpos", "rerope", "leaky_rerope", "selfextend", "sinks", "selfextend+logn", "hybrid+rerope",
+    "xpos", "rerope", "leaky_rerope", "selfextend", "sinks", "selfextend+logn", "hybrid+rerope", "dca", "dca+logn",
+    "string",
 ]
 PARAMS = {"window": {"window": 2048}, "alibi+window": {"window": 2048}, "hybrid": {"window": 2048, "random_blocks": 2},
           "sinks": {"window": 2048}}
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--dense-max", type=int, default=4096, help="longest n the dense reference runs at")
+    parser.add_argument("--backends", default="blockwise,dense", help="comma-separated: blockwise, dense, flex")
     args = parser.parse_args()
     lengths = [int(n) for n in args.lengths.split(",")]
     model = model_for(args.layers)
@@ -97,7 +100,7 @@ def main() -> None:
     print("| unpatched | sdpa | " + " | ".join(f"{base[n][0]:.2f}s, {base[n][1]:.0f} MiB" for n in lengths) + " |")
     growth = {"unpatched": base}
     for spec in args.specs.split(","):
-        for backend in ("blockwise", "dense"):
+        for backend in args.backends.split(","):
             cells, runs = [], {}
             for n in lengths:
                 if backend == "dense" and n > args.dense_max:
