@@ -468,7 +468,7 @@ def convert_chatglm(
     src, dst = Path(src), Path(dst)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError("the destination must differ from the source folder (config.json would be overwritten)")
-    read_config(src)  # a missing folder is reported as such before the tokenizer is looked for
+    check_supported(read_config(src))  # a missing or unconvertible folder is reported before the tokenizer is read
     with_tokenizer = spm_or_none(src) is not None
     loaded = load_chatglm(src, dtype=dtype, rope_ratio_as=rope_ratio_as, tokenizer=with_tokenizer)
     model, fast = loaded if with_tokenizer else (loaded, None)

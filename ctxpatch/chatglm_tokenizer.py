@@ -21,7 +21,9 @@ specials must be read out of text. `tokenizer(text, split_special_tokens=True)` 
 mode instead, every special string ordinary characters. Where tokenizer.model has a piece `sop` or
 `eop` of its own, the special is named `<sop>` / `<eop>` (same id; a name maps to one id). A literal
 `</s>` or `<unk>` in text is the control id (2, 0) here, ordinary characters in ChatGLM3:
-transformers registers a tokenizer's eos/unk/pad strings as added tokens.
+transformers registers a tokenizer's eos/unk/pad strings as added tokens. For the same reason a
+message whose content holds a special string is read by the chat template as that special, where
+ChatGLM3's build_chat_input encodes the content as text; any other conversation gets its ids.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ def model_proto():
     try:
         return import_protobuf("reading ChatGLM's tokenizer.model").ModelProto
     except ImportError:
-        raise ImportError(
-            "reading ChatGLM's tokenizer.model needs protobuf: pip install protobuf (or sentencepiece)"
+        raise ChatGLMConversionError(
+            "reading ChatGLM's tokenizer.model needs protobuf: pip install 'ctxpatch[chatglm]' (or protobuf)"
         ) from None
 
 
@@ -132,8 +134,16 @@ def check_settings(proto, name: str = SPM_FILE) -> None:
 
 
 def check_pieces(proto) -> None:
-    """Warn when a piece spans a word start ("x▁"): the chat template then may not split messages as ChatGLM3 does."""
-    spanning = [p.piece for p in proto.pieces if p.type == NORMAL and re.search(f"[^{SPACE}]{SPACE}", p.piece)]
+    """Warn about vocabularies where the rebuilt encoding or the chat template may differ from ChatGLM's."""
+    normal = [p for p in proto.pieces if p.type == NORMAL and len(p.piece) > 1]
+    scores = [p.score for p in normal]
+    if len(set(scores)) < len(scores):
+        warnings.warn(
+            f"{SPM_FILE} has pieces of equal score: SentencePiece merges the leftmost of two equal-score pairs, "
+            "the rebuilt BPE the one listed first, so some texts may be encoded differently",
+            stacklevel=3,
+        )
+    spanning = [p.piece for p in normal if re.search(f"[^{SPACE}]{SPACE}", p.piece)]
     if spanning:
         warnings.warn(
             f"{SPM_FILE} has pieces that cross a word start ({spanning[:3]}): text is encoded exactly, but the chat "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -122,6 +123,8 @@ TEXTS = {
     "sop-eop-words": "sop eop, sop.",
     "sop-eop-inside-words": "philosophy people Aesop eopx",
     "near-misses": "<|user| |user|> <|User|> [gmask] SOP",
+    "escaped-space": "▁starts with the escape character ▁ and\r\nwindows newlines",
+    "control-pieces-as-text": "<s> <0x41> ▁▁",
 }
 
 
@@ -135,9 +138,10 @@ def test_text_ids_equal_chatglm3(tokenizer, reference, text):
 def test_long_text_and_batches_with_left_padding(tokenizer, reference):
     long = " ".join(TEXTS.values()) * 20
     assert tokenizer(long).input_ids == reference.text(long)
-    batch = tokenizer([TEXTS["english"], TEXTS["chinese"], TEXTS["empty"]], padding=True)
+    texts = [TEXTS["english"], TEXTS["chinese"], TEXTS["empty"]]
+    batch = tokenizer(texts, padding=True)
     longest = max(len(ids) for ids in batch.input_ids)
-    for text, ids, mask in zip([TEXTS["english"], TEXTS["chinese"], TEXTS["empty"]], batch.input_ids, batch.attention_mask):
+    for text, ids, mask in zip(texts, batch.input_ids, batch.attention_mask):
         expected = reference.text(text)
         assert ids == [0] * (longest - len(expected)) + expected  # ChatGLM pads with <unk> (0) on the left
         assert mask == [0] * (longest - len(expected)) + [1] * len(expected)
@@ -285,6 +289,30 @@ def test_a_piece_named_sop_renames_the_special(tmp_path):
     assert tokenizer.apply_chat_template(messages, return_dict=False) == reference.chat(messages, False)
 
 
+def edited(model: bytes, edit) -> bytes:
+    proto = chatglm_tokenizer.model_proto()()
+    proto.ParseFromString(model)
+    edit([p for p in proto.pieces if p.type == 1 and len(p.piece) > 1])
+    return proto.SerializeToString()
+
+
+def test_vocabularies_the_rebuild_may_not_match_are_warned_about(tmp_path, model_bytes):
+    def same_score(pieces):
+        pieces[5].score = pieces[4].score
+
+    def word_start_inside(pieces):
+        pieces[-1].piece = "x" + chatglm_tokenizer.SPACE
+
+    (tmp_path / "tokenizer.model").write_bytes(model_bytes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        chatglm_tokenizer.build_tokenizer(tmp_path)
+    for edit, message in [(same_score, "equal score"), (word_start_inside, r"cross a word start \(\['x▁'\]\)")]:
+        (tmp_path / "tokenizer.model").write_bytes(edited(model_bytes, edit))
+        with pytest.warns(UserWarning, match=message):
+            chatglm_tokenizer.build_tokenizer(tmp_path)
+
+
 def test_a_non_sentencepiece_tokenizer_model_is_copied_with_a_warning(tmp_path):
     config = chatglm_config()
     src = write_checkpoint(tmp_path / "glm4", config, chatglm_weights(config))
@@ -299,7 +327,7 @@ def test_a_non_sentencepiece_tokenizer_model_is_copied_with_a_warning(tmp_path):
 # ---- refusals -----------------------------------------------------------------------------------
 
 REFUSED = {
-    "unigram": ({"model_type": "unigram", "vocab_size": 380}, r"model_type=UNIGRAM, ChatGLM's tokenizer has model_type=BPE"),
+    "unigram": ({"model_type": "unigram", "vocab_size": 380}, r"model_type=UNIGRAM, ChatGLM's .* model_type=BPE"),
     "no-byte-fallback": ({"byte_fallback": False}, r"byte_fallback=False, .* byte_fallback=True"),
     "collapsing": ({"remove_extra_whitespaces": True}, r"remove_extra_whitespaces=True, .*=False"),
     "nfkc": ({"normalization_rule_name": "nmt_nfkc"}, r"normalizer 'nmt_nfkc'.*'identity'"),
