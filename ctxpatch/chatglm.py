@@ -438,7 +438,7 @@ def read_tokenizer(folder: Path, source: dict[str, Any], config):
     """The folder's tokenizer.model as a fast tokenizer whose specials fit in the model's vocabulary."""
     from .chatglm_tokenizer import build_tokenizer, chatglm_version
 
-    fast = build_tokenizer(folder, chatglm_version(folder, source), model_max_length=config.max_position_embeddings)
+    fast = build_tokenizer(folder, chatglm_version(folder, source))
     if len(fast) > config.vocab_size:
         raise ChatGLMConversionError(
             f"tokenizer.model plus ChatGLM's specials make {len(fast)} ids, more than the model's "

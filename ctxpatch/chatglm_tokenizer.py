@@ -214,7 +214,7 @@ def chatglm_version(folder: Path, source: dict[str, Any]) -> int:
     return 2 if "chatglm2" in str(source.get("_name_or_path", "")).lower() else 3
 
 
-def build_tokenizer(folder: str | Path, version: int = 3, model_max_length: int | None = None):
+def build_tokenizer(folder: str | Path, version: int = 3):
     """The fast tokenizer for a ChatGLM2/3 folder's tokenizer.model (a transformers `PreTrainedTokenizerFast`)."""
     from transformers import PreTrainedTokenizerFast
 
@@ -231,8 +231,6 @@ def build_tokenizer(folder: str | Path, version: int = 3, model_max_length: int 
     check_pieces(proto)
     names = special_names(proto, version)
     extra = {"chat_template": CHAT_TEMPLATE.replace("sop", names[3], 1)} if version == 3 else {}
-    if model_max_length is not None:
-        extra["model_max_length"] = model_max_length
     return PreTrainedTokenizerFast(
         tokenizer_object=build_backend(proto, names),
         eos_token=EOS,
