@@ -40,14 +40,13 @@ MASKS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 ROLES = ("system", "user", "assistant", "observation")
 ROLE_TOKENS = tuple(f"<|{role}|>" for role in ROLES)
 SPECIALS = {2: MASKS, 3: MASKS + ROLE_TOKENS}  # ChatGLM version -> the specials appended after the pieces
-PREFIX = ("[gMASK]", "sop")
 CHAT_STOPS = ("<|user|>", "<|observation|>")  # ChatGLM3's chat() stops at these as well as at eos
 WORDS = ("sop", "eop")  # matched in text as whole words only
 EOS, UNK = "</s>", "<unk>"
 SPACE = "▁"
 
 # SentencePiece's piece types (sentencepiece_model.proto)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+NORMAL, USER_DEFINED, UNUSED, BYTE = 1, 4, 5, 6
 
 # ChatGLM3's build_chat_input, as a template: <|role|>metadata\n then " " + content, the space being
 # the dummy prefix of content's separate encoding (no piece spans "\n▁": see `check_pieces`); an empty
@@ -195,7 +194,7 @@ def build_backend(proto, names: tuple[str, ...]):
     backend.add_special_tokens(
         [AddedToken(s, special=True, normalized=False, single_word=s in WORDS) for s in names]
     )
-    gmask, sop = names[1], names[3]
+    gmask, sop = names[1], names[3]  # every encoding starts with [gMASK] sop
     backend.post_processor = processors.TemplateProcessing(
         single=f"{gmask} {sop} $A:0",
         pair=f"{gmask} {sop} $A:0 $B:1 {EOS}:1",
