@@ -7,7 +7,9 @@ projection with bias and `multi_query_group_num` key-value groups of `kv_channel
 half-dim interleaved rotary, RMSNorm and SwiGLU. `load_chatglm` reads config.json as JSON and the
 weights with safetensors or `torch.load(weights_only=True)` (no code from the folder is run),
 maps every field and tensor, and returns the equivalent `GlmForCausalLM`;
-`ctxpatch convert-chatglm SRC DST` writes it with `save_pretrained` and copies the tokenizer files.
+`ctxpatch convert-chatglm SRC DST` writes it with `save_pretrained`, and the tokenizer as a fast
+tokenizer (tokenizer.json, no remote code: see chatglm_tokenizer.py) when SRC has ChatGLM's
+SentencePiece tokenizer.model; other tokenizer files (GLM-4's tiktoken) are copied as they are.
 
 `rope_ratio` means two different things: ChatGLM3 / GLM-4 multiply the rotary base by it
 (base 10000 * rope_ratio), ChatGLM2-6B-32k divides positions by it (linear interpolation). Which
@@ -395,12 +397,19 @@ def _chatglm_name(glm_name: str) -> str:
 # ---- public API ---------------------------------------------------------------------------------
 
 
-def load_chatglm(path: str | Path, dtype: torch.dtype | str | None = "auto", rope_ratio_as: str | None = None):
+def load_chatglm(
+    path: str | Path,
+    dtype: torch.dtype | str | None = "auto",
+    rope_ratio_as: str | None = None,
+    tokenizer: bool = False,
+):
     """A ChatGLM2/3 checkpoint folder as an equivalent transformers `GlmForCausalLM`, in eval mode.
 
     `dtype`: "auto" (the checkpoint's torch_dtype), a torch dtype or its name. `rope_ratio_as`:
     "base" (ChatGLM3, GLM-4) or "positions" (ChatGLM2-6B-32k); None reads it off the folder.
-    Nothing from the folder is executed.
+    `tokenizer=True` returns (model, tokenizer): the folder's tokenizer.model as a fast tokenizer
+    that encodes as ChatGLM's own, with ChatGLM3's chat template; the model's generation config then
+    also stops at ChatGLM3's `<|user|>` and `<|observation|>`. Nothing from the folder is executed.
     """
     folder = Path(path)
     source = read_config(folder)
@@ -408,6 +417,7 @@ def load_chatglm(path: str | Path, dtype: torch.dtype | str | None = "auto", rop
     warn_unknown_fields(source)
     dtype = resolve_dtype(dtype, source)
     config = glm_config(source, rope_ratio_rule(folder, source, rope_ratio_as), dtype)
+    fast = read_tokenizer(folder, source, config) if tokenizer else None
     state = convert_weights(read_weights(folder), config, dtype, bool(_get(source, "multi_query_attention")))
     model = build_model(config, state)
     generation = folder / "generation_config.json"
@@ -415,7 +425,26 @@ def load_chatglm(path: str | Path, dtype: torch.dtype | str | None = "auto", rop
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
-    return model
+    if fast is None:
+        return model
+    from .chatglm_tokenizer import stop_ids
+
+    model.generation_config.eos_token_id = stop_ids(fast)
+    model.generation_config.pad_token_id = fast.pad_token_id
+    return model, fast
+
+
+def read_tokenizer(folder: Path, source: dict[str, Any], config):
+    """The folder's tokenizer.model as a fast tokenizer whose specials fit in the model's vocabulary."""
+    from .chatglm_tokenizer import build_tokenizer, chatglm_version
+
+    fast = build_tokenizer(folder, chatglm_version(folder, source))
+    if len(fast) > config.vocab_size:
+        raise ChatGLMConversionError(
+            f"tokenizer.model plus ChatGLM's specials make {len(fast)} ids, more than the model's "
+            f"{config.vocab_size} embeddings: the tokenizer does not belong to this checkpoint"
+        )
+    return fast
 
 
 def tokenizer_files(folder: Path) -> list[Path]:
@@ -427,18 +456,34 @@ def convert_chatglm(
     src: str | Path, dst: str | Path, dtype: torch.dtype | str | None = "auto", rope_ratio_as: str | None = None
 ) -> list[Path]:
     """Write `src` (ChatGLM2/3) to `dst` as a transformers Glm checkpoint (safetensors) plus its
-    tokenizer files; returns the tokenizer files copied."""
+    tokenizer; returns the tokenizer files written or copied.
+
+    A SentencePiece tokenizer.model becomes a fast tokenizer (tokenizer.json, tokenizer_config.json
+    without auto_map, ChatGLM3's chat template) and is copied alongside; the remote-code tokenizer
+    files are not. Without one (GLM-4's tiktoken file, or none), the tokenizer files are copied as
+    they are.
+    """
+    from .chatglm_tokenizer import spm_or_none
+
     src, dst = Path(src), Path(dst)
     if dst.exists() and dst.resolve() == src.resolve():
         raise ValueError("the destination must differ from the source folder (config.json would be overwritten)")
-    model = load_chatglm(src, dtype=dtype, rope_ratio_as=rope_ratio_as)
+    check_supported(read_config(src))  # a missing or unconvertible folder is reported before the tokenizer is read
+    with_tokenizer = spm_or_none(src) is not None
+    loaded = load_chatglm(src, dtype=dtype, rope_ratio_as=rope_ratio_as, tokenizer=with_tokenizer)
+    model, fast = loaded if with_tokenizer else (loaded, None)
     dst.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dst)
-    copied = []
-    for f in tokenizer_files(src):
+    if fast is None:
+        return copy_files(tokenizer_files(src), dst)
+    written = [Path(p) for p in fast.save_pretrained(dst, save_jinja_files=False)]  # template in tokenizer_config
+    return sorted({*written, *copy_files([src / "tokenizer.model"], dst)})
+
+
+def copy_files(files: list[Path], dst: Path) -> list[Path]:
+    for f in files:
         shutil.copy2(f, dst / f.name)
-        copied.append(dst / f.name)
-    return copied
+    return [dst / f.name for f in files]
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -450,7 +495,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="convert a ChatGLM2/3 checkpoint folder to a transformers Glm checkpoint (no remote code)",
     )
     p.add_argument("src", help="ChatGLM2/3 folder: config.json plus .safetensors or .bin weights")
-    p.add_argument("dst", help="output folder (written with save_pretrained, safetensors; tokenizer files copied)")
+    p.add_argument("dst", help="output folder: safetensors weights and a fast tokenizer (tokenizer.json)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's torch_dtype), float32, float16 or bfloat16")
     p.add_argument(
         "--rope-ratio-as", choices=ROPE_RATIO_AS, default=None,
@@ -460,7 +505,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    copied = convert_chatglm(args.src, args.dst, dtype=args.dtype, rope_ratio_as=args.rope_ratio_as)
+    files = convert_chatglm(args.src, args.dst, dtype=args.dtype, rope_ratio_as=args.rope_ratio_as)
     print(f"wrote a transformers Glm checkpoint to {args.dst}")
-    print(f"copied tokenizer files: {', '.join(p.name for p in copied) or 'none found'}")
+    print(f"tokenizer files: {', '.join(p.name for p in files) or 'none found'}")
     return 0
