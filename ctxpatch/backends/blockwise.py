@@ -139,27 +139,40 @@ def blockwise_attention(
 
 
 class _Chunk:
-    """Positions, indices and visibility of one query chunk against its selected keys."""
+    """Positions, indices and visibility of one query chunk against its selected keys.
+
+    Columns of key blocks that are visible as a whole, real in every row and in one view need no
+    mask (`whole`); the others (`exact`) are checked pair by pair, and only they.
+    """
 
     def __init__(self, call: AttentionCall, layer: LayerRuntime, keys: KeyBlocks, q0: int, q1: int, cols, kj: Tensor):
         self.i, self.j = call.q_pos[:, q0:q1], call.k_pos[:, cols]  # (B, Qc), (B, Kr)
         # the pair grids below are the chunk's costliest elementwise work: int32 halves their traffic
-        if bool(call.k_pos.abs().max() < 2**30):
+        if not call.k_pos.is_floating_point() and bool(call.k_pos.abs().max() < 2**30):
             self.i, self.j = self.i.int(), self.j.int()
         self.pair_i, self.pair_j = self.i[:, None, :, None], self.j[:, None, None, :]
         full, self.view = keys.classify(layer, call, self.i, kj, call.q_offset + q0)
-        exact = ~full if self.view is None else ~full | (self.view < 0)
-        key_real = None if call.key_padding is None else call.key_padding[:, cols][:, None, None, :]
-        shape = (self.i.shape[0], 1, self.i.shape[1], kj.numel())
-        # blocks visible as a whole need only the padding; the others are checked pair by pair
-        self.seen = torch.ones(shape, dtype=torch.bool, device=kj.device) if key_real is None else key_real.expand(shape).clone()
-        self.exact = _as_slice(exact.nonzero().flatten())
-        if _width(self.exact, kj.numel()):
+        self.key_real = None if call.key_padding is None else call.key_padding[:, cols][:, None, None, :]  # (B, 1, 1, Kr)
+        self.whole = full if self.key_real is None else full & self.key_real.all(0).flatten()
+        if self.view is not None:
+            self.whole = self.whole & (self.view >= 0)
+        self.exact_index = (~self.whole).nonzero().flatten()  # (E,) columns checked pair by pair
+        self.exact = _as_slice(self.exact_index)
+        self.shape = (self.i.shape[0], 1, self.i.shape[1], kj.numel())
+        self.seen_exact = torch.ones(self.shape[:-1] + (0,), dtype=torch.bool, device=kj.device)  # (B, 1, Qc, E)
+        if self.exact_index.numel():
             qi = torch.arange(q0, q1, device=kj.device).view(1, 1, -1, 1) + call.q_offset
-            real = None if key_real is None else key_real[..., self.exact]
-            self.seen[..., self.exact] = layer.visible(
+            real = None if self.key_real is None else self.key_real[..., self.exact]
+            self.seen_exact = layer.visible(
                 call, self.pair_i, self.pair_j[..., self.exact], qi, kj[self.exact].view(1, 1, 1, -1), real
             )
+
+    @property
+    def seen(self) -> Tensor:
+        """(B, 1, Qc, Kr) visibility of every pair of the chunk."""
+        seen = torch.ones(self.shape, dtype=torch.bool, device=self.i.device)
+        seen[..., self.exact] = self.seen_exact
+        return seen
 
     def view_columns(self, layer: LayerRuntime, n: int) -> tuple[Tensor | slice, Tensor]:
         """Columns view n may own, and which pairs of them it does own (B, 1, Qc, those columns)."""
@@ -171,6 +184,21 @@ class _Chunk:
             picked = layer.select(self.pair_i, self.pair_j[..., cols][..., mixed])
             owned[..., mixed] &= picked == n
         return cols, owned
+
+    def whole_columns(self, n: int) -> Tensor | slice:
+        """Columns view n owns as whole blocks: every pair visible, no mask needed."""
+        return _as_slice((self.whole & (self.view == n)).nonzero().flatten())
+
+    def exact_columns(self, layer: LayerRuntime, n: int) -> tuple[Tensor | slice, Tensor]:
+        """The other columns view n may own, and which of their pairs it does own (B, 1, Qc, those columns)."""
+        mine = ((self.view == n) | (self.view < 0))[self.exact_index].nonzero().flatten()  # among the exact columns
+        cols = self.exact_index[mine]
+        owned = self.seen_exact[..., mine]
+        mixed = (self.view[cols] < 0).nonzero().flatten()
+        if mixed.numel():
+            picked = layer.select(self.pair_i, self.pair_j[..., cols[mixed]])
+            owned[..., mixed] &= picked == n
+        return _as_slice(cols), owned
 
 
 def _fused_chunk(qs, ks, vc, chunk: _Chunk, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:

@@ -6,7 +6,8 @@ also returns the log-sum-exp of every row; the partial results combine exactly,
     out = sum_n out_n * exp(lse_n - lse),  lse = logsumexp_n lse_n,
 
 so a key block costs one product at the head width, and a second only where the views meet. The
-keys a view owns as whole blocks (every pair visible, no padding) go in a call with no mask at all.
+keys a view owns as whole blocks (every pair visible, no padding) go in a call with no mask at all;
+only the rest is masked, pair by pair.
 The kernel is `aten::_scaled_dot_product_flash_attention_for_cpu`, the one SDPA itself dispatches
 to on CPU, called directly because SDPA does not hand out the log-sum-exp. Where it is missing, or
 when gradients are needed (it does not differentiate through the log-sum-exp), the blockwise
@@ -45,19 +46,22 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) 
 
 
 def views_chunk(qs, ks, vc, chunk, h, call: AttentionCall, layer: LayerRuntime) -> Tensor:
-    """A chunk of a multi-view rule: one or two calls per view, merged exactly."""
+    """A chunk of a multi-view rule: per view, one unmasked call over the whole blocks it owns and one
+    masked call over the pairs it owns elsewhere, all merged exactly."""
     bias = layer.bias(h, chunk.pair_i, chunk.pair_j) if layer.plan.biases else None  # (B, H, Qc, Kr)
     outs, lses = [], []
     for n, (qv, kv) in enumerate(zip(qs, ks)):
-        cols, owned = chunk.view_columns(layer, n)
-        if not owned.numel():
+        whole = chunk.whole_columns(n)
+        if _width(whole, vc.shape[2]):
+            out, lse = _attend(qv, kv[:, :, whole], vc[:, :, whole], None if bias is None else bias[..., whole].to(qv.dtype), call.scaling)
+            outs.append(out)
+            lses.append(lse.to(compute_dtype(qv)))
+        cols, owned = chunk.exact_columns(layer, n)
+        if not bool(owned.any()):
             continue
-        column_bias = None if bias is None else bias[..., cols]
         mask = owned.to(qv.dtype).log()  # 0 where the view owns the pair, -inf elsewhere
-        if column_bias is not None:
-            mask = mask + column_bias.to(qv.dtype)
-        elif bool(owned.all()):
-            mask = None  # whole blocks owned and visible: the kernel's unmasked path
+        if bias is not None:
+            mask = mask + bias[..., cols].to(qv.dtype)
         out, lse = _attend(qv, kv[:, :, cols], vc[:, :, cols], mask, call.scaling)
         empty = ~owned.any(-1)  # (B, 1, Qc): rows with nothing here; the kernel reports lse 0 for them
         outs.append(out)
@@ -65,3 +69,7 @@ def views_chunk(qs, ks, vc, chunk, h, call: AttentionCall, layer: LayerRuntime) 
     total = torch.logsumexp(torch.stack(lses), dim=0)  # (B, H, Qc)
     merged = sum(o.to(total.dtype) * torch.exp(l - total).unsqueeze(-1) for o, l in zip(outs, lses))
     return merged.to(qs[0].dtype)
+
+
+def _width(cols: Tensor | slice, total: int) -> int:
+    return len(range(total)[cols]) if isinstance(cols, slice) else cols.numel()
