@@ -62,9 +62,9 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def _chatglm_loader():
-    import ctxpatch
+    from . import chatglm
 
-    loader = getattr(ctxpatch, "load_chatglm", None)
+    loader = getattr(chatglm, "load_chatglm", None)
     if loader is None:
         raise CtxpatchError(
             "a 'chatglm:PATH' model needs ctxpatch.load_chatglm (the GLM loader), which this ctxpatch does not "
@@ -161,7 +161,7 @@ def make_record(
     patch, base: dict[str, Any], kind: str, *, train_len: int, has_patch_parameters: bool, training: dict | None = None
 ) -> dict[str, Any]:
     """What ctxpatch.json holds."""
-    from . import __version__
+    from ._version import __version__
 
     record = {
         "format": FORMAT,

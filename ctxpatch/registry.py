@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
-from .errors import UnknownMethodError
+from .errors import ParameterTypeError, ParameterValueError, UnknownMethodError
 
 KINDS = ("mask", "bias", "scale", "position", "cache")
 
@@ -51,16 +51,21 @@ def any_int(value: Any) -> str | None:
     return None
 
 
+def finite_number(value: Any) -> bool:
+    """An int or a finite float (not a bool, not nan, not inf)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def positive_number(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+    if not finite_number(value) or not value > 0:
         return "must be a finite number > 0"
     return None
 
 
 def number_in(low: float, high: float, *, low_open: bool = True) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return f"must be a number in {'(' if low_open else '['}{low}, {high}]"
+        if not finite_number(value):
+            return f"must be a finite number in {'(' if low_open else '['}{low}, {high}]"
         if (value <= low if low_open else value < low) or value > high:
             return f"must be in {'(' if low_open else '['}{low}, {high}]"
         return None
@@ -70,8 +75,8 @@ def number_in(low: float, high: float, *, low_open: bool = True) -> Callable[[An
 
 def at_least(minimum: float) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-            return f"must be a number >= {minimum}"
+        if not finite_number(value) or value < minimum:
+            return f"must be a finite number >= {minimum}"
         return None
 
     return check
@@ -110,6 +115,20 @@ def from_model(text: str, fn: Callable[[ModelInfo], Any]) -> Callable[[ModelInfo
     return fn
 
 
+def layer_list(name: str, layers: Any) -> list[int] | None:
+    """`layers=` as a list of ints (None: all layers); anything else is a `ParameterTypeError`."""
+    if layers is None:
+        return None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        return [layers]
+    if isinstance(layers, (list, tuple, range)) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        return list(layers)
+    raise ParameterTypeError(
+        f"{name}: layers={layers!r} is not a layer index or a list of them; layers takes ints, e.g. layers=[0, 1] "
+        "(negatives count from the last layer)"
+    )
+
+
 # ---- the method base class ----------------------------------------------------------------------
 
 
@@ -129,12 +148,12 @@ class Method:
         accepted = {p.name for p in self.params}
         unknown = sorted(set(values) - accepted)
         if unknown:
-            raise TypeError(
+            raise ParameterTypeError(
                 f"{self.name}() got unknown parameter(s) {', '.join(unknown)}; "
                 f"it takes {', '.join(sorted(accepted)) or 'no parameters'} and layers"
             )
         self.values = dict(values)
-        self.layers = [layers] if isinstance(layers, int) else (list(layers) if layers is not None else None)
+        self.layers = layer_list(self.name, layers)
         self.resolved = False
 
     def __getattr__(self, name: str) -> Any:
@@ -151,9 +170,14 @@ class Method:
             value = self.values[p.name] if p.name in self.values else p.default_for(info, out.values)
             problem = p.check(value)
             if problem:
-                raise ValueError(f"{self.name}: {p.name}={value!r} {problem}")
+                raise ParameterValueError(f"{self.name}: {p.name}={value!r} {problem}")
             out.values[p.name] = value
-        out.check_together(info)
+        try:
+            out.check_together(info)
+        except ValueError as error:  # check_together's ValueErrors are, by contract, about the user's values
+            if isinstance(error, ParameterValueError):
+                raise
+            raise ParameterValueError(str(error)) from error
         out.resolved = True
         return out
 
