@@ -65,7 +65,7 @@ def positive_number(value: Any) -> str | None:
 def number_in(low: float, high: float, *, low_open: bool = True) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if not finite_number(value):
-            return f"must be a finite number in {'(' if low_open else '['}{low}, {high}]"
+            return f"must be a number in {'(' if low_open else '['}{low}, {high}]"
         if (value <= low if low_open else value < low) or value > high:
             return f"must be in {'(' if low_open else '['}{low}, {high}]"
         return None
@@ -76,7 +76,7 @@ def number_in(low: float, high: float, *, low_open: bool = True) -> Callable[[An
 def at_least(minimum: float) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if not finite_number(value) or value < minimum:
-            return f"must be a finite number >= {minimum}"
+            return f"must be a number >= {minimum}"
         return None
 
     return check
