@@ -78,11 +78,13 @@ def load_base_tokenizer(model: str, tokenizer: str | None = None, trust_remote_c
     from transformers import AutoTokenizer
 
     from .models import resolve_model
+    from .preflight import check_chatglm_folder
 
     if tokenizer:
         return AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
     if model.startswith(CHATGLM_PREFIX):
         path = model[len(CHATGLM_PREFIX) :]
+        check_chatglm_folder(path)  # a missing folder is that, not a trust_remote_code problem
         try:
             return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as error:  # noqa: BLE001 - say what to do instead

@@ -230,3 +230,22 @@ def test_a_user_mistake_through_python_dash_m_has_no_traceback(tmp_path):
         f"ctxpatch eval: error: no config.json in '{tmp_path}': name a folder holding a transformers model "
         "(config.json and weights), a .gguf file, or a ctxpatch run folder"
     )
+
+
+def test_the_chatglm_tokenizer_of_a_missing_folder_says_the_folder_is_missing():
+    from ctxpatch.loading import load_base_tokenizer
+
+    with pytest.raises(ctxpatch.ModelPathError, match=r"ChatGLM folder '/nope/glm' does not exist") as caught:
+        load_base_tokenizer("chatglm:/nope/glm", trust_remote_code=False)
+    assert "trust_remote_code" not in str(caught.value)
+
+
+def test_error_classes_a_python_caller_can_catch():
+    from ctxpatch.eval.errors import EvalError, TruncationError
+    from ctxpatch.finetune.recipe import RecipeError
+
+    for error in (EvalError, TruncationError, RecipeError, ctxpatch.SpecError, ctxpatch.ModelPathError,
+                  ctxpatch.UnknownMethodError, ctxpatch.CompositionError):
+        assert issubclass(error, ctxpatch.UserInputError)
+    assert issubclass(ctxpatch.ModelPathError, FileNotFoundError) and issubclass(ctxpatch.SpecError, ValueError)
+    assert issubclass(ctxpatch.ParameterTypeError, TypeError) and issubclass(ctxpatch.ParameterValueError, ValueError)

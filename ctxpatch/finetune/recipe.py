@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import CtxpatchError, UserInputError
+from ..errors import UserInputError
 
 Check = Callable[[Any], "str | None"]  # what the value should be when it is wrong, else None
 
@@ -37,7 +37,7 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 BACKENDS = ("blockwise", "dense", "flex")
 
 
-class RecipeError(CtxpatchError, ValueError):
+class RecipeError(UserInputError, ValueError):
     """A recipe (or an override) that cannot be run as written; the message says what to change."""
 
 
