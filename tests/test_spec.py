@@ -214,7 +214,7 @@ def test_eval_specs_are_the_core_grammar():
 
 
 def test_recipe_patch_takes_the_core_grammar(tmp_path):
-    methods, kwargs = patch_arguments(load_recipe(None, ["output_dir=x", "patch=hybrid[window=64]+rerope[window=32]"]))
+    methods, _ = patch_arguments(load_recipe(None, ["output_dir=x", "patch=hybrid[window=64]+rerope[window=32]"]))
     assert [(m.name, m.values) for m in methods] == [("hybrid", {"window": 64}), ("rerope", {"window": 32})]
     methods, _ = patch_arguments(load_recipe(None, ["output_dir=x", "patch=yarn[factor=4]", "patch_params.yarn.beta_fast=8"]))
     assert methods[0].values == {"factor": 4, "beta_fast": 8}

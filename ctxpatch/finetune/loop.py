@@ -34,7 +34,7 @@ from ..errors import CtxpatchError
 from . import checkpoints as ckpt
 from .data import PackedSamples, TokenSplit, load_split, validation_samples
 from .metrics import append_metrics, plot_losses, progress_bar, read_metrics, truncate_metrics
-from .recipe import RESUMABLE_CHANGES, Recipe, RecipeError, parse_yaml, patch_arguments  # noqa: F401
+from .recipe import RESUMABLE_CHANGES, Recipe, RecipeError, parse_yaml, patch_arguments
 from .trainable import make_trainable, trainable_parameter_names
 
 StepCallback = Callable[[int, dict], None]
