@@ -93,7 +93,7 @@ def check_hub_name(name: str) -> None:
         raise ModelPathError(f"model {name!r} is neither a local path nor a hub name: {WHAT_TO_GIVE}") from None
     if not cached and constants.HF_HUB_OFFLINE:
         raise ModelPathError(
-            f"model {name!r} is not a local path nor in the Hugging Face cache, and the hub is offline "
+            f"model {name!r} is neither a local path nor in the Hugging Face cache, and the hub is offline "
             f"(HF_HUB_OFFLINE): {WHAT_TO_GIVE}"
         )
 

@@ -249,3 +249,15 @@ def test_error_classes_a_python_caller_can_catch():
         assert issubclass(error, ctxpatch.UserInputError)
     assert issubclass(ctxpatch.ModelPathError, FileNotFoundError) and issubclass(ctxpatch.SpecError, ValueError)
     assert issubclass(ctxpatch.ParameterTypeError, TypeError) and issubclass(ctxpatch.ParameterValueError, ValueError)
+
+
+def test_a_hub_name_not_in_the_cache_while_offline(monkeypatch, tmp_path, capsys, no_loading):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert main(["eval", "--model", "someorg/not-cached", "--lengths", "64", "--tail", "16"]) == 2
+    assert "'someorg/not-cached' is neither a local path nor in the Hugging Face cache" in one_error_line(capsys, "eval")
+    assert main(["eval", "--model", "bad name!!", "--lengths", "64", "--tail", "16"]) == 2
+    assert "'bad name!!' is neither a local path nor a hub name" in one_error_line(capsys, "eval")
