@@ -6,19 +6,24 @@
 """
 
 from . import adapters, biases, caches, masks, positions, scales  # noqa: F401  (registers every method)
+from ._version import __version__
 from .chatglm import load_chatglm
 from .errors import (
     AlreadyPatchedError,
     CompositionError,
     CtxpatchError,
+    ModelPathError,
+    ParameterTypeError,
+    ParameterValueError,
+    SpecError,
     UnknownMethodError,
     UnsupportedModelError,
+    UserInputError,
 )
 from .loading import load, merge
 from .patch import Patch, apply, current_patch, remove, spec_from_dict
 from .registry import Method, MethodInfo, method, methods, register
-
-__version__ = "0.1.0"
+from .spec import ParsedSpec, parse_spec
 
 
 def __getattr__(name: str):
@@ -36,9 +41,16 @@ __all__ = [
     "CtxpatchError",
     "Method",
     "MethodInfo",
+    "ModelPathError",
+    "ParameterTypeError",
+    "ParameterValueError",
+    "ParsedSpec",
     "Patch",
+    "SpecError",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "UserInputError",
+    "__version__",
     "apply",
     "compare",
     "current_patch",
@@ -48,6 +60,7 @@ __all__ = [
     "merge",
     "method",
     "methods",
+    "parse_spec",
     "register",
     "remove",
     "spec_from_dict",

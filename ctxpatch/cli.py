@@ -1,4 +1,9 @@
-"""The `ctxpatch` command line. Each verb lives in its own module and adds its own parser."""
+"""The `ctxpatch` command line (also `python -m ctxpatch`). Each verb lives in its own module and adds its parser.
+
+One error policy for every verb: a mistake in what the user gave (a `UserInputError`, any other error
+ctxpatch raises on purpose, or a path that does not exist) is one line, `ctxpatch VERB: error: ...`,
+and exit status 2, like argparse's own usage errors. A traceback means a bug in ctxpatch.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +11,59 @@ import argparse
 import importlib
 import sys
 
+from ._version import __version__
+from .errors import CtxpatchError
+
 # modules defining `add_parser(subparsers)`; each sets `func` on its parser
-VERBS = ["ctxpatch.cli_core", "ctxpatch.chatglm", "ctxpatch.eval.cli", "ctxpatch.finetune.cli"]
+VERBS = ["ctxpatch.cli_methods", "ctxpatch.chatglm", "ctxpatch.eval.cli", "ctxpatch.finetune.cli"]
+
+# what is reported as the user's mistake: ctxpatch's own errors, and files the user named that are not there
+USER_ERRORS: tuple[type[BaseException], ...] = (CtxpatchError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every default, except None, False and [] (the help text says what an unset option means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, []) or "%(default)" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows defaults; every verb's parser is one (`parser_class`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctxpatch", description="length-extrapolation patches for HF causal LMs")
-    sub = parser.add_subparsers(dest="verb", required=True)
+    parser = Parser(prog="ctxpatch", description="length-extrapolation patches for HF causal LMs")
+    parser.add_argument("--version", action="version", version=f"ctxpatch {__version__}")
+    sub = parser.add_subparsers(dest="verb", required=True, parser_class=Parser)
     for name in VERBS:
         importlib.import_module(name).add_parser(sub)
     return parser
 
 
+def report(verb: str, error: BaseException) -> int:
+    """Print a user's mistake as one line and return exit status 2."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"ctxpatch {verb}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_verb(verb: str, func, args) -> int:
+    try:
+        return int(func(args) or 0)
+    except USER_ERRORS as error:
+        return report(verb, error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
-        print(f"ctxpatch {args.verb}: error: {error}", file=sys.stderr)
-        return 2
+    return run_verb(args.verb, args.func, args)
 
 
 if __name__ == "__main__":

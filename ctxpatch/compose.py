@@ -10,11 +10,11 @@ which get full causal attention with `logn`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from .errors import CompositionError
+from .errors import CompositionError, ParameterTypeError, ParameterValueError
 from .kinds import Bias, CachePolicy, Mask, PositionRule, Scale
-from .registry import Method, ModelInfo, method_class
+from .registry import Method, ModelInfo
 
 LAYOUT_PARAMS = {"full_layers": 1}
 
@@ -37,33 +37,11 @@ class LayerPlan:
         return not self.methods
 
 
-def parse_spec(spec: str | Method | Sequence[str | Method]) -> list[Method]:
-    """Method objects for a spec; names are looked up in the registry."""
-    if isinstance(spec, str):
-        names = [part.strip() for part in spec.split("+")]
-        if not spec.strip() or any(not n for n in names):
-            raise ValueError(f"bad spec {spec!r}: write method names joined by '+', e.g. 'logn+window'")
-        items: Iterable[str | Method] = names
-    elif isinstance(spec, Method):
-        items = [spec]
-    else:
-        items = list(spec)
-        if not items:
-            raise ValueError("empty spec: name at least one method, e.g. 'window'")
-    out = []
-    for item in items:
-        if isinstance(item, Method):
-            out.append(item)
-        elif isinstance(item, str):
-            out.append(method_class(item)())
-        else:
-            raise TypeError(f"a spec holds method names or method objects, not {type(item).__name__}")
-    seen: dict[str, Method] = {}
-    for m in out:
-        if m.name in seen:
-            raise CompositionError(f"{m.name!r} appears twice in the spec; give it once")
-        seen[m.name] = m
-    return out
+def parse_spec(spec: Any) -> list[Method]:
+    """Method objects for a spec (every form `ctxpatch.parse_spec` reads; "none" gives [])."""
+    from .spec import parse_spec as parse
+
+    return parse(spec).methods
 
 
 def _layout_applies(methods: list[Method], layers: Any) -> bool:
@@ -82,8 +60,8 @@ def distribute(methods: list[Method], params: dict[str, Any]) -> tuple[list[Meth
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         takes = sorted(set(accepted) | {"layers"} | (set(LAYOUT_PARAMS) if _layout_applies(methods, layers) else set()))
-        raise TypeError(
-            f"parameter(s) {', '.join(unknown)} not taken by {'+'.join(m.name for m in methods)}; "
+        raise ParameterTypeError(
+            f"parameter(s) {', '.join(unknown)} not taken by {'+'.join(m.name for m in methods) or 'none'}; "
             f"they take: {', '.join(takes)}"
         )
     out = []
@@ -100,7 +78,7 @@ def _normalise_layers(m: Method, num_layers: int) -> list[int]:
     out = []
     for index in m.layers:
         if isinstance(index, bool) or not isinstance(index, int) or not -num_layers <= index < num_layers:
-            raise ValueError(
+            raise ParameterValueError(
                 f"{m.name}: layer index {index!r} is out of range for a model with {num_layers} layers "
                 f"(use 0..{num_layers - 1}, or negatives from -{num_layers})"
             )
@@ -114,7 +92,7 @@ def apply_layout(methods: list[Method], layout: dict[str, Any], num_layers: int)
         return methods
     full = layout["full_layers"]
     if isinstance(full, bool) or not isinstance(full, int) or not 1 <= full <= num_layers:
-        raise ValueError(f"full_layers={full!r} must be an integer in 1..{num_layers} (the model's layer count)")
+        raise ParameterValueError(f"full_layers={full!r} must be an integer in 1..{num_layers} (the model's layer count)")
     split = num_layers - full
     for m in methods:
         if m.name == "window":
@@ -176,7 +154,7 @@ def build_plan(
     """Parse, distribute parameters, resolve defaults from the model (and the target length), lay
     out, plan every layer."""
     if target_len is not None and (isinstance(target_len, bool) or not isinstance(target_len, int) or target_len <= 0):
-        raise ValueError(f"target_len={target_len!r} must be a positive number of tokens, e.g. 32768")
+        raise ParameterValueError(f"target_len={target_len!r} must be a positive number of tokens, e.g. 32768")
     methods, layout = distribute(parse_spec(spec), dict(params))
     methods = [m.resolve(info, target_len) for m in methods]
     for m in methods:

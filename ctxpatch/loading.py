@@ -62,9 +62,9 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def _chatglm_loader():
-    import ctxpatch
+    from . import chatglm
 
-    loader = getattr(ctxpatch, "load_chatglm", None)
+    loader = getattr(chatglm, "load_chatglm", None)
     if loader is None:
         raise CtxpatchError(
             "a 'chatglm:PATH' model needs ctxpatch.load_chatglm (the GLM loader), which this ctxpatch does not "
@@ -78,11 +78,13 @@ def load_base_tokenizer(model: str, tokenizer: str | None = None, trust_remote_c
     from transformers import AutoTokenizer
 
     from .models import resolve_model
+    from .preflight import check_chatglm_folder
 
     if tokenizer:
         return AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
     if model.startswith(CHATGLM_PREFIX):
         path = model[len(CHATGLM_PREFIX) :]
+        check_chatglm_folder(path)  # a missing folder is that, not a trust_remote_code problem
         try:
             return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as error:  # noqa: BLE001 - say what to do instead
@@ -161,7 +163,7 @@ def make_record(
     patch, base: dict[str, Any], kind: str, *, train_len: int, has_patch_parameters: bool, training: dict | None = None
 ) -> dict[str, Any]:
     """What ctxpatch.json holds."""
-    from . import __version__
+    from ._version import __version__
 
     record = {
         "format": FORMAT,

@@ -31,6 +31,7 @@ from .errors import AlreadyPatchedError, CtxpatchError
 from .kinds import parameter_holder
 from .registry import Method, ModelInfo
 from .rotary import Rotary
+from .spec import parse_spec
 
 RUNTIME = "_ctxpatch_runtime"  # attribute of a patched attention module
 PATCH = "_ctxpatch_patch"  # attribute of a patched model
@@ -230,7 +231,7 @@ class Patch:
 
     @property
     def spec(self) -> str:
-        return "+".join(m.name for m in self.methods)
+        return "+".join(m.name for m in self.methods) or "none"
 
     def to_dict(self) -> dict[str, Any]:
         """The spec with resolved parameters and layers (what `ctxpatch.json` records)."""
@@ -308,7 +309,7 @@ def _identity_rotation(module: nn.Module, args: tuple, output: tuple[Tensor, Ten
 
 def apply(
     model: nn.Module,
-    spec: str | Method | Sequence[str | Method],
+    spec: str | Method | Sequence[str | Method] | dict[str, Any],
     *,
     backend: str = "blockwise",
     replace: bool = False,
@@ -317,16 +318,20 @@ def apply(
 ) -> Patch:
     """Patch `model` in place with the methods of `spec` and return the `Patch` handle.
 
-    `spec` is "a+b" or a list of names / method objects (`ctxpatch.method(...)`); keyword
+    `spec` is any form `ctxpatch.parse_spec` reads: "a+b", "yarn[factor=4]" (a bracket sets
+    its own method's parameters), "none" (a Patch that changes nothing), a .json spec file, a
+    `Patch.to_dict()`, or a list of names / method objects (`ctxpatch.method(...)`). Keyword
     parameters go to every method of the spec that takes them (`layers=` to all). Everything is
     checked before the model is touched: after an error the model is exactly as before.
 
     `target_len` (tokens): every parameter not given is chosen by its method's own rule so that what
     RoPE sees at that length stays inside the trained length (`repr(patch)` shows which).
     """
+    parsed = parse_spec(spec)
     get_backend(backend)
     adapter = find_adapter(model)
-    methods, plans = build_plan(spec, params, adapter.info, target_len)
+    target_len = parsed.target_len if target_len is None else target_len  # a .json spec may carry one
+    methods, plans = build_plan(parsed.methods, params, adapter.info, target_len)
     existing = getattr(model, PATCH, None)
     if existing is not None:
         if not replace:
@@ -336,6 +341,8 @@ def apply(
             )
         existing.remove()
     patch = Patch(model, methods, plans, backend, target_len)
+    if not methods:  # "none": nothing to install, the model computes what it did
+        return patch
     try:
         patch._install(adapter)
     except BaseException:

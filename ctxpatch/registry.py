@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
-from .errors import UnknownMethodError
+from .errors import ParameterTypeError, ParameterValueError, UnknownMethodError
 
 KINDS = ("mask", "bias", "scale", "position", "cache")
 
@@ -52,15 +52,20 @@ def any_int(value: Any) -> str | None:
     return None
 
 
+def finite_number(value: Any) -> bool:
+    """An int or a finite float (not a bool, not nan, not inf)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def positive_number(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
+    if not finite_number(value) or not value > 0:
         return "must be a finite number > 0"
     return None
 
 
 def number_in(low: float, high: float, *, low_open: bool = True) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not finite_number(value):
             return f"must be a number in {'(' if low_open else '['}{low}, {high}]"
         if (value <= low if low_open else value < low) or value > high:
             return f"must be in {'(' if low_open else '['}{low}, {high}]"
@@ -71,7 +76,7 @@ def number_in(low: float, high: float, *, low_open: bool = True) -> Callable[[An
 
 def at_least(minimum: float) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        if not finite_number(value) or value < minimum:
             return f"must be a number >= {minimum}"
         return None
 
@@ -111,6 +116,20 @@ def from_model(text: str, fn: Callable[[ModelInfo], Any]) -> Callable[[ModelInfo
     return fn
 
 
+def layer_list(name: str, layers: Any) -> list[int] | None:
+    """`layers=` as a list of ints (None: all layers); anything else is a `ParameterTypeError`."""
+    if layers is None:
+        return None
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        return [layers]
+    if isinstance(layers, (list, tuple, range)) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        return list(layers)
+    raise ParameterTypeError(
+        f"{name}: layers={layers!r} is not a layer index or a list of them; layers takes ints, e.g. layers=[0, 1] "
+        "(negatives count from the last layer)"
+    )
+
+
 # ---- the method base class ----------------------------------------------------------------------
 
 
@@ -130,12 +149,12 @@ class Method:
         accepted = {p.name for p in self.params}
         unknown = sorted(set(values) - accepted)
         if unknown:
-            raise TypeError(
+            raise ParameterTypeError(
                 f"{self.name}() got unknown parameter(s) {', '.join(unknown)}; "
                 f"it takes {', '.join(sorted(accepted)) or 'no parameters'} and layers"
             )
         self.values = dict(values)
-        self.layers = [layers] if isinstance(layers, int) else (list(layers) if layers is not None else None)
+        self.layers = layer_list(self.name, layers)
         self.resolved = False
         self.derived: tuple[str, ...] = ()  # parameters filled in from a target length
 
@@ -156,7 +175,11 @@ class Method:
         out = self._filled(info, self.values)
         if target_len is None:
             return out
-        derived = {k: v for k, v in out.target_values(info, target_len).items() if k not in self.values}
+        try:
+            reached = out.target_values(info, target_len)
+        except ValueError as error:  # a rule that cannot reach the target: the user's choice of spec or length
+            raise error if isinstance(error, ParameterValueError) else ParameterValueError(str(error)) from error
+        derived = {k: v for k, v in reached.items() if k not in self.values}
         if derived:
             out = self._filled(info, {**self.values, **derived})
         out.derived = tuple(derived)
@@ -172,9 +195,14 @@ class Method:
             value = given[p.name] if p.name in given else p.default_for(info, out.values)
             problem = p.check(value)
             if problem:
-                raise ValueError(f"{self.name}: {p.name}={value!r} {problem}")
+                raise ParameterValueError(f"{self.name}: {p.name}={value!r} {problem}")
             out.values[p.name] = value
-        out.check_together(info)
+        try:
+            out.check_together(info)
+        except ValueError as error:  # check_together's ValueErrors are, by contract, about the user's values
+            if isinstance(error, ParameterValueError):
+                raise
+            raise ParameterValueError(str(error)) from error
         out.resolved = True
         return out
 

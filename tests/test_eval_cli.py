@@ -93,6 +93,27 @@ def test_lm_eval_runs_ctxpatch_tasks_from_the_include_path(model_folder):  # noq
     results = simple_evaluate(model="hf", model_args=f"pretrained={model_folder},max_length=300,device=cpu",
                               tasks=["ctxpatch_passkey"], task_manager=manager, bootstrap_iters=0)
     scores = results["results"]["ctxpatch_passkey"]
-    assert scores["256,none"] in (0.0, 0.5, 1.0)
+    samples = results["samples"]["ctxpatch_passkey"]
+    assert len(samples) == 2
+    expected = [float(all_argmax(model_folder, s["doc"]["context"], s["doc"]["continuation"])) for s in samples]
+    assert [s["256"] for s in samples] == expected
+    assert scores["256,none"] == sum(expected) / len(expected)
     assert scores["4096,none"] == -1  # RULER's convention: no sample at that length
-    assert len(results["samples"]["ctxpatch_passkey"]) == 2
+
+
+def all_argmax(folder, context: str, continuation: str) -> bool:
+    """The reference for the passkey score: every continuation token is the argmax after the tokens before it,
+    tokenized as HFLM does (trailing spaces of the context move to the continuation; no special tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    answer = whole[len(tokenizer(context, add_special_tokens=False).input_ids):]
+    with torch.no_grad():
+        logits = model(torch.tensor([whole[:-1]])).logits[0, -len(answer):]  # (answer tokens, vocab)
+    return bool((logits.argmax(-1) == torch.tensor(answer)).all())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import ctxpatch
 from ctxpatch.eval import data
 from ctxpatch.eval.errors import EvalError
 from ctxpatch.eval.options import parse_depths, parse_length, parse_lengths, parse_specs, parse_tasks, resolve_task
@@ -146,12 +147,15 @@ def test_tasks_resolve_with_suggestions():
 
 
 def test_specs_parse_with_parameters():
-    specs = parse_specs("none, yarn[factor=4,attention_factor=1.0], logn+window", shared={"backend_hint": 1})
-    assert [s.spec for s in specs] == ["none", "yarn", "logn+window"]
+    specs = parse_specs("none, yarn[factor=4,attention_factor=1.0], logn+window", shared={"layers": [0]})
+    assert [s.spec for s in specs] == ["none", "yarn[factor=4,attention_factor=1.0]", "logn+window"]
     assert specs[0].params == {}  # shared parameters never reach 'none'
-    assert specs[1].params == {"backend_hint": 1, "factor": 4, "attention_factor": 1.0}
-    assert specs[1].label == "yarn[backend_hint=1,factor=4,attention_factor=1.0]"
+    assert specs[1].parsed.methods[0].values == {"factor": 4, "attention_factor": 1.0}
+    assert [s.label for s in specs] == [
+        "none", "yarn[factor=4,attention_factor=1.0,layers=[0]]", "logn[layers=[0]]+window[layers=[0]]"]
+    with pytest.raises(TypeError, match="window not taken by yarn"):
+        parse_specs("window,yarn", shared={"window": 64})
     with pytest.raises(EvalError, match="listed twice"):
         parse_specs("none,none")
-    with pytest.raises(EvalError, match="unbalanced"):
+    with pytest.raises(ctxpatch.SpecError, match="unbalanced"):
         parse_specs("yarn[factor=4")

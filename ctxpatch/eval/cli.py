@@ -14,19 +14,23 @@ import sys
 import time
 from pathlib import Path
 
-from ..errors import CtxpatchError
+from ..errors import ModelPathError
 from .errors import EvalError
 from .options import CTXPATCH_TASKS, RULER_OFFLINE, Spec, parse_params, parse_spec, parse_specs
+
+BACKENDS = ("blockwise", "dense", "flex")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate one patch on long-context tasks (lm-eval)")
-    p.add_argument("--patch", default="none", help="a spec, e.g. 'logn+window' or 'yarn[factor=4]'; 'none' = unpatched")
+    p.add_argument("--patch", default="none",
+                   help="a spec, e.g. 'logn+window', 'yarn[factor=4]', 'hybrid[window=64]+rerope[window=32]' or a "
+                   ".json spec file; 'none' = unpatched")
     add_common(p)
     p.set_defaults(func=run_eval)
     p = sub.add_parser("compare", help="evaluate several patches on the same data: leaderboard + plots")
     p.add_argument("--patches", default="none,dynamic,logn+window",
-                   help="comma-separated specs, each optionally with [k=v,...]; 'none' = unpatched")
+                   help="comma-separated specs, each method optionally with its own [k=v,...]; 'none' = unpatched")
     add_common(p)
     p.set_defaults(func=run_compare)
     p = sub.add_parser("tasks", help="list ctxpatch's lm-eval tasks and the folder to pass to lm_eval --include_path")
@@ -36,69 +40,87 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
                    help="'default' (SmolLM2-135M), a folder (a ctxpatch run folder too), a .gguf file or a hub name")
-    p.add_argument("--param", action="append", default=[], metavar="K=V", help="a patch parameter (repeatable)")
+    p.add_argument("--param", action="append", default=[], metavar="K=V",
+                   help="a patch parameter for every method taking it (repeatable)")
     p.add_argument("--lengths", default="8k,16k", help="comma-separated token lengths, e.g. 8k,16k,32k (k = 1024)")
     p.add_argument("--tasks", default="ppl,passkey",
                    help=f"comma-separated: {', '.join(CTXPATCH_TASKS)}, or RULER's {', '.join(RULER_OFFLINE)}")
     p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="text file(s) for ppl and niah (default: Shakespeare)")
-    p.add_argument("--depths", default="5", help="needle depths: fractions '0,0.5,1' or a count (default 5)")
+    p.add_argument("--depths", default="5", help="needle depths: fractions '0,0.5,1' or a count")
     p.add_argument("--samples", type=int, default=1, help="windows (ppl) or prompts per depth (passkey, niah) per length")
     p.add_argument("--tail", type=int, default=2048, help="ppl: score the last this many tokens of each window")
     p.add_argument("--seed", type=int, default=0, help="seed of every generated prompt and window")
     p.add_argument("--max-length", type=int, default=None, help="lm-eval max_length (default: longest length + 256)")
-    p.add_argument("--backend", default="blockwise", help="ctxpatch attention backend (blockwise, dense, flex)")
+    p.add_argument("--backend", default="blockwise", choices=BACKENDS, help="ctxpatch attention backend")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: float32; a run folder: the dtype it was trained in)")
     p.add_argument("--out", default=None, help="folder for leaderboard.md/.json and the plots")
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    return guarded(args, lambda: [parse_spec(args.patch, parse_params(args.param))])
+    shared = parse_params(args.param)
+    spec = parse_spec(args.patch, shared)
+    if shared and spec.is_none:
+        raise EvalError(f"--param {', '.join(shared)} is given without a patch: add --patch SPEC (or drop --param)")
+    return run(args, [spec])
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    return guarded(args, lambda: parse_specs(args.patches, parse_params(args.param)))
+    return run(args, parse_specs(args.patches, parse_params(args.param)))
 
 
-def guarded(args: argparse.Namespace, specs_from_args) -> int:
-    """Run, turning ctxpatch's own errors (truncation included) into a message and exit status 2."""
-    try:
-        return run(args, specs_from_args())
-    except CtxpatchError as error:
-        print(f"ctxpatch {args.verb}: error: {error}", file=sys.stderr)
-        return 2
+def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
+    """Everything the config alone settles: the model path, the plan of every spec on this model's layers,
+    the lengths against max_length, the perplexity tail against the trained length."""
+    from ..preflight import check_model, check_plan, info_from_config, model_config
+    from .loading import carries_patch
 
-
-def check_spec_names(specs: list[Spec]) -> None:
-    """Unknown method names fail now, with a suggestion, not after the model has loaded."""
-    from ..registry import method_class
-
+    check_model(args.model)
+    if carries_patch(args.model):
+        if any(not s.is_none for s in specs):
+            raise EvalError(
+                f"{args.model!r} carries its own patch (a ctxpatch run folder); it is evaluated as loaded: "
+                "drop --patch/--patches (or pass 'none')"
+            )
+        return
+    if config.max_length is not None and config.max_length < max(config.lengths):
+        raise EvalError(
+            f"--max-length {config.max_length} is shorter than the longest length ({max(config.lengths)}): "
+            "raise it, or leave it out (default: longest length + 256)"
+        )
+    model = model_config(args.model)
+    info = info_from_config(model)
+    if info is not None and "ctxpatch_ppl" in config.tasks and config.tail >= info.train_len:
+        raise EvalError(
+            f"--tail {config.tail} must be shorter than the model's trained length ({info.train_len}): the native "
+            "reference scores the same tail within it; pass a smaller --tail"
+        )
     for spec in specs:
         if not spec.is_none:
-            for name in spec.spec.split("+"):
-                method_class(name.strip())
+            check_plan(spec.parsed.methods, spec.params, info)
 
 
 def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     import torch
 
-    from .loading import carries_patch, check_exists, load_for_eval
+    from ..preflight import WHAT_TO_GIVE
+    from .loading import load_for_eval
     from .runner import EvalConfig, compare
 
+    if args.max_length is not None and args.max_length <= 0:
+        raise EvalError(f"--max-length {args.max_length} must be a positive number of tokens")
     config = EvalConfig(
         lengths=args.lengths, tasks=args.tasks, depths=args.depths, samples=args.samples, tail=args.tail,
         seed=args.seed, text_files=args.text, max_length=args.max_length, backend=args.backend,
     )
-    check_spec_names(specs)
-    check_exists(args.model)
-    if carries_patch(args.model) and any(not s.is_none for s in specs):
-        raise EvalError(
-            f"{args.model!r} carries its own patch (a ctxpatch run folder); it is evaluated as loaded: "
-            "drop --patch/--patches (or pass 'none')"
-        )
+    check_before_loading(args, specs, config)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     started = time.perf_counter()
-    model, tokenizer = load_for_eval(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    try:
+        model, tokenizer = load_for_eval(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+    except OSError as error:  # transformers' word for a model it cannot find or read
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelPathError(f"cannot load model {args.model!r} ({first}): {WHAT_TO_GIVE}") from None
     print(f"loaded {args.model} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     name = "SmolLM2-135M-Instruct (GGUF Q4_1)" if args.model == "default" else args.model
     board = compare(model, tokenizer, specs, config=config, out_dir=args.out, name=name)

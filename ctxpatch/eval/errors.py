@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from ..errors import CtxpatchError
+from ..errors import UserInputError
 
 
-class EvalError(CtxpatchError, ValueError):
+class EvalError(UserInputError, ValueError):
     """Bad evaluation input: an unknown task, a length that is not a number, a text too short, ..."""
 
 
-class TruncationError(CtxpatchError, RuntimeError):
+class TruncationError(UserInputError, RuntimeError):
     """lm-eval would have cut a prompt to fit `max_length`: ctxpatch refuses to score a shorter context silently."""

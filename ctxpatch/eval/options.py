@@ -5,12 +5,12 @@ Every parser raises `EvalError` with a message that says what is accepted.
 
 from __future__ import annotations
 
-import ast
 import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from .. import spec as core_spec
 from .errors import EvalError
 
 # short name -> lm-eval task name(s) shipped in ctxpatch/eval/tasks
@@ -104,79 +104,58 @@ def parse_tasks(text: str | Iterable[str]) -> list[str]:
     return list(dict.fromkeys(tasks))
 
 
-def parse_value(text: str) -> Any:
-    """A parameter value: a Python literal (4, 0.5, True, [0, 1]) or, failing that, the string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def parse_params(items: Iterable[str]) -> dict[str, Any]:
-    """["window=4096", "factor=4.0"] -> {"window": 4096, "factor": 4.0}."""
+    """["window=4096", "factor=4.0"] -> {"window": 4096, "factor": 4.0}, values as in a spec's brackets."""
     params = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise EvalError(f"parameter {item!r} is not key=value, e.g. --param window=4096")
-        params[key.strip()] = parse_value(value.strip())
+        params[key.strip()] = core_spec.parse_value(value.strip(), key=key.strip())
     return params
 
 
 @dataclass(frozen=True)
 class Spec:
-    """One patch to evaluate: a spec string ("none" = unpatched) with keyword parameters."""
+    """One patch to evaluate: a spec in the core grammar ("none" = unpatched) and keyword parameters for
+    every method taking them (--param). `ctxpatch.apply(model, spec.spec, **spec.params)` applies it."""
 
     spec: str
     params: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def parsed(self) -> core_spec.ParsedSpec:
+        return core_spec.parse_spec(self.spec)
+
+    @property
     def label(self) -> str:
-        if not self.params:
-            return self.spec
-        return f"{self.spec}[{','.join(f'{k}={v}' for k, v in self.params.items())}]"
+        """The spec as a leaderboard shows it: each method with the parameters it gets ("yarn[factor=4]")."""
+        if self.spec.strip().lower().endswith(".json"):
+            return self.spec.strip()
+        return core_spec.describe(self.parsed.methods, self.params)
 
     @property
     def is_none(self) -> bool:
-        return self.spec == "none"
+        return self.spec.strip().lower() == core_spec.NONE
 
 
 def split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside [...]: "none,yarn[factor=4,x=1]" -> ["none", "yarn[factor=4,x=1]"]."""
-    parts, depth, current = [], 0, []
-    for char in text:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-            if depth < 0:
-                raise EvalError(f"unbalanced ']' in {text!r}")
-        if char == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    if depth:
-        raise EvalError(f"unbalanced '[' in {text!r}")
-    parts.append("".join(current))
-    return [p.strip() for p in parts if p.strip()]
-
-
-SPEC_PATTERN = re.compile(r"^(?P<spec>[^\[\]]+?)\s*(?:\[(?P<params>[^\[\]]*)\])?$")
+    """Split on commas outside brackets: "none,yarn[factor=4,x=[1,2]]" -> ["none", "yarn[factor=4,x=[1,2]]"]."""
+    return [p for p in core_spec.split_top_level(text, ",") if p]
 
 
 def parse_spec(text: str, shared: dict[str, Any] | None = None) -> Spec:
-    """"yarn[factor=4]" -> Spec("yarn", {"factor": 4}); `shared` parameters (--param) come first, own ones win."""
-    match = SPEC_PATTERN.match(text.strip())
-    if not match:
-        raise EvalError(f"patch spec {text!r} is not of the form name+name[key=value,...]")
-    own = parse_params(split_top_level(match.group("params") or ""))
-    spec = match.group("spec").strip()
-    if spec == "none":  # shared --param values go to the patches only
-        if own:
-            raise EvalError(f"'none' (the unpatched model) takes no parameters; got {', '.join(own)}")
-        return Spec("none")
-    return Spec(spec, {**(shared or {}), **own})
+    """A spec in the core grammar (`ctxpatch.parse_spec`), checked now: names, brackets, values, and that every
+    `shared` parameter (--param) is taken by some method of it. 'none' takes no parameters."""
+    text = text.strip()
+    parsed = core_spec.parse_spec(text)
+    shared = dict(shared or {})
+    if parsed.is_none:  # shared --param values go to the patches only
+        return Spec(core_spec.NONE)
+    from ..compose import distribute
+
+    distribute(parsed.methods, dict(shared))  # a --param no method takes is an error now
+    return Spec(text, shared)
 
 
 def parse_specs(text: str, shared: dict[str, Any] | None = None) -> list[Spec]:
@@ -184,6 +163,8 @@ def parse_specs(text: str, shared: dict[str, Any] | None = None) -> list[Spec]:
     specs = [parse_spec(part, shared) for part in split_top_level(text)]
     if not specs:
         raise EvalError('no patch given: pass e.g. --patches "none,dynamic,logn+window"')
+    if shared and all(s.is_none for s in specs):
+        raise EvalError(f"--param {', '.join(shared)} is given but no patch takes it: add --patch/--patches")
     labels = [s.label for s in specs]
     duplicated = sorted({x for x in labels if labels.count(x) > 1})
     if duplicated:

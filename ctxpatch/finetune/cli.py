@@ -27,8 +27,27 @@ def run_finetune(args: argparse.Namespace) -> int:
     from .loop import train
     from .recipe import load_recipe
 
-    train(load_recipe(args.recipe, args.overrides))
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_before_loading(recipe)
+    train(recipe)
     return 0
+
+
+def check_before_loading(recipe) -> None:
+    """What the recipe and the model's config settle before anything loads: the model and tokenizer paths,
+    and the patch planned on the model's layers (ChatGLM folders: the paths only)."""
+    from ..errors import UserInputError
+    from ..preflight import check_model, check_plan, check_tokenizer, info_from_config, model_config
+    from .recipe import RecipeError, patch_arguments
+
+    check_model(recipe.model)
+    check_tokenizer(recipe.tokenizer)
+    methods, apply_kwargs = patch_arguments(recipe)
+    info = info_from_config(model_config(recipe.model))
+    try:
+        check_plan(methods, apply_kwargs, info)
+    except UserInputError as error:
+        raise RecipeError(f"the patch {recipe.patch!r} (patch_params {recipe.patch_params}) is refused: {error}") from None
 
 
 def run_merge(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ from ..errors import CtxpatchError
 from . import checkpoints as ckpt
 from .data import PackedSamples, TokenSplit, load_split, validation_samples
 from .metrics import append_metrics, plot_losses, progress_bar, read_metrics, truncate_metrics
-from .recipe import RESUMABLE_CHANGES, Recipe, RecipeError, parse_yaml
+from .recipe import RESUMABLE_CHANGES, Recipe, RecipeError, parse_yaml, patch_arguments
 from .trainable import make_trainable, trainable_parameter_names
 
 StepCallback = Callable[[int, dict], None]
@@ -85,47 +85,6 @@ def check_launcher(device: str) -> None:
             )
 
 
-def patch_arguments(recipe: Recipe) -> tuple[list, dict[str, Any]]:
-    """(method objects, keyword arguments for ctxpatch.apply) from `patch` and `patch_params`.
-
-    A `patch_params` key naming a registered method holds that method's parameters (used when the
-    method is in `patch`, ignored otherwise); any other key goes to `ctxpatch.apply` itself.
-    """
-    from ..compose import distribute, parse_spec
-    from ..registry import _REGISTRY, method
-
-    try:
-        names = [m.name for m in parse_spec(recipe.patch)]
-    except (ValueError, TypeError) as error:
-        raise RecipeError(f"patch={recipe.patch!r} is refused: {error}") from None
-    per_method, apply_kwargs = {}, {}
-    for key, value in recipe.patch_params.items():
-        if key in _REGISTRY:
-            if not isinstance(value, dict):
-                raise RecipeError(f"patch_params.{key} must map {key}'s parameter names to values, not {value!r}")
-            per_method[key] = value
-        elif isinstance(value, dict):
-            from ..registry import method_class
-
-            try:
-                method_class(key)
-            except ValueError as error:
-                raise RecipeError(f"patch_params.{key}: {error}") from None
-        else:
-            apply_kwargs[key] = value
-    methods = []
-    for name in names:
-        try:
-            methods.append(method(name, **per_method.get(name, {})))
-        except TypeError as error:
-            raise RecipeError(f"patch_params.{name}: {error}") from None
-    try:
-        distribute(methods, dict(apply_kwargs))
-    except TypeError as error:
-        raise RecipeError(f"patch_params: {error}") from None
-    return methods, apply_kwargs
-
-
 def check_resumable(recipe: Recipe, output_dir: Path) -> None:
     saved = output_dir / ckpt.RECIPE_FILE
     if not saved.is_file():
@@ -164,11 +123,11 @@ def accumulation_steps(recipe: Recipe, processes: int) -> int:
 
 def load_patched_model(recipe: Recipe, methods: list, apply_kwargs: dict[str, Any]):
     """(base model with the patch applied, the patch)."""
-    import ctxpatch
+    from ..patch import apply
 
     model = loading.load_base_model(recipe.model, recipe.model_dtype)
     try:
-        patch = ctxpatch.apply(model, methods, backend=recipe.backend, **apply_kwargs)
+        patch = apply(model, methods, backend=recipe.backend, **apply_kwargs)
     except (ValueError, TypeError, CtxpatchError) as error:
         raise RecipeError(
             f"the patch {recipe.patch!r} (patch_params {recipe.patch_params}) was refused: {error}"
@@ -288,7 +247,7 @@ class RunWriter:
 
 
 def write_recipe(recipe: Recipe, output_dir: Path) -> None:
-    from .. import __version__
+    from .._version import __version__
 
     header = (
         f"# recipe as run by ctxpatch {__version__}, {time.strftime('%Y-%m-%d %H:%M:%S')}\n"

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from ..errors import CtxpatchError
+from ..errors import UserInputError
 
 Check = Callable[[Any], "str | None"]  # what the value should be when it is wrong, else None
 
@@ -37,7 +37,7 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 BACKENDS = ("blockwise", "dense", "flex")
 
 
-class RecipeError(CtxpatchError, ValueError):
+class RecipeError(UserInputError, ValueError):
     """A recipe (or an override) that cannot be run as written; the message says what to change."""
 
 
@@ -124,7 +124,10 @@ SCHEMA: dict[str, Any] = {
     "tokenizer": Knob(None, optional_string, "tokenizer folder or hub name; null = the model's own"),
     "trust_remote_code": Knob(False, boolean, "let the tokenizer folder's own code run (ChatGLM's tokenizer needs it)"),
     "model_dtype": Knob("float32", one_of(*DTYPES), "dtype the base weights are loaded in"),
-    "patch": Knob("yarn", non_empty_string, "the ctxpatch spec trained under, e.g. 'yarn' or 'logn+window'"),
+    "patch": Knob(
+        "yarn", non_empty_string,
+        "the ctxpatch spec trained under, e.g. 'yarn', 'yarn[factor=4]', 'logn+window' or a .json spec file",
+    ),
     "patch_params": Knob(
         {}, mapping, "per-method parameters keyed by method name; other keys go to ctxpatch.apply", True
     ),
@@ -375,6 +378,59 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for dotted, _ in _walk(tree):
         _check_key(dotted, SCHEMA)
     return Recipe(validate(apply_overrides(tree, list(overrides))))
+
+
+def patch_arguments(recipe: Recipe) -> tuple[list, dict[str, Any]]:
+    """(method objects, keyword arguments for ctxpatch.apply) from `patch` and `patch_params`.
+
+    `patch` is any spec `ctxpatch.parse_spec` reads (brackets set their own method's parameters). A
+    `patch_params` key naming a registered method holds that method's parameters (used when the method is
+    in `patch`, ignored otherwise; a parameter set both there and in a bracket is refused); any other key
+    goes to `ctxpatch.apply` itself, for every method taking it.
+    """
+    from ..compose import distribute
+    from ..registry import method_class, registered
+    from ..spec import parse_spec
+
+    try:
+        parsed = parse_spec(recipe.patch)
+    except UserInputError as error:
+        raise RecipeError(f"patch={recipe.patch!r} is refused: {error}") from None
+    per_method, apply_kwargs = {}, {}
+    for key, value in recipe.patch_params.items():
+        if key in registered():
+            if not isinstance(value, dict):
+                raise RecipeError(f"patch_params.{key} must map {key}'s parameter names to values, not {value!r}")
+            per_method[key] = value
+        elif isinstance(value, dict):
+            try:
+                method_class(key)
+            except UserInputError as error:
+                raise RecipeError(f"patch_params.{key}: {error}") from None
+        else:
+            apply_kwargs[key] = value
+    methods = [with_recipe_params(m, per_method.get(m.name, {})) for m in parsed.methods]
+    try:
+        distribute(methods, dict(apply_kwargs))
+    except UserInputError as error:
+        raise RecipeError(f"patch_params: {error}") from None
+    return methods, apply_kwargs
+
+
+def with_recipe_params(method: Any, params: dict[str, Any]) -> Any:
+    """`method` with `patch_params.<name>` added; a value its bracket in `patch` also sets is refused."""
+    params = dict(params)
+    layers = params.pop("layers", None)
+    twice = sorted(set(params) & set(method.values)) + (["layers"] if layers is not None and method.layers else [])
+    if twice:
+        raise RecipeError(
+            f"{method.name}'s {', '.join(twice)} is set both in patch (a bracket) and in patch_params.{method.name}: "
+            "set it in one place"
+        )
+    try:
+        return type(method)(layers=method.layers if method.layers is not None else layers, **method.values, **params)
+    except UserInputError as error:
+        raise RecipeError(f"patch_params.{method.name}: {error}") from None
 
 
 class Recipe:

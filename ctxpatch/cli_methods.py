@@ -1,4 +1,4 @@
-"""`ctxpatch methods`. (The former `ctxpatch demo` is now a short `ctxpatch compare`: see the README.)"""
+"""`ctxpatch methods`: every registered method with its kind, parameters and defaults."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_methods(args: argparse.Namespace) -> int:
-    import ctxpatch
+    from .registry import methods  # importing ctxpatch.* ran ctxpatch/__init__, which registered every method
 
     print(f"{'name':<14} {'kind':<9} {'parameters (defaults; L = trained length)':<60} summary")
-    for row in ctxpatch.methods():
+    for row in methods():
         print(row)
     return 0
