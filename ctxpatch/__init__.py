@@ -14,7 +14,7 @@ from .errors import (
     UnknownMethodError,
     UnsupportedModelError,
 )
-from .loading import load, merge
+from .loading import load, load_model, merge
 from .patch import Patch, apply, current_patch, remove, spec_from_dict
 from .registry import Method, MethodInfo, method, methods, register
 
@@ -45,6 +45,7 @@ __all__ = [
     "evaluate",
     "load",
     "load_chatglm",
+    "load_model",
     "merge",
     "method",
     "methods",

@@ -82,7 +82,7 @@ def check_spec_names(specs: list[Spec]) -> None:
 def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     import torch
 
-    from .loading import carries_patch, check_exists, load_for_eval
+    from ..loading import carries_patch, check_model, display_name, load_for_eval
     from .runner import EvalConfig, compare
 
     config = EvalConfig(
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, specs: list[Spec]) -> int:
         seed=args.seed, text_files=args.text, max_length=args.max_length, backend=args.backend,
     )
     check_spec_names(specs)
-    check_exists(args.model)
+    check_model(args.model)
     if carries_patch(args.model) and any(not s.is_none for s in specs):
         raise EvalError(
             f"{args.model!r} carries its own patch (a ctxpatch run folder); it is evaluated as loaded: "
@@ -100,8 +100,7 @@ def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     started = time.perf_counter()
     model, tokenizer = load_for_eval(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(f"loaded {args.model} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-    name = "SmolLM2-135M-Instruct (GGUF Q4_1)" if args.model == "default" else args.model
-    board = compare(model, tokenizer, specs, config=config, out_dir=args.out, name=name)
+    board = compare(model, tokenizer, specs, config=config, out_dir=args.out, name=display_name(args.model))
     print(board.markdown())
     seconds = ", ".join(f"{k} {v:.0f}s" for k, v in board.seconds.items())
     print(f"{board.forwards} forward passes in {time.perf_counter() - started:.0f}s ({seconds})", file=sys.stderr)
