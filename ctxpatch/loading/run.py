@@ -26,7 +26,8 @@ from torch import nn
 
 from .. import _hf
 from ..errors import CtxpatchError
-from .base import fingerprint, load_base_model, load_base_tokenizer, load_model, resolve_dtype
+from .assets import DEFAULT_MODEL
+from .base import CHATGLM_PREFIX, fingerprint, load_base_model, load_base_tokenizer, load_model, resolve_dtype
 from .native import config_values, native_rope_config
 from .record import (
     ADAPTER_CONFIG,
@@ -101,13 +102,23 @@ def _relative_name(name: str) -> str:
 # ---- load / merge --------------------------------------------------------------------------------
 
 
+def recorded_base(base: dict[str, Any]) -> str:
+    """The model name to load a run's base by: the absolute folder (or folder/file.gguf) recorded at training
+    time, so a run trained on a relative path loads from any working directory; "default", chatglm:PATH and
+    runs recorded before ctxpatch wrote `name_or_path` keep the name as the recipe wrote it."""
+    name, where = base["model"], base.get("name_or_path")
+    if name == DEFAULT_MODEL or name.startswith(CHATGLM_PREFIX) or not where:
+        return name
+    return str(Path(where) / base["gguf_file"]) if base.get("gguf_file") else where
+
+
 def _check_fingerprint(record: dict[str, Any], net: nn.Module) -> None:
     base = record.get("base_model", {})
     saved = base.get("fingerprint")
     if not saved or saved.get("kind") == "hub":
         return
     try:
-        now = fingerprint(base["model"], net)
+        now = fingerprint(recorded_base(base), net)
     except (OSError, ValueError):
         return
     if now.get("sha256") != saved.get("sha256"):
@@ -157,9 +168,10 @@ def _load_adapter_run(folder: Path, record: dict[str, Any], dtype: str | torch.d
     from peft import PeftModel
 
     base = record["base_model"]
-    net = load_base_model(base["model"], dtype, **model_kwargs)
+    name = recorded_base(base)
+    net = load_base_model(name, dtype, **model_kwargs)
     _check_fingerprint(record, net)
-    tokenizer = load_base_tokenizer(base["model"], base.get("tokenizer"), base.get("trust_remote_code", False))
+    tokenizer = load_base_tokenizer(name, base.get("tokenizer"), base.get("trust_remote_code", False))
     apply_record(net, record)
     model = PeftModel.from_pretrained(net, str(folder))
     load_patch_parameters(model, folder)
