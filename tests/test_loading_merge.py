@@ -80,6 +80,7 @@ def test_a_known_rope_scaler_merges_as_native_rope_parameters(model_dir, tmp_pat
     ctxpatch.merge(run, merged)
     config = json.loads((merged / "config.json").read_text())
     assert config["rope_parameters"]["rope_type"] == rope_type
+    assert "plain transformers" in (merged / "README.md").read_text()
     plain = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
     ours, _ = ctxpatch.load(merged)
     adapter, _ = ctxpatch.load(run)
@@ -124,6 +125,7 @@ def test_any_other_patch_is_only_recorded_and_ctxpatch_load_restores_it(model_di
     config = json.loads((merged / "config.json").read_text())
     assert config["ctxpatch"]["patch"]["spec"] == spec and "replaced_config" not in config["ctxpatch"]
     assert config["rope_parameters"]["rope_type"] == "default"
+    assert "load this model without it" in (merged / "README.md").read_text()
     ours, _ = ctxpatch.load(merged)
     adapter, _ = ctxpatch.load(run)
     expected = full_forward(adapter)

@@ -36,6 +36,7 @@ from .record import (
     PATCH_PARAMETERS_FILE,
     REPLACED_CONFIG,
     carries_patch,
+    is_native,
     read_record,
     write_json,
 )
@@ -236,6 +237,7 @@ def merge(src: str | Path, dst: str | Path, *, dtype: str | torch.dtype | None =
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     write_json(tmp / CTXPATCH_JSON, merged)
+    (tmp / "README.md").write_text(merged_notes(dst, merged), encoding="utf-8")
     if dst.exists():
         dst.rmdir()
     os.replace(tmp, dst)
@@ -296,3 +298,22 @@ def write_run_notes(folder: Path, record: dict[str, Any]) -> None:
     if text.startswith("---\n") and "\n---\n" in text[4:]:
         header = text[: text.index("\n---\n", 4) + 5] + "\n"
     readme.write_text(header + run_notes(folder, record), encoding="utf-8")
+
+
+def merged_notes(folder: Path, record: dict[str, Any]) -> str:
+    """The README.md of a merged folder: which loaders reproduce the patch."""
+    spec = record["patch"]["spec"]
+    head = f"# Merged ctxpatch fine-tune under `{spec}`\n\nStandalone weights (the LoRA adapter folded in). "
+    load = f"```python\nimport ctxpatch\n\nmodel, tokenizer = ctxpatch.load({str(folder)!r})\n```\n"
+    if is_native(record):
+        return head + (
+            f"`{spec}` is written as this config's own `rope_parameters`, so plain transformers "
+            "(`AutoModelForCausalLM.from_pretrained`), vLLM and TGI compute it. The length-dependent scalers "
+            "(dynamic, longrope) are exact there for a full forward only; under a KV cache ctxpatch keeps each "
+            "key at the scaling it was written with:\n\n" + load
+        )
+    return head + (
+        f"**The patch `{spec}` is recorded in config.json (`ctxpatch`) but is not something transformers "
+        "computes: `AutoModelForCausalLM.from_pretrained` (and vLLM, TGI) load this model without it.** "
+        "Load it with ctxpatch:\n\n" + load
+    )
