@@ -57,7 +57,7 @@ def full_forward(model, length: int = 3 * TRAIN_LEN) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits
 
 
-def rope_inv_freq(rope: dict, rotary_dim: int, length: int) -> torch.Tensor:
+def rope_inv_freq(rope: dict, rotary_dim: int) -> torch.Tensor:
     """What transformers' default / linear / ntk rope give, in float64, written from their formulas."""
     theta = rope["rope_theta"]
     inv = theta ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
@@ -106,8 +106,7 @@ def test_native_ntk_and_linear_are_the_formula(model_dir, tmp_path):
         d = 2 * plain.model.rotary_emb.inv_freq.numel()  # 8: head_dim of the tiny Llama
         expected_theta = 10000.0 * factor ** (d / (d - 2)) if spec == "ntk" else 10000.0
         assert math.isclose(rope["rope_theta"], expected_theta, rel_tol=1e-12)
-        expected = rope_inv_freq({"rope_theta": expected_theta, "rope_type": rope["rope_type"], "factor": factor},
-                                 d, 64)
+        expected = rope_inv_freq({"rope_theta": expected_theta, "rope_type": rope["rope_type"], "factor": factor}, d)
         assert_close(plain.model.rotary_emb.inv_freq.double(), expected, rtol=1e-6, atol=0)
 
 
@@ -186,3 +185,12 @@ def test_a_gguf_base_is_named_by_folder_and_file(tmp_path):
     assert reference["name_or_path"] == str(tmp_path)
     notes = loading.run.run_notes(Path("runs/r"), record)
     assert line in notes and "ctxpatch.load('runs/r')" in notes
+
+
+def test_eval_takes_a_run_folder_that_load_model_refuses(model_dir, tmp_path):
+    run = make_run(model_dir, tmp_path / "run", "window", window=8)
+    with pytest.raises(loading.NotAModelFolderError, match="is a ctxpatch fine-tune run"):
+        loading.check_model(str(run))
+    loading.check_loadable(str(run))
+    model, _ = loading.load_for_eval(str(run))
+    assert ctxpatch.current_patch(model).spec == "window"

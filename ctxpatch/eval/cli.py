@@ -82,7 +82,7 @@ def check_spec_names(specs: list[Spec]) -> None:
 def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     import torch
 
-    from ..loading import carries_patch, check_model, display_name, load_for_eval
+    from ..loading import carries_patch, check_loadable, display_name, load_for_eval
     from .runner import EvalConfig, compare
 
     config = EvalConfig(
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, specs: list[Spec]) -> int:
         seed=args.seed, text_files=args.text, max_length=args.max_length, backend=args.backend,
     )
     check_spec_names(specs)
-    check_model(args.model)
+    check_loadable(args.model)
     if carries_patch(args.model) and any(not s.is_none for s in specs):
         raise EvalError(
             f"{args.model!r} carries its own patch (a ctxpatch run folder); it is evaluated as loaded: "

@@ -27,7 +27,15 @@ from torch import nn
 from .. import _hf
 from ..errors import CtxpatchError
 from .assets import DEFAULT_MODEL
-from .base import CHATGLM_PREFIX, fingerprint, load_base_model, load_base_tokenizer, load_model, resolve_dtype
+from .base import (
+    CHATGLM_PREFIX,
+    check_model,
+    fingerprint,
+    load_base_model,
+    load_base_tokenizer,
+    load_model,
+    resolve_dtype,
+)
 from .native import config_values, native_rope_config
 from .record import (
     ADAPTER_CONFIG,
@@ -40,6 +48,7 @@ from .record import (
     read_record,
     write_json,
 )
+
 
 class NotACtxpatchModelError(CtxpatchError, FileNotFoundError):
     """A path that holds neither a fine-tune run nor a merged ctxpatch model."""
@@ -242,6 +251,12 @@ def merge(src: str | Path, dst: str | Path, *, dtype: str | torch.dtype | None =
         dst.rmdir()
     os.replace(tmp, dst)
     return dst
+
+
+def check_loadable(name: str) -> None:
+    """Refuse, before anything slow, a name that neither `load` (a run or merged folder) nor `load_model` takes."""
+    if not carries_patch(name):
+        check_model(name)
 
 
 def load_for_eval(name: str, dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:
