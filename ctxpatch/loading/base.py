@@ -53,7 +53,7 @@ def checkpoint_dtype(config: Any) -> str | None:
     if isinstance(config, dict):
         value = config.get("dtype") or config.get("torch_dtype")
     else:
-        value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        value = getattr(config, "dtype", None)  # transformers 5 reads an old config.json's torch_dtype into it
     return None if value is None else str(value).replace("torch.", "")
 
 
