@@ -20,7 +20,7 @@ from .errors import (
     UnsupportedModelError,
     UserInputError,
 )
-from .loading import load, merge
+from .loading import load, load_model, merge
 from .patch import Patch, apply, current_patch, remove, spec_from_dict
 from .registry import Method, MethodInfo, method, methods, register
 from .spec import ParsedSpec, parse_spec
@@ -57,6 +57,7 @@ __all__ = [
     "evaluate",
     "load",
     "load_chatglm",
+    "load_model",
     "merge",
     "method",
     "methods",

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .errors import CtxpatchError
+from .loading.base import resolve_dtype
 
 
 class ChatGLMConversionError(CtxpatchError, ValueError):
@@ -238,18 +239,6 @@ def rope_parameters(source: dict[str, Any], rule: str) -> dict[str, Any]:
     elif ratio != 1.0:
         params.update(rope_type="linear", factor=ratio)
     return params
-
-
-def resolve_dtype(dtype: torch.dtype | str | None, source: dict[str, Any]) -> torch.dtype:
-    """`dtype` as a torch dtype; "auto" (or None) is the checkpoint's torch_dtype (float32 if it names none)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype is None or dtype == "auto":
-        dtype = source.get("torch_dtype") or source.get("dtype") or "float32"
-    resolved = getattr(torch, str(dtype).replace("torch.", ""), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise ValueError(f"dtype={dtype!r} must be 'auto' or a floating dtype such as 'bfloat16'")
-    return resolved
 
 
 def glm_config(source: dict[str, Any], rule: str, dtype: torch.dtype):

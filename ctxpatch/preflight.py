@@ -24,7 +24,7 @@ def check_model(name: str) -> None:
     if not isinstance(name, str) or not name.strip():
         raise ModelPathError(f"no model given: {WHAT_TO_GIVE}")
     if name == "default":
-        from .models import default_gguf
+        from .loading.assets import default_gguf
 
         try:
             default_gguf()
@@ -105,7 +105,7 @@ def model_config(name: str) -> Any | None:
     """The transformers config of a model name (None for a ChatGLM folder, whose config is its own)."""
     from transformers import AutoConfig
 
-    from .models import resolve_model
+    from .loading.base import resolve_model
 
     if name.startswith(CHATGLM_PREFIX):
         return None

@@ -10,7 +10,7 @@ import pytest
 import ctxpatch
 from ctxpatch.cli import main
 from ctxpatch.eval import TASKS_DIR
-from ctxpatch.eval import loading as eval_loading
+from ctxpatch.loading import run as loading_run
 from test_eval_fixtures import model_folder, one_thread, text_file, tiny_lm  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,7 +77,7 @@ def test_a_run_folder_is_loaded_with_ctxpatch_load(model_folder, monkeypatch, ca
         ctxpatch.apply(model, "window", window=64)
         return model, tokenizer
 
-    monkeypatch.setattr(eval_loading, "load", fake_load)
+    monkeypatch.setattr(loading_run, "load", fake_load)
     assert main(["eval", "--model", str(model_folder), "--patch", "dynamic", "--lengths", "256", "--tasks", "passkey"]) == 2
     assert "carries its own patch" in capsys.readouterr().err
     assert main(["eval", "--model", str(model_folder), "--lengths", "256", "--tasks", "passkey", "--depths", "1"]) == 0

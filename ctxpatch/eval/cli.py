@@ -73,7 +73,7 @@ def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
     """Everything the config alone settles: the model path, the plan of every spec on this model's layers,
     the lengths against max_length, the perplexity tail against the trained length."""
     from ..preflight import check_model, check_plan, info_from_config, model_config
-    from .loading import carries_patch
+    from ..loading import carries_patch
 
     check_model(args.model)
     if carries_patch(args.model):
@@ -103,8 +103,8 @@ def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
 def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     import torch
 
+    from ..loading import display_name, load_for_eval
     from ..preflight import WHAT_TO_GIVE
-    from .loading import load_for_eval
     from .runner import EvalConfig, compare
 
     if args.max_length is not None and args.max_length <= 0:
@@ -122,8 +122,7 @@ def run(args: argparse.Namespace, specs: list[Spec]) -> int:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelPathError(f"cannot load model {args.model!r} ({first}): {WHAT_TO_GIVE}") from None
     print(f"loaded {args.model} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-    name = "SmolLM2-135M-Instruct (GGUF Q4_1)" if args.model == "default" else args.model
-    board = compare(model, tokenizer, specs, config=config, out_dir=args.out, name=name)
+    board = compare(model, tokenizer, specs, config=config, out_dir=args.out, name=display_name(args.model))
     print(board.markdown())
     seconds = ", ".join(f"{k} {v:.0f}s" for k, v in board.seconds.items())
     print(f"{board.forwards} forward passes in {time.perf_counter() - started:.0f}s ({seconds})", file=sys.stderr)

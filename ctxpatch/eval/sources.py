@@ -52,7 +52,7 @@ def load_tokenizer(name: str, gguf_file: str | None = None):
             raise EvalError(f"no tokenizer is registered as {name!r} in this process")
         return _REGISTERED[name]
 
-    from ..models import resolve_model
+    from ..loading import resolve_model
 
     source, extra = resolve_model(name)
     if gguf_file:
@@ -78,7 +78,7 @@ def text_files(metadata: dict[str, Any]) -> tuple[str, ...] | None:
 
 @functools.lru_cache(maxsize=4)
 def _text(files: tuple[str, ...] | None) -> str:
-    from ..models import read_texts
+    from ..loading import read_texts
 
     return read_texts(list(files) if files else None)
 
@@ -132,18 +132,12 @@ def ppl_request(metadata: dict[str, Any]) -> data.PplRequest:
 
 def train_len_of(metadata: dict[str, Any]) -> int:
     """The model's trained length from its config (what ctxpatch's adapters call L)."""
-    from transformers import AutoConfig
-
-    from ..adapters.base import train_len
-    from ..models import resolve_model
+    from ..loading import base_train_len
 
     name = tokenizer_name(metadata)
     if name.startswith(REGISTERED_PREFIX):
         raise EvalError("pass train_len in the metadata: a registered tokenizer names no model config")
-    source, extra = resolve_model(name)
-    if metadata.get("gguf_file"):
-        extra = {**extra, "gguf_file": metadata["gguf_file"]}
-    return train_len(AutoConfig.from_pretrained(source, **extra))
+    return base_train_len(name, metadata.get("gguf_file"))
 
 
 _PPL_CACHE: dict[tuple, list[dict]] = {}

