@@ -17,7 +17,7 @@ import pytest
 import ctxpatch
 from conftest import tiny_config
 from ctxpatch.cli import build_parser, main
-from ctxpatch.eval import loading as eval_loading
+from ctxpatch import loading as model_loading
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -36,7 +36,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the mistake was reported")
 
-    monkeypatch.setattr(eval_loading, "load_for_eval", refuse)
+    monkeypatch.setattr(model_loading, "load_for_eval", refuse)
     monkeypatch.setattr("ctxpatch.finetune.loop.train", refuse)
 
 

@@ -227,13 +227,17 @@ def load_base_tokenizer(name: str, tokenizer: str | None = None, trust_remote_co
     if tokenizer:
         return AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
     if name.startswith(CHATGLM_PREFIX):
+        from ..preflight import check_chatglm_folder
+
         path = name[len(CHATGLM_PREFIX) :]
+        check_chatglm_folder(path)  # a missing folder is that, not a trust_remote_code problem
         try:
             return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as error:  # noqa: BLE001 - say what to do instead
             raise CtxpatchError(
-                f"cannot load the tokenizer of {path!r} ({type(error).__name__}: {error}). ChatGLM's tokenizer is "
-                "remote code: set trust_remote_code=true, or tokenizer=FOLDER naming a transformers tokenizer"
+                f"cannot load the tokenizer of {path!r} ({type(error).__name__}: {error}). Convert the folder with "
+                "`ctxpatch convert-chatglm SRC DST` (it writes a fast tokenizer), or set trust_remote_code=true, "
+                "or tokenizer=FOLDER naming a transformers tokenizer"
             ) from None
     source, extra = resolve_model(name)
     return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **extra)

@@ -20,7 +20,7 @@ def make_record(
     patch, base: dict[str, Any], kind: str, *, train_len: int, has_patch_parameters: bool, training: dict | None = None
 ) -> dict[str, Any]:
     """What ctxpatch.json holds."""
-    from .. import __version__
+    from .._version import __version__
 
     record = {
         "format": FORMAT,
