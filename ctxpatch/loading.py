@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _hf
+from ._compat import transformers as _hf
 from .errors import CtxpatchError
 
 CTXPATCH_JSON = "ctxpatch.json"
@@ -150,7 +150,7 @@ def fingerprint(model: str, net: nn.Module | None = None) -> dict[str, Any]:
         sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name.endswith(WEIGHT_SUFFIXES)}
         digest.update(json.dumps(sizes, sort_keys=True).encode())
         return {"kind": "folder", "sha256": digest.hexdigest(), "weight_files": sizes}
-    revision = getattr(getattr(net, "config", None), "_commit_hash", None)
+    revision = _hf.model_revision(getattr(net, "config", None))
     return {"kind": "hub", "revision": revision}
 
 

@@ -17,19 +17,19 @@ Applying a second patch to a patched model is an `AlreadyPatchedError`: remove t
 from __future__ import annotations
 
 import weakref
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import _hf
+from ._compat import transformers as _hf
 from .adapters import find_adapter
 from .backends import get_backend
-from .backends.common import AttentionCall, LayerRuntime
-from .compose import LayerPlan, build_plan
+from .compose import build_plan
 from .errors import AlreadyPatchedError, CtxpatchError
-from .kinds import parameter_holder
-from .registry import Method, ModelInfo
+from .plan import AttentionCall, LayerPlan, LayerRuntime, make_runtime
+from .registry import Method
 from .rotary import Rotary
 
 RUNTIME = "_ctxpatch_runtime"  # attribute of a patched attention module
@@ -93,6 +93,16 @@ class KeyRecord:
         return record[0][:, -1:] + 1 + torch.arange(length, device=record[0].device)
 
 
+@dataclass
+class InstalledLayer:
+    """What a patched attention module carries: its runtime, the backend that runs it, and the
+    key record shared by every layer of the model."""
+
+    runtime: LayerRuntime
+    backend: Callable[..., Tensor]
+    key_record: KeyRecord
+
+
 def ctxpatch_attention(
     module: nn.Module,
     query: Tensor,
@@ -102,61 +112,39 @@ def ctxpatch_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs: Any,
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor, Any]:
     """The function registered with transformers' AttentionInterface under "ctxpatch"."""
-    runtime: LayerRuntime | None = getattr(module, RUNTIME, None)
-    if runtime is None:  # a model sharing its config with a patched one: plain causal attention
-        runtime = LayerRuntime(LayerPlan(getattr(module, "layer_idx", 0)), rotary=None)
-        record, backend = KeyRecord(), get_backend("blockwise")
-    else:
-        record, backend = runtime.key_record, runtime.backend
     if attention_mask is not None and attention_mask.dim() != 2:
         raise CtxpatchError("ctxpatch builds its own masks: pass a 2D attention_mask (batch, keys) or none")
+    installed: InstalledLayer | None = getattr(module, RUNTIME, None)
+    if installed is None:  # a model sharing its config with a patched one: transformers' own attention
+        return _hf.plain_attention(
+            module, query, key, value, attention_mask, scaling, dropout if module.training else 0.0, kwargs
+        )
+    runtime, record = installed.runtime, installed.key_record
+    layer_idx = _hf.layer_index(module)
     batch, _, tq, _ = query.shape
     tk = key.shape[2]
-    q_pos = kwargs.get("position_ids")
+    q_pos = _hf.attention_position_ids(kwargs)
     if q_pos is None:
         q_pos = torch.arange(tk - tq, tk, device=query.device)[None]
     q_pos = q_pos.to(query.device).expand(batch, tq)
     q_real = torch.ones_like(q_pos, dtype=torch.bool) if attention_mask is None else attention_mask[:, -tq:]
     cache = kwargs.get(_hf.CACHE_KWARG)
-    k_pos, k_real = record.keys_for(cache, module.layer_idx, q_pos, q_real, tk)
+    k_pos, k_real = record.keys_for(cache, layer_idx, q_pos, q_real, tk)
     call = AttentionCall(
         q_pos=q_pos,
         k_pos=k_pos,
         key_padding=None if bool(k_real.all()) else k_real,
-        scaling=module.scaling if scaling is None else scaling,
+        scaling=_hf.attention_scaling(module, scaling),
         dropout=dropout if module.training else 0.0,
-        native_window=kwargs.get("sliding_window"),
+        native_window=_hf.native_sliding_window(kwargs),
     )
-    out = backend(query, key, value, call, runtime).contiguous()
+    out = installed.backend(query, key, value, call, runtime).contiguous()
     policy = runtime.plan.cache
     if policy is not None and cache is not None and (keep := policy.keep(k_pos, k_real)) is not None:
-        record.keep(cache, module.layer_idx, keep)
+        record.keep(cache, layer_idx, keep)
     return out, None
-
-
-def make_runtime(
-    plan: LayerPlan,
-    model_rotary: Rotary,
-    config: Any,
-    info: ModelInfo,
-    device: torch.device,
-    rotaries: dict[str, Rotary] | None = None,
-) -> LayerRuntime:
-    """Bind a layer's plan to its rotary map (shared between layers with the same rule) and to
-    freshly made method tensors on `device`."""
-    rotary = model_rotary
-    if plan.position is not None:
-        rotaries = {} if rotaries is None else rotaries
-        key = plan.position.describe()
-        if key not in rotaries:
-            rotaries[key] = plan.position.make_rotary(model_rotary, config, info)
-        rotary = rotaries[key]
-    made = {b.name: b.make_parameters(info.num_heads) for b in plan.biases}
-    made = {name: tensors for name, tensors in made.items() if tensors}
-    tensors = nn.ModuleDict({n: parameter_holder(t) for n, t in made.items()}).to(device) if made else None
-    return LayerRuntime(plan, rotary, tensors)
 
 
 class Patch:
@@ -179,8 +167,7 @@ class Patch:
         for attention, plan in zip(adapter.attentions, self.plans):
             device = attention.q_proj.weight.device
             runtime = make_runtime(plan, adapter.rotary, model.config, adapter.info, device, rotaries)
-            runtime.backend, runtime.key_record = backend, key_record
-            setattr(attention, RUNTIME, runtime)
+            setattr(attention, RUNTIME, InstalledLayer(runtime, backend, key_record))
             self._undo.append(lambda a=attention: delattr(a, RUNTIME))
             if runtime.tensors is not None:
                 attention.add_module("ctxpatch", runtime.tensors)
@@ -292,9 +279,8 @@ def _default_positions(record: KeyRecord, cache_keyword: str):
     return hook
 
 
-def _identity_rotation(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    cos, sin = output
-    return torch.ones_like(cos), torch.zeros_like(sin)
+def _identity_rotation(module: nn.Module, args: tuple, output: Any) -> Any:
+    return _hf.identity_rotary_output(output)
 
 
 def apply(

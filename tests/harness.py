@@ -18,9 +18,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import formulas as f
 from ctxpatch.backends import get_backend
-from ctxpatch.backends.common import AttentionCall
+from ctxpatch.plan import AttentionCall, make_runtime
 from ctxpatch.compose import build_plan
-from ctxpatch.patch import make_runtime
 from ctxpatch.registry import ModelInfo
 from ctxpatch.rotary import Rotary, RotaryLayout
 

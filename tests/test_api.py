@@ -146,7 +146,7 @@ def test_failure_during_install_rolls_back(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(ctxpatch.patch._hf, "set_attn_implementation", broken)
+    monkeypatch.setattr(ctxpatch._compat.transformers, "set_attn_implementation", broken)
     with pytest.raises(RuntimeError, match="boom"):
         ctxpatch.apply(model, "kerple_log")
     monkeypatch.undo()

@@ -12,9 +12,8 @@ import ctxpatch
 import formulas as f
 from conftest import TRAIN_LEN, tiny_model, token_ids
 from ctxpatch.backends import blockwise, get_backend
-from ctxpatch.backends.common import AttentionCall
+from ctxpatch.plan import AttentionCall, make_runtime
 from ctxpatch.compose import build_plan
-from ctxpatch.patch import make_runtime
 from ctxpatch.registry import ModelInfo
 from ctxpatch.rotary import Rotary, RotaryLayout
 

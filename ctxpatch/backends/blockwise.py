@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import merge
-from .common import AttentionCall, LayerRuntime, head_index
+from ..plan import AttentionCall, LayerRuntime
+from . import lse_views
+from .common import head_index
 
 BLOCK = 256  # rows of a query chunk and size of a key block
 SCORE_BUDGET = 1 << 25  # elements of one chunk's float mask (128 MiB in fp32)
@@ -123,12 +124,14 @@ def blockwise_attention(
     keys = KeyBlocks(call, block)
     h = head_index(heads, q.device)
     all_keys = torch.arange(tk, device=q.device)
+    # the pair grids are a chunk's costliest elementwise work: int32 halves their traffic (one sync per call)
+    narrow = bool(call.k_pos.abs().max() < 2**30)
     outs = []
     for q0 in range(0, tq, rows):
         q1 = min(tq, q0 + rows)
         cols = keys.select(layer, call, q0, q1)
         kj = all_keys[cols]
-        chunk = _Chunk(call, layer, keys, q0, q1, cols, kj)
+        chunk = Chunk(call, layer, keys, q0, q1, cols, kj, narrow)
         qs = [qv[:, :, q0:q1] for qv in q_views]
         ks = [kv[:, :, cols] for kv in k_views]
         if layer.plan.modifiers:
@@ -138,13 +141,14 @@ def blockwise_attention(
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
-class _Chunk:
+class Chunk:
     """Positions, indices and visibility of one query chunk against its selected keys."""
 
-    def __init__(self, call: AttentionCall, layer: LayerRuntime, keys: KeyBlocks, q0: int, q1: int, cols, kj: Tensor):
+    def __init__(
+        self, call: AttentionCall, layer: LayerRuntime, keys: KeyBlocks, q0: int, q1: int, cols, kj: Tensor, narrow: bool
+    ):
         self.i, self.j = call.q_pos[:, q0:q1], call.k_pos[:, cols]  # (B, Qc), (B, Kr)
-        # the pair grids below are the chunk's costliest elementwise work: int32 halves their traffic
-        if bool(call.k_pos.abs().max() < 2**30):
+        if narrow:  # every position fits int32
             self.i, self.j = self.i.int(), self.j.int()
         self.pair_i, self.pair_j = self.i[:, None, :, None], self.j[:, None, None, :]
         full, self.view = keys.classify(layer, call, self.i, kj, call.q_offset + q0)
@@ -173,10 +177,10 @@ class _Chunk:
         return cols, owned
 
 
-def _fused_chunk(qs, ks, vc, chunk: _Chunk, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:
+def _fused_chunk(qs, ks, vc, chunk: Chunk, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:
     """One chunk through SDPA: views side by side, biases folded in or as a float mask."""
-    if len(qs) > 1 and merge.available(qs[0], ks[0], vc, call, layer):
-        return merge.views_chunk(qs, ks, vc, chunk, h, call, layer)
+    if len(qs) > 1 and lse_views.available(qs[0], ks[0], vc, call, layer):
+        return lse_views.views_chunk(qs, ks, vc, chunk, h, call, layer)
     batch, kv_heads, _, dim = ks[0].shape
     bias = None
     if layer.plan.biases and not fold:

@@ -13,9 +13,9 @@ Ding et al., "LongRoPE" (arXiv:2402.13753).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
+from .._compat.transformers import rope_parameters, rotary_for_rope
 from ..kinds import PositionRule
 from ..registry import ModelInfo, Param, at_least, optional, positive_number, register
 from ..rotary import Rotary
@@ -34,12 +34,8 @@ class RopeScaler(PositionRule):
         return {**base, **given, "rope_type": self.rope_type, "original_max_position_embeddings": train_len}
 
     def make_rotary(self, rotary: Rotary, config: Any, info: ModelInfo) -> Rotary:
-        train_len = info.train_len
-        scaled = copy.deepcopy(config)
-        base = dict(config.rope_parameters or {})
-        scaled.rope_parameters = self.rope_parameters(base, train_len, rotary.layout.rotary_dim)
-        scaled.max_position_embeddings = train_len  # `dynamic` reads its original length from here
-        module = type(rotary.module)(config=scaled).to(rotary.inv_freq.device)
+        rope = self.rope_parameters(rope_parameters(config), info.train_len, rotary.layout.rotary_dim)
+        module = rotary_for_rope(rotary.module, config, rope, info.train_len).to(rotary.inv_freq.device)
         return Rotary(module, rotary.layout)
 
 
