@@ -5,7 +5,7 @@
     patch.remove()
 """
 
-from . import adapters, biases, caches, masks, positions, scales  # noqa: F401  (registers every method)
+from . import registry
 from .chatglm import load_chatglm
 from .errors import (
     AlreadyPatchedError,
@@ -19,6 +19,8 @@ from .patch import Patch, apply, current_patch, remove, spec_from_dict
 from .registry import Method, MethodInfo, method, methods, register
 
 __version__ = "0.1.0"
+
+registry.discover()  # every method file registers its methods
 
 
 def __getattr__(name: str):

@@ -25,6 +25,7 @@ class Sinks(CachePolicy, TwoViewRule, Mask):
     name = "sinks"
     kind = "cache"
     paper = "StreamingLLM (Xiao et al., ICLR 2024)"
+    definition = "StreamingLLM: the cache keeps the first S and the last W tokens; positions inside the cache (a mask and a position rule too)"
     params = (
         Param("global_tokens", 4, non_negative_int, "S, sink tokens kept"),
         Param("window", from_model("L - S", lambda m, v: max(1, m.train_len - v["global_tokens"])), positive_int, "W, recent tokens kept"),

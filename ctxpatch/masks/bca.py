@@ -35,6 +35,7 @@ class BlockwiseCausal(Mask):
 
     name = "bca"
     paper = "A Length-Extrapolatable Transformer (Sun et al., 2022)"
+    definition = "j ≤ i and ⌊i/B⌋ − ⌊j/B⌋ ≤ 1"
     params = (Param("block_size", from_model("L // 2", lambda m: max(1, m.train_len // 2)), positive_int, "B"),)
 
     def expression(self) -> MaskFunction:

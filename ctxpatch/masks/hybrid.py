@@ -88,6 +88,7 @@ class Hybrid(Mask):
 
     name = "hybrid"
     paper = "Big Bird (Zaheer et al., 2020)"
+    definition = "window, or j < G, or j in R random key blocks drawn per query block"
     params = (
         Param("window", from_model("L", lambda m: m.train_len), positive_int, "W"),
         Param("global_tokens", 4, non_negative_int, "G, first positions every query sees"),

@@ -14,6 +14,7 @@ class Window(Mask):
 
     name = "window"
     paper = "Longformer (Beltagy et al., 2020)"
+    definition = "visible iff 0 ≤ Δ < W"
     params = (Param("window", from_model("L", lambda m: m.train_len), positive_int, "W, positions visible"),)
 
     def expression(self) -> MaskFunction:

@@ -21,6 +21,7 @@ from ..registry import ModelInfo, Param, at_least, optional, positive_number, re
 from ..rotary import Rotary
 
 FACTOR = Param("factor", 2.0, at_least(1.0), "s, the context multiplier")
+TRANSFORMERS_OWN = "transformers' own `{}` rope initialiser, `original_max_position_embeddings` = L"
 
 
 class RopeScaler(PositionRule):
@@ -45,6 +46,7 @@ def _scaler(name: str, rope_type: str, summary: str, extra: tuple[Param, ...] = 
         "name": name,
         "rope_type": rope_type,
         "paper": "transformers rope_type=" + rope_type,
+        "definition": TRANSFORMERS_OWN.format(rope_type),
         "params": (FACTOR, *extra),
         "__module__": __name__,
     })
@@ -68,6 +70,7 @@ class Yarn(RopeScaler):
 
     name = "yarn"
     rope_type = "yarn"
+    definition = TRANSFORMERS_OWN.format("yarn")
     paper = "YaRN (Peng et al., 2023)"
     params = (
         FACTOR,
@@ -83,6 +86,7 @@ class LongRope(RopeScaler):
 
     name = "longrope"
     rope_type = "longrope"
+    definition = TRANSFORMERS_OWN.format("longrope")
     paper = "LongRoPE (Ding et al., 2024)"
     params = (
         FACTOR,
@@ -114,6 +118,7 @@ class NTK(RopeScaler):
 
     name = "ntk"
     rope_type = "default"
+    definition = "rope base × s^(d_r/(d_r − 2)) (fixed NTK-aware), transformers' default initialiser"
     paper = "NTK-aware scaled RoPE (bloc97, 2023)"
     params = (FACTOR,)
 
