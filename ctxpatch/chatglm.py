@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._compat import transformers as _hf
+from ._compat import transformers as hf
 from .errors import CtxpatchError
 
 
@@ -256,7 +256,7 @@ def glm_config(source: dict[str, Any], rule: str, dtype: torch.dtype):
     heads = int(_get(source, "num_attention_heads"))
     hidden = int(_get(source, "hidden_size"))
     groups = int(_get(source, "multi_query_group_num")) if _get(source, "multi_query_attention") else heads
-    return _hf.glm_config(
+    return hf.glm_config(
         vocab_size=int(source.get("padded_vocab_size") or source.get("vocab_size") or DEFAULTS["padded_vocab_size"]),
         hidden_size=hidden,
         intermediate_size=int(_get(source, "ffn_hidden_size")),
@@ -367,7 +367,7 @@ def build_model(config, state: dict[str, Tensor]):
             f"unexpected {extra[:8]}"
         )
     model.load_state_dict(state, strict=True, assign=True)
-    model.model.rotary_emb = _hf.rebuild_rotary(model.model.rotary_emb, config)  # buffers made on meta: rebuild
+    model.model.rotary_emb = hf.rebuild_rotary(model.model.rotary_emb, config)  # buffers made on meta: rebuild
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

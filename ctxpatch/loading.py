@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._compat import transformers as _hf
+from ._compat import transformers as hf
 from .errors import CtxpatchError
 
 CTXPATCH_JSON = "ctxpatch.json"
@@ -150,7 +150,7 @@ def fingerprint(model: str, net: nn.Module | None = None) -> dict[str, Any]:
         sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name.endswith(WEIGHT_SUFFIXES)}
         digest.update(json.dumps(sizes, sort_keys=True).encode())
         return {"kind": "folder", "sha256": digest.hexdigest(), "weight_files": sizes}
-    revision = _hf.model_revision(getattr(net, "config", None))
+    revision = hf.model_revision(getattr(net, "config", None))
     return {"kind": "hub", "revision": revision}
 
 
@@ -357,7 +357,7 @@ def merge(src: str | Path, dst: str | Path, *, dtype: str | torch.dtype | None =
     has_parameters = save_patch_parameters(state, tmp)
     merged["patch_parameters"] = PATCH_PARAMETERS_FILE if has_parameters else None
     patch.remove()  # the saved weights are the model's own; the patch is re-applied on load
-    _hf.forget_dequantized_gguf(model)
+    hf.forget_dequantized_gguf(model)
     setattr(model.config, CONFIG_KEY, merged)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._compat import transformers as _hf
+from ._compat import transformers as hf
 from .adapters import find_adapter
 from .backends import get_backend
 from .compose import build_plan
@@ -54,7 +54,7 @@ class KeyRecord:
             if num_keys != new:
                 raise CtxpatchError(f"attention got {num_keys} keys for {new} queries and no cache")
             return q_pos, q_real
-        if _hf.is_static_cache(cache):
+        if hf.is_static_cache(cache):
             raise CtxpatchError(
                 "a static (compileable) KV cache is not supported under a ctxpatch patch; "
                 "use the default dynamic cache (do not pass cache_implementation='static')"
@@ -76,12 +76,12 @@ class KeyRecord:
         return positions, real
 
     def _store(self, cache: Any, layer_idx: int, positions: Tensor, real: Tensor) -> None:
-        kept = _hf.cache_length(cache, layer_idx)  # a sliding cache may already have dropped some
+        kept = hf.cache_length(cache, layer_idx)  # a sliding cache may already have dropped some
         self._records[cache][layer_idx] = (positions[:, positions.shape[1] - kept :], real[:, real.shape[1] - kept :])
 
     def keep(self, cache: Any, layer_idx: int, keep: Tensor) -> None:
         """Apply a cache policy: each row keeps the keys at indices `keep` (B, K), in the cache and the record."""
-        _hf.keep_cached(cache, layer_idx, keep)
+        hf.keep_cached(cache, layer_idx, keep)
         positions, real = self._records[cache][layer_idx]
         self._records[cache][layer_idx] = (positions.gather(1, keep), real.gather(1, keep))
 
@@ -118,27 +118,27 @@ def ctxpatch_attention(
         raise CtxpatchError("ctxpatch builds its own masks: pass a 2D attention_mask (batch, keys) or none")
     installed: InstalledLayer | None = getattr(module, RUNTIME, None)
     if installed is None:  # a model sharing its config with a patched one: transformers' own attention
-        return _hf.plain_attention(
+        return hf.plain_attention(
             module, query, key, value, attention_mask, scaling, dropout if module.training else 0.0, kwargs
         )
     runtime, record = installed.runtime, installed.key_record
-    layer_idx = _hf.layer_index(module)
+    layer_idx = hf.layer_index(module)
     batch, _, tq, _ = query.shape
     tk = key.shape[2]
-    q_pos = _hf.attention_position_ids(kwargs)
+    q_pos = hf.attention_position_ids(kwargs)
     if q_pos is None:
         q_pos = torch.arange(tk - tq, tk, device=query.device)[None]
     q_pos = q_pos.to(query.device).expand(batch, tq)
     q_real = torch.ones_like(q_pos, dtype=torch.bool) if attention_mask is None else attention_mask[:, -tq:]
-    cache = kwargs.get(_hf.CACHE_KWARG)
+    cache = kwargs.get(hf.CACHE_KWARG)
     k_pos, k_real = record.keys_for(cache, layer_idx, q_pos, q_real, tk)
     call = AttentionCall(
         q_pos=q_pos,
         k_pos=k_pos,
         key_padding=None if bool(k_real.all()) else k_real,
-        scaling=_hf.attention_scaling(module, scaling),
+        scaling=hf.attention_scaling(module, scaling),
         dropout=dropout if module.training else 0.0,
-        native_window=_hf.native_sliding_window(kwargs),
+        native_window=hf.native_sliding_window(kwargs),
     )
     out = installed.backend(query, key, value, call, runtime).contiguous()
     policy = runtime.plan.cache
@@ -161,7 +161,7 @@ class Patch:
     # ---- install / remove --------------------------------------------------------------------
 
     def _install(self, adapter) -> None:
-        model, keyword = self.model, _hf.cache_keyword(adapter.attentions[0])
+        model, keyword = self.model, hf.cache_keyword(adapter.attentions[0])
         backend, key_record = get_backend(self.backend), KeyRecord()
         rotaries: dict[str, Rotary] = {}
         for attention, plan in zip(adapter.attentions, self.plans):
@@ -178,10 +178,10 @@ class Patch:
         self._undo.append(hook.remove)
         hook = adapter.rotary.module.register_forward_hook(_identity_rotation)
         self._undo.append(hook.remove)
-        previous = _hf.attn_implementation(model)
-        _hf.register(ctxpatch_attention)
-        _hf.set_attn_implementation(model, _hf.IMPLEMENTATION)
-        self._undo.append(lambda: _hf.set_attn_implementation(model, previous))
+        previous = hf.attn_implementation(model)
+        hf.register(ctxpatch_attention)
+        hf.set_attn_implementation(model, hf.IMPLEMENTATION)
+        self._undo.append(lambda: hf.set_attn_implementation(model, previous))
         setattr(model, PATCH, self)
         self._undo.append(lambda: delattr(model, PATCH))
         self.active = True
@@ -246,7 +246,7 @@ def _ranges(indices: Sequence[int]) -> str:
 
 def _pass_cache(keyword: str):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs[_hf.CACHE_KWARG] = kwargs.get(keyword)
+        kwargs[hf.CACHE_KWARG] = kwargs.get(keyword)
         return args, kwargs
 
     return hook
@@ -280,7 +280,7 @@ def _default_positions(record: KeyRecord, cache_keyword: str):
 
 
 def _identity_rotation(module: nn.Module, args: tuple, output: Any) -> Any:
-    return _hf.identity_rotary_output(output)
+    return hf.identity_rotary_output(output)
 
 
 def apply(

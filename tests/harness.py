@@ -12,14 +12,14 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import formulas as f
 import torch
 from torch.testing import assert_close
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-import formulas as f
 from ctxpatch.backends import get_backend
-from ctxpatch.plan import AttentionCall, make_runtime
 from ctxpatch.compose import build_plan
+from ctxpatch.plan import AttentionCall, make_runtime
 from ctxpatch.registry import ModelInfo
 from ctxpatch.rotary import Rotary, RotaryLayout
 

@@ -3,17 +3,17 @@ and the cost structure of two-view rules in the blockwise backend."""
 
 from __future__ import annotations
 
+import formulas as f
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TRAIN_LEN, tiny_model, token_ids
 from torch.testing import assert_close
 
 import ctxpatch
-import formulas as f
-from conftest import TRAIN_LEN, tiny_model, token_ids
 from ctxpatch.backends import blockwise, get_backend
-from ctxpatch.plan import AttentionCall, make_runtime
 from ctxpatch.compose import build_plan
+from ctxpatch.plan import AttentionCall, make_runtime
 from ctxpatch.registry import ModelInfo
 from ctxpatch.rotary import Rotary, RotaryLayout
 
@@ -130,7 +130,7 @@ def test_beam_search_on_a_left_padded_batch_is_the_same_with_and_without_the_cac
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
     ids = ids.masked_fill(mask == 0, 0)
-    beams = dict(max_new_tokens=8, num_beams=4, num_return_sequences=4, do_sample=False, pad_token_id=0)
+    beams = {"max_new_tokens": 8, "num_beams": 4, "num_return_sequences": 4, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
         plain = model.generate(ids, attention_mask=mask, **beams)
         with ctxpatch.apply(model, "selfextend", window=6, group=4):
