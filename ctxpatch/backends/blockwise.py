@@ -46,13 +46,13 @@ class KeyBlocks:
         i = call.q_pos[:, q0:q1]
         ok = layer.blocks_visible(
             call, i.amin(-1, keepdim=True), i.amax(-1, keepdim=True), self.lo[:, :n], self.hi[:, :n]
-        ).any(0)  # (n,)
+        ).any(0).cpu()  # (n,): which blocks is a shape decision, so one transfer (none on CPU), then host work
         ok[(call.q_offset + q0) // self.block :] = True  # the chunk's own blocks: a query sees itself
         ids = ok.nonzero().flatten()
         if ids[-1] - ids[0] + 1 == ids.numel():
             return slice(int(ids[0]) * self.block, last + 1)
-        idx = (ids[:, None] * self.block + torch.arange(self.block, device=ids.device)).flatten()
-        return idx[idx <= last]
+        idx = (ids[:, None] * self.block + torch.arange(self.block)).flatten()
+        return idx[idx <= last].to(call.k_pos.device)
 
     def classify(self, layer: LayerRuntime, call: AttentionCall, i: Tensor, kj: Tensor, first: int):
         """Per key column of a chunk: (is every pair visible but for padding, the one view its block
@@ -76,9 +76,10 @@ def _width(cols: Tensor | slice, total: int) -> int:
 
 def _as_slice(columns: Tensor) -> Tensor | slice:
     """A slice when the columns are one contiguous run (a view, not a copy, when indexing)."""
-    if columns.numel() and int(columns[-1]) - int(columns[0]) + 1 == columns.numel():
-        return slice(int(columns[0]), int(columns[-1]) + 1)
-    return columns
+    if not columns.numel():
+        return columns
+    first, last = columns[[0, -1]].tolist()  # one transfer for both ends
+    return slice(first, last + 1) if last - first + 1 == columns.numel() else columns
 
 
 def _is_plain_causal(call: AttentionCall, layer: LayerRuntime, tq: int, tk: int) -> bool:

@@ -2,7 +2,9 @@
 
 Visible iff 0 <= i - j < W, or j < G, or j lies in one of the R key blocks (blocks of B positions)
 drawn for i's query block, without replacement, among whole key blocks that end before that
-block's window; the draw is deterministic in `seed` and the query-block index.
+block's window; the draw is deterministic in `seed` and the query-block index qb: the first R of
+`torch.randperm(candidates)` with a generator seeded seed * 1_000_003 + qb. As a mask expression it
+is window | global tokens | random blocks (ctxpatch.masking.or_masks).
 
 Paper: Zaheer et al., "Big Bird: Transformers for Longer Sequences" (arXiv:2007.14062), 2020.
 """
