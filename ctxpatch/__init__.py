@@ -5,7 +5,7 @@
     patch.remove()
 """
 
-from . import adapters, biases, caches, masks, positions, scales  # noqa: F401  (registers every method)
+from . import registry
 from ._version import __version__
 from .chatglm import load_chatglm
 from .errors import (
@@ -24,6 +24,8 @@ from .loading import load, load_model, merge
 from .patch import Patch, apply, current_patch, remove, spec_from_dict
 from .registry import Method, MethodInfo, method, methods, register
 from .spec import ParsedSpec, parse_spec
+
+registry.discover()  # every method file registers its methods
 
 
 def __getattr__(name: str):

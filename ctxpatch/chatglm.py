@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._compat import transformers as hf
 from .errors import CtxpatchError
 from .loading.base import resolve_dtype
 
@@ -243,12 +244,10 @@ def rope_parameters(source: dict[str, Any], rule: str) -> dict[str, Any]:
 
 def glm_config(source: dict[str, Any], rule: str, dtype: torch.dtype):
     """The GlmConfig equivalent to a ChatGLM2/3 config.json (the mapping the README states)."""
-    from transformers import GlmConfig
-
     heads = int(_get(source, "num_attention_heads"))
     hidden = int(_get(source, "hidden_size"))
     groups = int(_get(source, "multi_query_group_num")) if _get(source, "multi_query_attention") else heads
-    config = GlmConfig(
+    return hf.glm_config(
         vocab_size=int(source.get("padded_vocab_size") or source.get("vocab_size") or DEFAULTS["padded_vocab_size"]),
         hidden_size=hidden,
         intermediate_size=int(_get(source, "ffn_hidden_size")),
@@ -269,8 +268,6 @@ def glm_config(source: dict[str, Any], rule: str, dtype: torch.dtype):
         eos_token_id=source.get("eos_token_id"),
         dtype=dtype,
     )
-    config.eos_token_id = source.get("eos_token_id")  # GlmConfig fills in GLM-4's ids when given None
-    return config
 
 
 def warn_unknown_fields(source: dict[str, Any]) -> None:
@@ -361,7 +358,7 @@ def build_model(config, state: dict[str, Tensor]):
             f"unexpected {extra[:8]}"
         )
     model.load_state_dict(state, strict=True, assign=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # buffers made on meta: rebuild
+    model.model.rotary_emb = hf.rebuild_rotary(model.model.rotary_emb, config)  # buffers made on meta: rebuild
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.eval()

@@ -9,32 +9,14 @@ which get full causal attention with `logn`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CompositionError, ParameterTypeError, ParameterValueError
 from .kinds import Bias, CachePolicy, Mask, PositionRule, Scale
+from .plan import LayerPlan
 from .registry import Method, ModelInfo
 
 LAYOUT_PARAMS = {"full_layers": 1}
-
-
-@dataclass
-class LayerPlan:
-    """What one attention layer runs."""
-
-    index: int
-    mask: Mask | None = None
-    biases: tuple[Bias, ...] = ()
-    scales: tuple[Scale, ...] = ()
-    position: PositionRule | None = None
-    modifiers: tuple[PositionRule, ...] = ()
-    cache: CachePolicy | None = None
-    methods: list[Method] = field(default_factory=list)
-
-    @property
-    def is_plain(self) -> bool:
-        return not self.methods
 
 
 def parse_spec(spec: Any) -> list[Method]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor, nn
 
+from .masking import MaskFunction
 from .registry import Method, ModelInfo
 
 if TYPE_CHECKING:
@@ -24,25 +25,54 @@ def identity(positions: Tensor) -> Tensor:
     return positions
 
 
-class Mask(Method):
-    """Which (i, j) pairs are visible, on top of causality (j <= i) and padding."""
+class Mask(Method, MaskFunction):
+    """Which (i, j) pairs are visible, on top of causality (j <= i) and padding.
+
+    A mask is an expression of mask functions (`expression()`, combined with `and_masks` /
+    `or_masks` from ctxpatch.masking), which gives its pairs and its block bounds at once; a mask
+    may instead override `visible` (and, to let the blockwise backend skip blocks, the bounds).
+    """
 
     kind = "mask"
 
+    def expression(self) -> MaskFunction | None:
+        """The mask as mask functions of its resolved parameters (None: the methods below are overridden)."""
+        return None
+
+    def _expression(self) -> MaskFunction | None:
+        built = self.__dict__.get("_built_expression")
+        if built is None:
+            built = self.expression()
+            if self.resolved:  # built from the final values: keep it (and its lookup tables)
+                self.__dict__["_built_expression"] = built
+        return built
+
     def visible(self, i: Tensor, j: Tensor) -> Tensor:
-        raise NotImplementedError
+        expression = self._expression()
+        if expression is None:
+            raise NotImplementedError(f"{type(self).__name__} defines neither expression() nor visible()")
+        return expression.visible(i, j)
 
     def blocks_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
-        """May any pair with i in [i_lo, i_hi] and j in [j_lo, j_hi] be visible? (conservative)"""
-        return torch.ones(torch.broadcast_shapes(i_lo.shape, j_lo.shape), dtype=torch.bool, device=i_lo.device)
+        expression = self._expression()
+        if expression is None:
+            return super().blocks_visible(i_lo, i_hi, j_lo, j_hi)
+        return expression.blocks_visible(i_lo, i_hi, j_lo, j_hi)
 
     def blocks_all_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
-        """Is every causal pair with i in [i_lo, i_hi], j in [j_lo, j_hi] visible? (conservative: may say no)"""
-        return torch.zeros(torch.broadcast_shapes(i_lo.shape, j_lo.shape), dtype=torch.bool, device=i_lo.device)
+        expression = self._expression()
+        if expression is None:
+            return super().blocks_all_visible(i_lo, i_hi, j_lo, j_hi)
+        return expression.blocks_all_visible(i_lo, i_hi, j_lo, j_hi)
 
     def max_keys(self, num_keys: int) -> int:
-        """How many keys one query sees at most (sizes the blockwise backend's chunks)."""
-        return num_keys
+        expression = self._expression()
+        return num_keys if expression is None else expression.max_keys(num_keys)
+
+    def prepare(self, *positions: Tensor) -> None:
+        expression = self._expression()
+        if expression is not None:
+            expression.prepare(*positions)
 
 
 class Bias(Method):

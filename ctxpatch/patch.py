@@ -17,19 +17,19 @@ Applying a second patch to a patched model is an `AlreadyPatchedError`: remove t
 from __future__ import annotations
 
 import weakref
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import _hf
+from ._compat import transformers as hf
 from .adapters import find_adapter
 from .backends import get_backend
-from .backends.common import AttentionCall, LayerRuntime
-from .compose import LayerPlan, build_plan
+from .compose import build_plan
 from .errors import AlreadyPatchedError, CtxpatchError
-from .kinds import parameter_holder
-from .registry import Method, ModelInfo
+from .plan import AttentionCall, LayerPlan, LayerRuntime, make_runtime
+from .registry import Method
 from .rotary import Rotary
 from .spec import parse_spec
 
@@ -55,7 +55,7 @@ class KeyRecord:
             if num_keys != new:
                 raise CtxpatchError(f"attention got {num_keys} keys for {new} queries and no cache")
             return q_pos, q_real
-        if _hf.is_static_cache(cache):
+        if hf.is_static_cache(cache):
             raise CtxpatchError(
                 "a static (compileable) KV cache is not supported under a ctxpatch patch; "
                 "use the default dynamic cache (do not pass cache_implementation='static')"
@@ -77,12 +77,12 @@ class KeyRecord:
         return positions, real
 
     def _store(self, cache: Any, layer_idx: int, positions: Tensor, real: Tensor) -> None:
-        kept = _hf.cache_length(cache, layer_idx)  # a sliding cache may already have dropped some
+        kept = hf.cache_length(cache, layer_idx)  # a sliding cache may already have dropped some
         self._records[cache][layer_idx] = (positions[:, positions.shape[1] - kept :], real[:, real.shape[1] - kept :])
 
     def keep(self, cache: Any, layer_idx: int, keep: Tensor) -> None:
         """Apply a cache policy: each row keeps the keys at indices `keep` (B, K), in the cache and the record."""
-        _hf.keep_cached(cache, layer_idx, keep)
+        hf.keep_cached(cache, layer_idx, keep)
         positions, real = self._records[cache][layer_idx]
         self._records[cache][layer_idx] = (positions.gather(1, keep), real.gather(1, keep))
 
@@ -94,6 +94,16 @@ class KeyRecord:
         return record[0][:, -1:] + 1 + torch.arange(length, device=record[0].device)
 
 
+@dataclass
+class InstalledLayer:
+    """What a patched attention module carries: its runtime, the backend that runs it, and the
+    key record shared by every layer of the model."""
+
+    runtime: LayerRuntime
+    backend: Callable[..., Tensor]
+    key_record: KeyRecord
+
+
 def ctxpatch_attention(
     module: nn.Module,
     query: Tensor,
@@ -103,61 +113,39 @@ def ctxpatch_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     **kwargs: Any,
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor, Any]:
     """The function registered with transformers' AttentionInterface under "ctxpatch"."""
-    runtime: LayerRuntime | None = getattr(module, RUNTIME, None)
-    if runtime is None:  # a model sharing its config with a patched one: plain causal attention
-        runtime = LayerRuntime(LayerPlan(getattr(module, "layer_idx", 0)), rotary=None)
-        record, backend = KeyRecord(), get_backend("blockwise")
-    else:
-        record, backend = runtime.key_record, runtime.backend
     if attention_mask is not None and attention_mask.dim() != 2:
         raise CtxpatchError("ctxpatch builds its own masks: pass a 2D attention_mask (batch, keys) or none")
+    installed: InstalledLayer | None = getattr(module, RUNTIME, None)
+    if installed is None:  # a model sharing its config with a patched one: transformers' own attention
+        return hf.plain_attention(
+            module, query, key, value, attention_mask, scaling, dropout if module.training else 0.0, kwargs
+        )
+    runtime, record = installed.runtime, installed.key_record
+    layer_idx = hf.layer_index(module)
     batch, _, tq, _ = query.shape
     tk = key.shape[2]
-    q_pos = kwargs.get("position_ids")
+    q_pos = hf.attention_position_ids(kwargs)
     if q_pos is None:
         q_pos = torch.arange(tk - tq, tk, device=query.device)[None]
     q_pos = q_pos.to(query.device).expand(batch, tq)
     q_real = torch.ones_like(q_pos, dtype=torch.bool) if attention_mask is None else attention_mask[:, -tq:]
-    cache = kwargs.get(_hf.CACHE_KWARG)
-    k_pos, k_real = record.keys_for(cache, module.layer_idx, q_pos, q_real, tk)
+    cache = kwargs.get(hf.CACHE_KWARG)
+    k_pos, k_real = record.keys_for(cache, layer_idx, q_pos, q_real, tk)
     call = AttentionCall(
         q_pos=q_pos,
         k_pos=k_pos,
         key_padding=None if bool(k_real.all()) else k_real,
-        scaling=module.scaling if scaling is None else scaling,
+        scaling=hf.attention_scaling(module, scaling),
         dropout=dropout if module.training else 0.0,
-        native_window=kwargs.get("sliding_window"),
+        native_window=hf.native_sliding_window(kwargs),
     )
-    out = backend(query, key, value, call, runtime).contiguous()
+    out = installed.backend(query, key, value, call, runtime).contiguous()
     policy = runtime.plan.cache
     if policy is not None and cache is not None and (keep := policy.keep(k_pos, k_real)) is not None:
-        record.keep(cache, module.layer_idx, keep)
+        record.keep(cache, layer_idx, keep)
     return out, None
-
-
-def make_runtime(
-    plan: LayerPlan,
-    model_rotary: Rotary,
-    config: Any,
-    info: ModelInfo,
-    device: torch.device,
-    rotaries: dict[str, Rotary] | None = None,
-) -> LayerRuntime:
-    """Bind a layer's plan to its rotary map (shared between layers with the same rule) and to
-    freshly made method tensors on `device`."""
-    rotary = model_rotary
-    if plan.position is not None:
-        rotaries = {} if rotaries is None else rotaries
-        key = plan.position.describe()
-        if key not in rotaries:
-            rotaries[key] = plan.position.make_rotary(model_rotary, config, info)
-        rotary = rotaries[key]
-    made = {b.name: b.make_parameters(info.num_heads) for b in plan.biases}
-    made = {name: tensors for name, tensors in made.items() if tensors}
-    tensors = nn.ModuleDict({n: parameter_holder(t) for n, t in made.items()}).to(device) if made else None
-    return LayerRuntime(plan, rotary, tensors)
 
 
 class Patch:
@@ -177,14 +165,13 @@ class Patch:
     # ---- install / remove --------------------------------------------------------------------
 
     def _install(self, adapter) -> None:
-        model, keyword = self.model, _hf.cache_keyword(adapter.attentions[0])
+        model, keyword = self.model, hf.cache_keyword(adapter.attentions[0])
         backend, key_record = get_backend(self.backend), KeyRecord()
         rotaries: dict[str, Rotary] = {}
         for attention, plan in zip(adapter.attentions, self.plans):
             device = attention.q_proj.weight.device
             runtime = make_runtime(plan, adapter.rotary, model.config, adapter.info, device, rotaries)
-            runtime.backend, runtime.key_record = backend, key_record
-            setattr(attention, RUNTIME, runtime)
+            setattr(attention, RUNTIME, InstalledLayer(runtime, backend, key_record))
             self._undo.append(lambda a=attention: delattr(a, RUNTIME))
             if runtime.tensors is not None:
                 attention.add_module("ctxpatch", runtime.tensors)
@@ -195,10 +182,10 @@ class Patch:
         self._undo.append(hook.remove)
         hook = adapter.rotary.module.register_forward_hook(_identity_rotation)
         self._undo.append(hook.remove)
-        previous = _hf.attn_implementation(model)
-        _hf.register(ctxpatch_attention)
-        _hf.set_attn_implementation(model, _hf.IMPLEMENTATION)
-        self._undo.append(lambda: _hf.set_attn_implementation(model, previous))
+        previous = hf.attn_implementation(model)
+        hf.register(ctxpatch_attention)
+        hf.set_attn_implementation(model, hf.IMPLEMENTATION)
+        self._undo.append(lambda: hf.set_attn_implementation(model, previous))
         setattr(model, PATCH, self)
         self._undo.append(lambda: delattr(model, PATCH))
         self.active = True
@@ -269,7 +256,7 @@ def _ranges(indices: Sequence[int]) -> str:
 
 def _pass_cache(keyword: str):
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kwargs[_hf.CACHE_KWARG] = kwargs.get(keyword)
+        kwargs[hf.CACHE_KWARG] = kwargs.get(keyword)
         return args, kwargs
 
     return hook
@@ -302,9 +289,8 @@ def _default_positions(record: KeyRecord, cache_keyword: str):
     return hook
 
 
-def _identity_rotation(module: nn.Module, args: tuple, output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    cos, sin = output
-    return torch.ones_like(cos), torch.zeros_like(sin)
+def _identity_rotation(module: nn.Module, args: tuple, output: Any) -> Any:
+    return hf.identity_rotary_output(output)
 
 
 def apply(

@@ -2,14 +2,18 @@
 
 Every method file defines one small subclass of a kind base class (`Mask`, `Bias`, `Scale`,
 `PositionRule`, `CachePolicy`) and decorates it with `@register`. A second registration under the
-same name is refused, as peft refuses duplicate tuner types.
+same name is refused, as peft refuses duplicate tuner types. Method files are found, not listed:
+`discover()` imports every module of the kind packages (masks/, biases/, scales/, positions/,
+caches/), so a new method is one new file there.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import importlib
 import math
+import pkgutil
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
@@ -17,6 +21,8 @@ from typing import Any, Callable, ClassVar
 from .errors import ParameterTypeError, ParameterValueError, UnknownMethodError
 
 KINDS = ("mask", "bias", "scale", "position", "cache")
+KIND_PACKAGES = ("masks", "biases", "scales", "positions", "caches")  # where method files live
+KIND_LABELS = {"mask": "mask", "bias": "bias", "scale": "scale", "position": "position rule", "cache": "cache policy"}
 
 
 @dataclass(frozen=True)
@@ -43,12 +49,6 @@ def positive_int(value: Any) -> str | None:
 def non_negative_int(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         return "must be an integer >= 0"
-    return None
-
-
-def any_int(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        return "must be an integer"
     return None
 
 
@@ -144,6 +144,7 @@ class Method:
     kind: ClassVar[str]
     params: ClassVar[tuple[Param, ...]] = ()
     paper: ClassVar[str] = ""
+    definition: ClassVar[str] = ""  # the formula, as DESIGN.md's method table shows it (i, j positions, Δ = i − j)
 
     def __init__(self, *, layers: int | list[int] | tuple[int, ...] | None = None, **values: Any):
         accepted = {p.name for p in self.params}
@@ -232,6 +233,18 @@ class Method:
 # ---- the registry ------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[Method]] = {}
+_DISCOVERED: list[bool] = []  # [True] once every method file is imported
+
+
+def discover() -> None:
+    """Import every module of the kind packages, so each method file registers its methods (once)."""
+    if _DISCOVERED:
+        return
+    for kind_package in KIND_PACKAGES:
+        package = importlib.import_module(f"{__package__}.{kind_package}")
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{module.name}")
+    _DISCOVERED.append(True)
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -249,6 +262,7 @@ def register(cls: type[Method]) -> type[Method]:
 
 def method_class(name: str) -> type[Method]:
     """The class registered under `name`; `UnknownMethodError` lists the known ones otherwise."""
+    discover()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -273,6 +287,8 @@ class MethodInfo:
     params: dict[str, str]  # parameter name -> default, as text
     summary: str
     paper: str
+    definition: str = ""
+    kind_label: str = ""  # the kind as the method table says it ("position rule (combines with any other)")
 
     def __str__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.params.items()) or "-"
@@ -281,15 +297,22 @@ class MethodInfo:
 
 def methods() -> list[MethodInfo]:
     """Every registered method: name, kind, parameters with defaults, a one-line summary."""
+    discover()
     rows = []
     for name in sorted(_REGISTRY, key=lambda n: (KINDS.index(_REGISTRY[n].kind), n)):
         cls = _REGISTRY[name]
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        rows.append(
-            MethodInfo(name, cls.kind, {p.name: p.describe_default() for p in cls.params}, summary, cls.paper)
-        )
+        label = KIND_LABELS[cls.kind] + (" (combines with any other)" if getattr(cls, "modifier", False) else "")
+        params = {p.name: p.describe_default() for p in cls.params}
+        rows.append(MethodInfo(name, cls.kind, params, summary, cls.paper, cls.definition, label))
     return rows
 
 
-def registered() -> dict[str, type[Method]]:
-    return dict(_REGISTRY)
+def methods_table() -> str:
+    """The markdown table of every method (README.md and docs/DESIGN.md hold it between
+    `<!-- methods:start -->` and `<!-- methods:end -->`; `python -m ctxpatch.docs` prints or writes it)."""
+    lines = ["| name | kind | definition | parameters (default) |", "|---|---|---|---|"]
+    for m in methods():
+        params = ", ".join(f"`{name}` ({default})" for name, default in m.params.items()) or "—"
+        lines.append(f"| `{m.name}` | {m.kind_label} | {m.definition or m.summary} | {params} |")
+    return "\n".join(lines) + "\n"

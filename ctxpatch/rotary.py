@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._compat.transformers import rotary_cos_sin
+
 
 @dataclass(frozen=True)
 class RotaryLayout:
@@ -50,8 +52,7 @@ class Rotary:
 
     def cos_sin(self, like: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin of shape (B, 1, T, d_r) in `like`'s dtype; positions (B, T)."""
-        # call the class's forward directly: the instance carries ctxpatch's identity hook
-        cos, sin = type(self.module).forward(self.module, like, positions)
+        cos, sin = rotary_cos_sin(self.module, like, positions)  # not the instance: it carries ctxpatch's identity hook
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
     def per_dim(self, table: Tensor) -> Tensor:

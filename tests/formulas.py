@@ -9,6 +9,8 @@ rule only changes the relative position fed to that exponential.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -131,6 +133,29 @@ def string(i, j, offset, w):
     return torch.where(d < offset, d, d - offset + w)
 
 
+def hybrid_random(i, j, w, block, count, seed):
+    """j in one of the `count` key blocks drawn for i's query block qb = i // B, among the whole key blocks
+    ending before the window of the block's first query (kb < (qb B - W + 1) // B), without replacement:
+    the first `count` of a random permutation seeded seed * 1_000_003 + qb. Pair by pair, in Python."""
+    i, j = torch.broadcast_tensors(i, j)
+    out = torch.zeros(i.shape, dtype=torch.bool)
+    draws: dict[int, set[int]] = {}
+    for index in torch.cartesian_prod(*(torch.arange(n) for n in i.shape)).tolist():
+        qi, kj = int(i[tuple(index)]), int(j[tuple(index)])
+        qb = qi // block
+        if qb not in draws:
+            candidates = max(0, (qb * block - w + 1) // block)
+            order = torch.randperm(candidates, generator=torch.Generator().manual_seed(seed * 1_000_003 + qb))
+            draws[qb] = set(order[:count].tolist())
+        out[tuple(index)] = kj <= qi and kj // block in draws[qb]
+    return out
+
+
+def hybrid(i, j, w, global_tokens, random_blocks=0, block=64, seed=0):
+    seen = window(i, j, w) | ((j < global_tokens) & (j <= i))
+    return seen | hybrid_random(i, j, w, block, random_blocks, seed) if random_blocks else seen
+
+
 def sinks_visible(i, j, sinks, w):
     return window(i, j, w) | ((j < sinks) & (j <= i))
 
@@ -145,3 +170,115 @@ def xpos_weights(i, j, rotary_dim, scale_base):
     """zeta_k ** (Δ / γ) per pair: (B, 1, Tq, Tk, P)."""
     zeta = (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim + 0.4) / 1.4
     return zeta ** ((i - j).double()[..., None] / scale_base)
+
+
+# ---- the table: one entry per method ---------------------------------------------------------------
+
+
+@dataclass
+class Pairs:
+    """A spec's formula being assembled over the pair grid: each method's entry narrows `visible`,
+    sets the relative position RoPE sees (`rel`), the per-pair weights (xpos), the query scale or adds
+    a bias; `scaler` names the rope type whose frequencies the harness takes from transformers."""
+
+    i: torch.Tensor  # (B, 1, Tq, 1) query positions
+    j: torch.Tensor  # (B, 1, 1, Tk) key positions
+    params: dict[str, Any]
+    heads: int
+    rotary_dim: int
+    train_len: int
+    tensors: Callable[[str], dict[str, torch.Tensor]]  # a method's per-head tensors (KERPLE's r1, r2)
+    visible: torch.Tensor
+    rel: torch.Tensor
+    weights: torch.Tensor | None = None
+    kappa: Any = 1.0
+    bias: Any = 0.0
+    scaler: str = "default"
+
+    def narrow(self, seen: torch.Tensor) -> None:
+        self.visible = self.visible & seen
+
+
+@dataclass(frozen=True)
+class Formula:
+    """A method's formula (`apply` on the pairs) and the parameters at which it acts on the tests'
+    16/22-token inputs (`case`, one backend test per method)."""
+
+    case: dict[str, Any]
+    apply: Callable[[Pairs], None]
+
+
+def _scaler(name: str) -> Callable[[Pairs], None]:
+    def use(p: Pairs) -> None:
+        p.scaler = name
+
+    return use
+
+
+def _sinks(p: Pairs) -> None:
+    p.narrow(sinks_visible(p.i, p.j, p.params["global_tokens"], p.params["window"]))
+    p.rel = sinks_relative(p.i, p.j, p.params["global_tokens"], p.params["window"])
+
+
+def _set(**changes: Callable[[Pairs], Any]) -> Callable[[Pairs], None]:
+    def apply(p: Pairs) -> None:
+        for name, value in changes.items():
+            setattr(p, name, value(p))
+
+    return apply
+
+
+def _add_bias(term: Callable[[Pairs], torch.Tensor]) -> Callable[[Pairs], None]:
+    def apply(p: Pairs) -> None:
+        p.bias = p.bias + term(p)
+
+    return apply
+
+
+def _kerple(name: str) -> Callable[[Pairs], None]:
+    kernel = {"kerple_log": kerple_log, "kerple_power": kerple_power}[name]
+    return _add_bias(lambda p: kernel(p.tensors(name)["r1"].detach(), p.tensors(name)["r2"].detach(), p.i, p.j))
+
+
+FORMULAS: dict[str, Formula] = {
+    "window": Formula({"window": 5}, lambda p: p.narrow(window(p.i, p.j, p.params["window"]))),
+    "bca": Formula({"block_size": 4}, lambda p: p.narrow(bca(p.i, p.j, p.params["block_size"]))),
+    "hybrid": Formula(
+        {"window": 4, "global_tokens": 3, "random_blocks": 2, "block_size": 3, "seed": 1},
+        lambda p: p.narrow(hybrid(
+            p.i, p.j, p.params["window"], p.params["global_tokens"], p.params.get("random_blocks", 0),
+            p.params.get("block_size", 64), p.params.get("seed", 0),
+        )),
+    ),
+    "logn": Formula({"train_len": 6}, _set(kappa=lambda p: logn(p.i, p.params.get("train_len", p.train_len)))),
+    "alibi": Formula({}, _add_bias(lambda p: alibi(p.heads, p.i, p.j))),
+    "sandwich": Formula(
+        {"sandwich_dim": 16}, _add_bias(lambda p: sandwich(p.heads, p.params.get("sandwich_dim", 128), p.i, p.j))
+    ),
+    "kerple_log": Formula({}, _kerple("kerple_log")),
+    "kerple_power": Formula({}, _kerple("kerple_power")),
+    "linear": Formula({"factor": 3.0}, _scaler("linear")),
+    "ntk": Formula({"factor": 4.0}, _scaler("ntk")),
+    "dynamic": Formula({"factor": 2.0}, _scaler("dynamic")),
+    "yarn": Formula({"factor": 4.0}, _scaler("yarn")),
+    "llama3": Formula({"factor": 8.0}, _scaler("llama3")),
+    "longrope": Formula({"factor": 2.0}, _scaler("longrope")),
+    "xpos": Formula(
+        {"scale_base": 16.0}, _set(weights=lambda p: xpos_weights(p.i, p.j, p.rotary_dim, p.params["scale_base"]))
+    ),
+    "rerope": Formula({"window": 6}, _set(rel=lambda p: rerope(p.i, p.j, p.params["window"]))),
+    "leaky_rerope": Formula(
+        {"window": 6, "leak": 4.0}, _set(rel=lambda p: leaky_rerope(p.i, p.j, p.params["window"], p.params["leak"]))
+    ),
+    "selfextend": Formula(
+        {"window": 6, "group": 3}, _set(rel=lambda p: selfextend(p.i, p.j, p.params["window"], p.params["group"]))
+    ),
+    "sinks": Formula({"global_tokens": 3, "window": 7}, _sinks),
+    "dca": Formula(
+        {"chunk_len": 5, "local_window": 2},
+        _set(rel=lambda p: dca(p.i, p.j, p.params["chunk_len"], p.params["local_window"])),
+    ),
+    "string": Formula(
+        {"offset": 6, "local_window": 2}, _set(rel=lambda p: string(p.i, p.j, p.params["offset"], p.params["local_window"]))
+    ),
+}

@@ -12,46 +12,23 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import formulas as f
 import torch
 from torch.testing import assert_close
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-import formulas as f
 from ctxpatch.backends import get_backend
-from ctxpatch.backends.common import AttentionCall
 from ctxpatch.compose import build_plan
-from ctxpatch.patch import make_runtime
+from ctxpatch.plan import AttentionCall, make_runtime
 from ctxpatch.registry import ModelInfo
 from ctxpatch.rotary import Rotary, RotaryLayout
 
 SCALERS = ("linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
 BASE = 10000.0
 
-# One case per registered method, at parameters that make it act inside the geometries' 16/22-token sequences;
-# each geometry's test file adds its own compositions.
-METHOD_CASES = [
-    ("window", {"window": 5}),
-    ("bca", {"block_size": 4}),
-    ("hybrid", {"window": 4, "global_tokens": 3}),
-    ("logn", {"train_len": 6}),
-    ("alibi", {}),
-    ("sandwich", {"sandwich_dim": 16}),
-    ("kerple_log", {}),
-    ("kerple_power", {}),
-    ("linear", {"factor": 3.0}),
-    ("ntk", {"factor": 4.0}),
-    ("dynamic", {"factor": 2.0}),
-    ("yarn", {"factor": 4.0}),
-    ("llama3", {"factor": 8.0}),
-    ("longrope", {"factor": 2.0}),
-    ("xpos", {"scale_base": 16.0}),
-    ("rerope", {"window": 6}),
-    ("leaky_rerope", {"window": 6, "leak": 4.0}),
-    ("selfextend", {"window": 6, "group": 3}),
-    ("sinks", {"global_tokens": 3, "window": 7}),
-    ("dca", {"chunk_len": 5, "local_window": 2}),
-    ("string", {"offset": 6, "local_window": 2}),
-]
+# One case per registered method (tests/formulas.py's table), at parameters that make it act inside the
+# geometries' 16/22-token sequences; each geometry's test file adds its own compositions.
+METHOD_CASES = [(name, formula.case) for name, formula in f.FORMULAS.items()]
 
 
 @dataclass
@@ -166,43 +143,15 @@ class Geometry:
         i = k_pos[:, None, self.length - tq :, None]  # (B, 1, Tq, 1)
         j = k_pos[:, None, None, :]  # (B, 1, 1, Tk)
         key_real = None if padding is None else padding[:, None, None, :]
-        scaler = next((n for n in names if n in SCALERS), "default")
-        theta, att = self.theta_and_scaling(scaler, params, int(k_pos.max()))
-        rel, weights, kappa, bias = (i - j).double(), None, 1.0, 0.0
-        visible = f.causal(i, j, key_real)
-        w = params.get("window")
-        for name in names:
-            if name == "window":
-                visible = visible & f.window(i, j, w)
-            elif name == "bca":
-                visible = visible & f.bca(i, j, params["block_size"])
-            elif name == "hybrid":
-                visible = visible & (f.window(i, j, w) | (j < params["global_tokens"]))
-            elif name == "sinks":
-                visible = visible & f.sinks_visible(i, j, params["global_tokens"], w)
-                rel = f.sinks_relative(i, j, params["global_tokens"], w)
-            elif name == "logn":
-                kappa = f.logn(i, params.get("train_len", self.train_len))
-            elif name == "alibi":
-                bias = bias + f.alibi(self.heads, i, j)
-            elif name == "sandwich":
-                bias = bias + f.sandwich(self.heads, params.get("sandwich_dim", 128), i, j)
-            elif name in ("kerple_log", "kerple_power"):
-                r = runtime.params_of(name)
-                bias = bias + getattr(f, name)(r["r1"].detach(), r["r2"].detach(), i, j)
-            elif name == "rerope":
-                rel = f.rerope(i, j, w)
-            elif name == "leaky_rerope":
-                rel = f.leaky_rerope(i, j, w, params["leak"])
-            elif name == "selfextend":
-                rel = f.selfextend(i, j, w, params["group"])
-            elif name == "dca":
-                rel = f.dca(i, j, params["chunk_len"], params["local_window"])
-            elif name == "string":
-                rel = f.string(i, j, params["offset"], params["local_window"])
-            elif name == "xpos":
-                weights = f.xpos_weights(i, j, self.rotary_dim, params["scale_base"])
-        scores = f.rotary_scores(
-            q, k, rel, theta, self.rotary_dim, interleaved=self.interleaved, attention_scaling=att, pair_weights=weights
+        pairs = f.Pairs(
+            i=i, j=j, params=params, heads=self.heads, rotary_dim=self.rotary_dim, train_len=self.train_len,
+            tensors=runtime.params_of, visible=f.causal(i, j, key_real), rel=(i - j).double(),
         )
-        return f.attention(q, k, v, scores * self.head_dim**-0.5 * kappa + bias, visible)
+        for name in names:
+            f.FORMULAS[name].apply(pairs)
+        theta, att = self.theta_and_scaling(pairs.scaler, params, int(k_pos.max()))
+        scores = f.rotary_scores(
+            q, k, pairs.rel, theta, self.rotary_dim, interleaved=self.interleaved, attention_scaling=att,
+            pair_weights=pairs.weights,
+        )
+        return f.attention(q, k, v, scores * self.head_dim**-0.5 * pairs.kappa + pairs.bias, pairs.visible)

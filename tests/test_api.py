@@ -146,7 +146,7 @@ def test_failure_during_install_rolls_back(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(ctxpatch.patch._hf, "set_attn_implementation", broken)
+    monkeypatch.setattr(ctxpatch._compat.transformers, "set_attn_implementation", broken)
     with pytest.raises(RuntimeError, match="boom"):
         ctxpatch.apply(model, "kerple_log")
     monkeypatch.undo()
@@ -192,3 +192,22 @@ def test_a_peft_wrapped_model_can_be_patched(llama):
         with ctxpatch.apply(wrapped, "rerope", window=6):
             got = wrapped(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_unsupported_model_error_keeps_the_cause(llama):
+    """When calling the model's own rotary embedding fails, the error says so and chains the cause."""
+    rotary = llama.model.rotary_emb
+
+    class BrokenRotary(type(rotary)):
+        def forward(self, x, position_ids):
+            raise RuntimeError("boom in the rotary embedding")
+
+    rotary.__class__ = BrokenRotary  # this instance only
+    with pytest.raises(ctxpatch.UnsupportedModelError) as caught:
+        ctxpatch.apply(llama, "window")
+    chain = []
+    error = caught.value.__cause__
+    while error is not None:
+        chain.append(str(error))
+        error = error.__cause__
+    assert any("boom in the rotary embedding" in text for text in chain), chain

@@ -29,8 +29,7 @@ def test_block_tests_are_conservative(spec, params):
     `blocks_all_visible` says every causal pair is visible, every one must be."""
     _, plans = build_plan(spec, params, INFO)
     mask = plans[0].mask
-    if hasattr(mask, "prepare"):
-        mask.prepare(40, torch.device("cpu"))
+    mask.prepare(torch.arange(40))
     ranges = [(a, b) for a, b in itertools.combinations_with_replacement(range(0, 40, 3), 2)]
     for (i_lo, i_hi), (j_lo, j_hi) in itertools.product(ranges, ranges):
         i = torch.arange(i_lo, i_hi + 1)[:, None]
@@ -89,3 +88,36 @@ def test_plain_layers_use_one_fused_causal_call(monkeypatch):
     with torch.no_grad(), ctxpatch.apply(model, "logn+yarn"):
         model(token_ids(1, 50))
     assert calls == [True, True, True]  # logn and rope scalers keep the fused causal kernel
+
+
+def test_hybrid_random_block_bounds_need_no_device_sync():
+    """The per-chunk bounds of hybrid's random blocks are pure tensor work: on the meta device, where any
+    `.item()` / `int(tensor)` / `bool(tensor)` raises, they still evaluate."""
+    from ctxpatch.masks.hybrid import RandomBlocks, drawn_counts, random_block_table
+
+    random = RandomBlocks(window=6, block=4, count=2, seed=3)
+    table = random_block_table(20, 6, 4, 2, 3)
+    meta = torch.device("meta")
+    random.tables[meta] = (table.to(meta), drawn_counts(table).to(meta))
+    bounds = [torch.zeros(2, 1, dtype=torch.long, device=meta)] * 2 + [torch.zeros(2, 5, dtype=torch.long, device=meta)] * 2
+    assert random.blocks_visible(*bounds).shape == (2, 5)
+
+
+def test_hybrid_block_table_is_made_once_per_device_and_shared_by_the_layers(monkeypatch):
+    import ctxpatch
+    from conftest import tiny_model, token_ids
+    from ctxpatch.masks import hybrid
+
+    built = []
+    real = hybrid.random_block_table
+    monkeypatch.setattr(hybrid, "random_block_table", lambda *a: built.append(a) or real(*a))
+    model = tiny_model("llama")  # three layers
+    with torch.no_grad(), ctxpatch.apply(model, "hybrid", window=5, random_blocks=1, block_size=3):
+        model(token_ids(1, 30))
+        model(token_ids(1, 20))  # shorter: the table already covers it
+    assert len(built) == 1
+    if torch.cuda.is_available():  # a second device gets its own table; going back to the first rebuilds nothing
+        mask = ctxpatch.method("hybrid", window=5, random_blocks=1, block_size=3).resolve(INFO)
+        for device in ("cpu", "cuda", "cpu", "cuda"):
+            mask.prepare(torch.arange(30, device=device))
+        assert len(built) == 3

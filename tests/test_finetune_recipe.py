@@ -65,12 +65,29 @@ def test_dotted_overrides_reach_free_form_patch_params():
     assert recipe.patch_params == {"yarn": {"factor": 8}, "full_layers": 2}
 
 
-def test_defaults_cover_every_knob():
+# every knob's default, written out here (not read from KNOBS): a recipe that names nothing gets these
+DEFAULTS = {
+    "model": "default", "tokenizer": None, "trust_remote_code": False, "model_dtype": "float32",
+    "patch": "yarn", "patch_params": {}, "backend": "blockwise", "output_dir": "x", "seed": 0,
+    "resume": False, "overwrite": False, "seq_len": 2048, "target_len": 32768,
+    "positions.scheme": "pose", "positions.chunks": 2, "data.files": [], "data.val_sequences": 2,
+    "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.0, "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "trainable.patch_params": True, "trainable.embeddings": False, "trainable.norms": False,
+    "optim.lr": 2e-4, "optim.weight_decay": 0.0, "optim.betas": [0.9, 0.999], "optim.schedule": "cosine",
+    "optim.warmup_steps": 0, "optim.max_grad_norm": 1.0, "global_batch": 1, "micro_batch": 1, "max_steps": 100,
+    "gradient_checkpointing": True, "precision": "auto", "device": "auto", "checkpoint_every": 50,
+    "keep_checkpoints": 2, "eval_every": 50, "log_every": 1, "progress": True,
+}
+
+
+def test_defaults_are_the_documented_ones_for_every_knob():
     recipe = load_recipe(None, ["output_dir=x"]).to_dict()
-    for dotted in KNOBS:
+    assert set(KNOBS) == set(DEFAULTS)  # a new knob gets its expected default here
+    for dotted, expected in DEFAULTS.items():
         node = recipe
         for part in dotted.split("."):
             node = node[part]
+        assert node == expected, dotted
 
 
 # ---- errors --------------------------------------------------------------------------------------

@@ -240,3 +240,24 @@ def test_two_models_do_not_interfere():
         expected = plain(ids).logits
         with ctxpatch.apply(patched, "alibi"):
             assert_close(plain(ids).logits, expected, rtol=0, atol=0)
+
+
+def test_a_model_sharing_the_config_of_a_patched_one_computes_plain_attention():
+    """Patching switches the attention implementation on the config; a second model built on the same
+    config object has no ctxpatch runtime and gets transformers' own causal attention, cache included."""
+    patched = tiny_model("llama")
+    other = type(patched)(patched.config).eval()  # the same config object
+    other.load_state_dict(patched.state_dict())
+    ids = token_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    with torch.no_grad():
+        expected = other(ids, attention_mask=mask).logits
+        expected_generated = other.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        with ctxpatch.apply(patched, "window", window=5):
+            assert other.config._attn_implementation == "ctxpatch"  # the shared config now names ctxpatch
+            got = other(ids, attention_mask=mask).logits
+            generated = other.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    real = mask.bool()[:, :, None]
+    assert_close(got.masked_fill(~real, 0), expected.masked_fill(~real, 0), rtol=1e-5, atol=1e-5)
+    assert torch.equal(generated, expected_generated)

@@ -17,7 +17,7 @@ from torch.testing import assert_close
 import ctxpatch
 from conftest import TRAIN_LEN, tiny_model, token_ids
 from ctxpatch.backends import blockwise, get_backend
-from ctxpatch.backends.common import AttentionCall
+from ctxpatch.plan import AttentionCall
 from ctxpatch.compose import build_plan
 from ctxpatch.registry import ModelInfo, method
 
@@ -80,7 +80,7 @@ def test_bf16_is_finite_and_close_past_131072(spec):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from ctxpatch.patch import make_runtime
+    from ctxpatch.plan import make_runtime
     from ctxpatch.rotary import Rotary, RotaryLayout
 
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192)

@@ -3,18 +3,17 @@ and the cost structure of two-view rules in the blockwise backend."""
 
 from __future__ import annotations
 
+import formulas as f
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TRAIN_LEN, tiny_model, token_ids
 from torch.testing import assert_close
 
 import ctxpatch
-import formulas as f
-from conftest import TRAIN_LEN, tiny_model, token_ids
 from ctxpatch.backends import blockwise, get_backend
-from ctxpatch.backends.common import AttentionCall
 from ctxpatch.compose import build_plan
-from ctxpatch.patch import make_runtime
+from ctxpatch.plan import AttentionCall, make_runtime
 from ctxpatch.registry import ModelInfo
 from ctxpatch.rotary import Rotary, RotaryLayout
 
@@ -122,3 +121,21 @@ def test_two_view_rules_cost_one_extra_product_only_where_views_meet(monkeypatch
         visible = (index + 1) * 32  # causal: keys up to the chunk's last query
         assert keys <= visible + 64 + 2 * 32, (index, keys)
         assert width == 2 * 8  # two views side by side (head_dim 8)
+
+
+def test_beam_search_on_a_left_padded_batch_is_the_same_with_and_without_the_cache():
+    """generate(num_beams=4) reorders the cache between steps; every beam keeps its positions."""
+    model = tiny_model("llama")
+    ids = token_ids(2, 20)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    beams = {"max_new_tokens": 8, "num_beams": 4, "num_return_sequences": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        plain = model.generate(ids, attention_mask=mask, **beams)
+        with ctxpatch.apply(model, "selfextend", window=6, group=4):
+            cached = model.generate(ids, attention_mask=mask, **beams)
+            uncached = model.generate(ids, attention_mask=mask, use_cache=False, **beams)
+    assert cached.shape == (8, 28)
+    assert torch.equal(cached, uncached)
+    assert not torch.equal(cached, plain)  # selfextend acts at these lengths

@@ -9,18 +9,23 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Adapter
+from .base import Adapter, LayoutProbeError
 from .llama import LlamaFamilyAdapter
 
 ADAPTERS: list[type[Adapter]] = [LlamaFamilyAdapter]
 
 
 def find_adapter(model: nn.Module) -> Adapter:
+    cause = None
     for cls in ADAPTERS:
-        adapter = cls.find(model)
+        try:
+            adapter = cls.find(model)
+        except LayoutProbeError as error:  # recognised the structure, but its rotation could not be checked
+            cause = error
+            continue
         if adapter is not None:
             return adapter
-    raise UnsupportedModelError(describe_unsupported(model))
+    raise UnsupportedModelError(describe_unsupported(model)) from cause
 
 
 def describe_unsupported(model: nn.Module) -> str:

@@ -7,8 +7,13 @@ from typing import ClassVar
 
 from torch import nn
 
+from .._compat.transformers import rope_parameters
 from ..registry import ModelInfo
 from ..rotary import Rotary
+
+
+class LayoutProbeError(Exception):
+    """Checking a model's own rotation failed; `find_adapter` chains it under `UnsupportedModelError`."""
 
 
 @dataclass
@@ -31,5 +36,5 @@ class Adapter:
 
 def train_len(config) -> int:
     """L: rope_parameters' original_max_position_embeddings if present, else max_position_embeddings."""
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope_parameters(config)
     return int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)

@@ -13,14 +13,14 @@ reproduce is refused rather than approximated.
 from __future__ import annotations
 
 import itertools
-import sys
 
 import torch
 from torch import nn
 
+from .._compat.transformers import model_apply_rotary, rotary_cos_sin
 from ..registry import ModelInfo
 from ..rotary import Rotary, RotaryLayout
-from .base import Adapter, train_len
+from .base import Adapter, LayoutProbeError, train_len
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -43,18 +43,19 @@ def _find_base(model: nn.Module) -> nn.Module | None:
 
 
 def probe_layout(attention: nn.Module, rotary: nn.Module, rotary_dim: int, head_dim: int) -> RotaryLayout | None:
-    """The layout with which `Rotary.apply` equals the model's own apply_rotary_pos_emb (None: none does)."""
-    apply = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+    """The layout with which `Rotary.apply` equals the model's own apply_rotary_pos_emb (None: none does;
+    `LayoutProbeError`, carrying the cause, when the model's own rotation cannot be called)."""
+    apply = model_apply_rotary(attention)
     if apply is None or rotary.inv_freq.is_meta:
         return None
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2, 4, head_dim, generator=generator).to(rotary.inv_freq.device)  # (B, heads, T, d)
     positions = torch.arange(1, 5, device=x.device)[None]  # (B, T)
     try:
-        cos, sin = type(rotary).forward(rotary, x, positions)  # (B, T, d_r), bypassing any hook
+        cos, sin = rotary_cos_sin(rotary, x, positions)  # (B, T, d_r), bypassing any hook
         expected = apply(x, x, cos, sin)[0]
-    except Exception:  # noqa: BLE001 - an apply we cannot call is a layout we do not know
-        return None
+    except Exception as error:  # noqa: BLE001 - an apply we cannot call is a layout we do not know: say why
+        raise LayoutProbeError(f"calling the model's own rotary embedding failed: {error!r}") from error
     if cos.shape[-1] != rotary_dim:  # one table entry per rotated dim is what ctxpatch lays out
         return None
     for interleaved, cos_interleaved in itertools.product((False, True), repeat=2):

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import merge
-from .common import AttentionCall, LayerRuntime, head_index
+from ..plan import AttentionCall, LayerRuntime
+from . import lse_views
+from .common import head_index
 
 BLOCK = 256  # rows of a query chunk and size of a key block
 SCORE_BUDGET = 1 << 25  # elements of one chunk's float mask (128 MiB in fp32)
@@ -45,13 +46,13 @@ class KeyBlocks:
         i = call.q_pos[:, q0:q1]
         ok = layer.blocks_visible(
             call, i.amin(-1, keepdim=True), i.amax(-1, keepdim=True), self.lo[:, :n], self.hi[:, :n]
-        ).any(0)  # (n,)
+        ).any(0).cpu()  # (n,): which blocks is a shape decision, so one transfer (none on CPU), then host work
         ok[(call.q_offset + q0) // self.block :] = True  # the chunk's own blocks: a query sees itself
         ids = ok.nonzero().flatten()
         if ids[-1] - ids[0] + 1 == ids.numel():
             return slice(int(ids[0]) * self.block, last + 1)
-        idx = (ids[:, None] * self.block + torch.arange(self.block, device=ids.device)).flatten()
-        return idx[idx <= last]
+        idx = (ids[:, None] * self.block + torch.arange(self.block)).flatten()
+        return idx[idx <= last].to(call.k_pos.device)
 
     def classify(self, layer: LayerRuntime, call: AttentionCall, i: Tensor, kj: Tensor, first: int):
         """Per key column of a chunk: (is every pair visible but for padding, the one view its block
@@ -75,9 +76,10 @@ def _width(cols: Tensor | slice, total: int) -> int:
 
 def _as_slice(columns: Tensor) -> Tensor | slice:
     """A slice when the columns are one contiguous run (a view, not a copy, when indexing)."""
-    if columns.numel() and int(columns[-1]) - int(columns[0]) + 1 == columns.numel():
-        return slice(int(columns[0]), int(columns[-1]) + 1)
-    return columns
+    if not columns.numel():
+        return columns
+    first, last = columns[[0, -1]].tolist()  # one transfer for both ends
+    return slice(first, last + 1) if last - first + 1 == columns.numel() else columns
 
 
 def _is_plain_causal(call: AttentionCall, layer: LayerRuntime, tq: int, tk: int) -> bool:
@@ -122,13 +124,15 @@ def blockwise_attention(
     rows = _chunk_rows(batch, heads, tk, layer, float_mask, block)
     keys = KeyBlocks(call, block)
     h = head_index(heads, q.device)
+    # the pair grids are a chunk's costliest elementwise work: int32 halves their traffic (one sync per call)
+    narrow = not call.k_pos.is_floating_point() and bool(call.k_pos.abs().max() < 2**30)
     all_keys = torch.arange(tk, device=q.device)
     outs = []
     for q0 in range(0, tq, rows):
         q1 = min(tq, q0 + rows)
         cols = keys.select(layer, call, q0, q1)
         kj = all_keys[cols]
-        chunk = _Chunk(call, layer, keys, q0, q1, cols, kj)
+        chunk = Chunk(call, layer, keys, q0, q1, cols, kj, narrow)
         qs = [qv[:, :, q0:q1] for qv in q_views]
         ks = [kv[:, :, cols] for kv in k_views]
         if layer.plan.modifiers:
@@ -138,17 +142,18 @@ def blockwise_attention(
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
-class _Chunk:
+class Chunk:
     """Positions, indices and visibility of one query chunk against its selected keys.
 
     Columns of key blocks that are visible as a whole, real in every row and in one view need no
     mask (`whole`); the others (`exact`) are checked pair by pair, and only they.
     """
 
-    def __init__(self, call: AttentionCall, layer: LayerRuntime, keys: KeyBlocks, q0: int, q1: int, cols, kj: Tensor):
+    def __init__(
+        self, call: AttentionCall, layer: LayerRuntime, keys: KeyBlocks, q0: int, q1: int, cols, kj: Tensor, narrow: bool
+    ):
         self.i, self.j = call.q_pos[:, q0:q1], call.k_pos[:, cols]  # (B, Qc), (B, Kr)
-        # the pair grids below are the chunk's costliest elementwise work: int32 halves their traffic
-        if not call.k_pos.is_floating_point() and bool(call.k_pos.abs().max() < 2**30):
+        if narrow:  # every position fits int32
             self.i, self.j = self.i.int(), self.j.int()
         self.pair_i, self.pair_j = self.i[:, None, :, None], self.j[:, None, None, :]
         full, self.view = keys.classify(layer, call, self.i, kj, call.q_offset + q0)
@@ -201,10 +206,10 @@ class _Chunk:
         return _as_slice(cols), owned
 
 
-def _fused_chunk(qs, ks, vc, chunk: _Chunk, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:
+def _fused_chunk(qs, ks, vc, chunk: Chunk, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:
     """One chunk through SDPA: views side by side, biases folded in or as a float mask."""
-    if len(qs) > 1 and merge.available(qs[0], ks[0], vc, call, layer):
-        return merge.views_chunk(qs, ks, vc, chunk, h, call, layer)
+    if len(qs) > 1 and lse_views.available(qs[0], ks[0], vc, call, layer):
+        return lse_views.views_chunk(qs, ks, vc, chunk, h, call, layer)
     batch, kv_heads, _, dim = ks[0].shape
     bias = None
     if layer.plan.biases and not fold:

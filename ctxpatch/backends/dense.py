@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .common import AttentionCall, LayerRuntime, compute_dtype, head_index
+from ..plan import AttentionCall, LayerRuntime
+from .common import compute_dtype, head_index
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, layer: LayerRuntime) -> Tensor:

@@ -13,7 +13,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from .common import AttentionCall, LayerRuntime, compute_dtype
+from ..plan import AttentionCall, LayerRuntime
+from .common import compute_dtype
 
 
 @functools.cache

@@ -33,6 +33,7 @@ class ALiBi(Bias):
 
     name = "alibi"
     paper = "ALiBi (Press et al., ICLR 2022)"
+    definition = "−m_h Δ, the ALiBi paper's slopes"
 
     def make_parameters(self, num_heads: int) -> dict[str, Tensor]:
         return {"slopes": alibi_slopes(num_heads)}

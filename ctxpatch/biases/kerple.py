@@ -38,6 +38,7 @@ class KerpleLog(_Kerple):
 
     name = "kerple_log"
     paper = "KERPLE (Chi et al., NeurIPS 2022)"
+    definition = "−r1_h ln(1 + r2_h Δ), trainable"
     params = (
         Param("r1", 1.0, positive_number, "initial r1 (> 0)"),
         Param("r2", 1.0, positive_number, "initial r2 (> 0)"),
@@ -55,6 +56,7 @@ class KerplePower(_Kerple):
 
     name = "kerple_power"
     paper = "KERPLE (Chi et al., NeurIPS 2022)"
+    definition = "−r1_h Δ^r2_h, 0 < r2 ≤ 2, trainable"
     params = (
         Param("r1", 1.0, positive_number, "initial r1 (> 0)"),
         Param("r2", 1.0, number_in(0, 2), "initial r2, in (0, 2]"),

@@ -20,6 +20,7 @@ class Sandwich(Bias):
 
     name = "sandwich"
     paper = "Sandwich (Chi et al., ACL 2023)"
+    definition = "(Σ_k cos(Δ·10000^(−2k/D)) − D/2)·H/(8h)"
     params = (Param("sandwich_dim", 128, positive_int, "D, even"),)
 
     def check_together(self, info) -> None:

@@ -1,3 +1,4 @@
-"""Cache policies: what the KV cache keeps. One file per method."""
+"""Cache policies: what the KV cache keeps. One file per method.
 
-from . import sinks  # noqa: F401  (registration)
+Found by ctxpatch.registry.discover (pkgutil): a new method file needs no line here.
+"""

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..kinds import CachePolicy, Mask, TwoViewRule
-from ..masks.window import window_blocks_all_visible, window_blocks_visible, window_visible
+from ..masking import GlobalTokens, MaskFunction, SlidingWindow, or_masks
 from ..registry import Param, from_model, non_negative_int, positive_int, register
 
 
@@ -25,25 +25,16 @@ class Sinks(CachePolicy, TwoViewRule, Mask):
     name = "sinks"
     kind = "cache"
     paper = "StreamingLLM (Xiao et al., ICLR 2024)"
+    definition = "StreamingLLM: the cache keeps the first S and the last W tokens; positions inside the cache (a mask and a position rule too)"
     params = (
         Param("global_tokens", 4, non_negative_int, "S, sink tokens kept"),
         Param("window", from_model("L - S", lambda m, v: max(1, m.train_len - v["global_tokens"])), positive_int, "W, recent tokens kept"),
     )
 
-    # ---- as a mask: the window and the sinks ------------------------------------------------
+    # ---- as a mask: the window or the sinks --------------------------------------------------
 
-    def visible(self, i: Tensor, j: Tensor) -> Tensor:
-        return window_visible(i, j, self.window) | ((j < self.global_tokens) & (j <= i))
-
-    def blocks_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
-        return window_blocks_visible(i_lo, i_hi, j_lo, j_hi, self.window) | (j_lo < self.global_tokens)
-
-    def blocks_all_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
-        causal = j_hi <= i_lo
-        return window_blocks_all_visible(i_lo, i_hi, j_lo, j_hi, self.window) | (causal & (j_hi < self.global_tokens))
-
-    def max_keys(self, num_keys: int) -> int:
-        return min(num_keys, self.window + self.global_tokens)
+    def expression(self) -> MaskFunction:
+        return or_masks(SlidingWindow(self.window), GlobalTokens(self.global_tokens))
 
     # ---- as a position rule: sinks seen from the query's slot in the cache ------------------
 

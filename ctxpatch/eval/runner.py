@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 from tqdm.auto import tqdm
 
 from .. import patch as patching
+from .._compat import transformers as hf
 from ..adapters.base import train_len as config_train_len
 from . import ruler, sources
 from .errors import EvalError
@@ -140,7 +141,7 @@ def applied(model: Any, spec: Spec, backend: str) -> Iterator[None]:
 
 
 def model_name(model: Any) -> str:
-    return getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return hf.model_source(model.config) or type(model).__name__
 
 
 def describe(cfg: EvalConfig) -> dict[str, Any]:

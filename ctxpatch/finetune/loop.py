@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .. import loading
+from .._compat import transformers as hf
 from ..errors import CtxpatchError
 from . import checkpoints as ckpt
 from .data import PackedSamples, TokenSplit, load_split, validation_samples
@@ -140,11 +141,7 @@ def load_patched_model(recipe: Recipe, methods: list, apply_kwargs: dict[str, An
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """transformers' activation (gradient) checkpointing, non-reentrant (frozen inputs need no grad)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    hf.enable_activation_checkpointing(model, {"use_reentrant": False})
 
 
 def use_peft_wrap_policy_under_fsdp(accelerator, model: nn.Module) -> None:

@@ -24,8 +24,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-Scheme = Callable[[int, int, torch.Generator], Tensor]
-
 
 def contiguous(seq_len: int, target_len: int, generator: torch.Generator, chunks: int = 1) -> Tensor:
     return torch.arange(seq_len, dtype=torch.long)

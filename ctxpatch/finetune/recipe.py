@@ -27,6 +27,7 @@ import yaml
 
 from ..errors import UserInputError
 from ..loading.base import DTYPE_CHOICES as DTYPES
+from ..registry import positive_number  # one validator for method parameters and recipe knobs
 
 Check = Callable[[Any], "str | None"]  # what the value should be when it is wrong, else None
 
@@ -66,10 +67,6 @@ def number_between(low: float, high: float, *, low_open: bool = False) -> Check:
         return None if ok else f"a number in {'(' if low_open else '['}{low}, {high}]"
 
     return check
-
-
-def positive_number(v: Any) -> str | None:
-    return None if _is_number(v) and v > 0 else "a finite number > 0"
 
 
 def boolean(v: Any) -> str | None:
@@ -344,7 +341,8 @@ def validate(tree: dict[str, Any]) -> dict[str, Any]:
             raise RecipeError(f"recipe key {dotted!r} is a section, not a value: set its keys ({inner})")
         problem = knob.check(value)
         if problem:
-            raise RecipeError(f"recipe key {dotted!r} must be {problem}; got {value!r}")
+            problem = problem if problem.startswith("must be") else f"must be {problem}"  # registry's checks say it
+            raise RecipeError(f"recipe key {dotted!r} {problem}; got {value!r}")
         _set_dotted(merged, dotted, value)
     _check_together(merged)
     return merged

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._compat import transformers as hf
 from ..errors import CtxpatchError
 from .assets import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_gguf
 from .record import ADAPTER_CONFIG, CTXPATCH_JSON, is_native, read_record
@@ -295,5 +296,5 @@ def fingerprint(name: str, net: nn.Module | None = None) -> dict[str, Any]:
         sizes = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name.endswith(WEIGHT_SUFFIXES)}
         digest.update(json.dumps(sizes, sort_keys=True).encode())
         return {"kind": "folder", "sha256": digest.hexdigest(), "weight_files": sizes}
-    revision = getattr(getattr(net, "config", None), "_commit_hash", None)
+    revision = hf.model_revision(getattr(net, "config", None))
     return {"kind": "hub", "revision": revision}

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import _hf
+from .._compat import transformers as hf
 from ..errors import CtxpatchError
 from .assets import DEFAULT_MODEL
 from .base import (
@@ -237,7 +237,7 @@ def merge(src: str | Path, dst: str | Path, *, dtype: str | torch.dtype | None =
     merged["patch_parameters"] = PATCH_PARAMETERS_FILE if has_parameters else None
     native = native_rope_config(patch, model)
     patch.remove()  # the saved weights are the model's own; the patch is re-applied on load
-    _hf.forget_dequantized_gguf(model)
+    hf.forget_dequantized_gguf(model)
     if native is not None:
         merged[REPLACED_CONFIG] = config_values(model.config, native)
         for key, value in native.items():

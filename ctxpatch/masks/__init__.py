@@ -1,3 +1,4 @@
-"""Masks: which (i, j) pairs a query may attend to. One file per method."""
+"""Masks: which (i, j) pairs a query may attend to. One file per method.
 
-from . import bca, hybrid, window  # noqa: F401  (registration)
+Found by ctxpatch.registry.discover (pkgutil): a new method file needs no line here.
+"""

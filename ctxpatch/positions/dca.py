@@ -29,6 +29,10 @@ class DualChunk(PositionRule):
     """Dual Chunk Attention: within-chunk, previous-chunk and older-chunk views."""
 
     name = "dca"
+    definition = (
+        "chunks of s tokens; RoPE sees key j at j mod s and query i at i mod s (same chunk), at min(i mod s + s, "
+        "s + w) (previous chunk), at s + w (older chunks); valid iff 0 < w < s and s + w < L"
+    )
     paper = "Dual Chunk Attention / ChunkLlama (An et al., ICML 2024)"
     params = (
         Param("local_window", from_model("L // 8", lambda m: max(1, m.train_len // 8)), positive_int, "w"),

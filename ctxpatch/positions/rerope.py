@@ -20,6 +20,7 @@ class ReRoPE(TwoViewRule):
 
     name = "rerope"
     paper = "ReRoPE (Su, 2023)"
+    definition = "RoPE sees Δ if Δ < W, else W"
     params = (Param("window", from_model("L // 2", lambda m: max(1, m.train_len // 2)), positive_int, "W"),)
 
     def far_query(self, i: Tensor) -> Tensor:
@@ -40,6 +41,7 @@ class LeakyReRoPE(TwoViewRule):
 
     name = "leaky_rerope"
     paper = "ReRoPE (Su, 2023)"
+    definition = "Δ if Δ < W, else W + (Δ − W)/k"
     params = (
         Param("window", from_model("L // 2", lambda m: max(1, m.train_len // 2)), positive_int, "W"),
         Param("leak", 16.0, at_least(1.0), "k, how much slower far positions grow"),

@@ -13,14 +13,15 @@ Ding et al., "LongRoPE" (arXiv:2402.13753).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
+from .._compat.transformers import rope_parameters, rotary_for_rope
 from ..kinds import PositionRule
 from ..registry import ModelInfo, Param, at_least, optional, positive_number, register
 from ..rotary import Rotary
 
 FACTOR = Param("factor", 2.0, at_least(1.0), "s, the context multiplier")
+TRANSFORMERS_OWN = "transformers' own `{}` rope initialiser, `original_max_position_embeddings` = L"
 
 
 class RopeScaler(PositionRule):
@@ -34,12 +35,8 @@ class RopeScaler(PositionRule):
         return {**base, **given, "rope_type": self.rope_type, "original_max_position_embeddings": train_len}
 
     def make_rotary(self, rotary: Rotary, config: Any, info: ModelInfo) -> Rotary:
-        train_len = info.train_len
-        scaled = copy.deepcopy(config)
-        base = dict(config.rope_parameters or {})
-        scaled.rope_parameters = self.rope_parameters(base, train_len, rotary.layout.rotary_dim)
-        scaled.max_position_embeddings = train_len  # `dynamic` reads its original length from here
-        module = type(rotary.module)(config=scaled).to(rotary.inv_freq.device)
+        rope = self.rope_parameters(rope_parameters(config), info.train_len, rotary.layout.rotary_dim)
+        module = rotary_for_rope(rotary.module, config, rope, info.train_len).to(rotary.inv_freq.device)
         return Rotary(module, rotary.layout)
 
     length_rule: bool = False  # True: the scaling follows the length it sees (dynamic); no target rule
@@ -62,6 +59,7 @@ def _scaler(name: str, rope_type: str, summary: str, extra: tuple[Param, ...] = 
         "name": name,
         "rope_type": rope_type,
         "paper": "transformers rope_type=" + rope_type,
+        "definition": TRANSFORMERS_OWN.format(rope_type),
         "params": (FACTOR, *extra),
         "__module__": __name__,
     })
@@ -87,6 +85,7 @@ class Yarn(RopeScaler):
 
     name = "yarn"
     rope_type = "yarn"
+    definition = TRANSFORMERS_OWN.format("yarn")
     paper = "YaRN (Peng et al., 2023)"
     params = (
         FACTOR,
@@ -102,6 +101,7 @@ class LongRope(RopeScaler):
 
     name = "longrope"
     rope_type = "longrope"
+    definition = TRANSFORMERS_OWN.format("longrope")
     paper = "LongRoPE (Ding et al., 2024)"
     params = (
         FACTOR,
@@ -133,6 +133,7 @@ class NTK(RopeScaler):
 
     name = "ntk"
     rope_type = "default"
+    definition = "rope base × s^(d_r/(d_r − 2)) (fixed NTK-aware), transformers' default initialiser"
     paper = "NTK-aware scaled RoPE (bloc97, 2023)"
     params = (FACTOR,)
 

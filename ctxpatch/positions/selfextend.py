@@ -18,6 +18,7 @@ class SelfExtend(TwoViewRule):
 
     name = "selfextend"
     paper = "LLM Maybe LongLM / SelfExtend (Jin et al., ICML 2024)"
+    definition = "Δ if Δ < W, else ⌊i/G⌋ − ⌊j/G⌋ + W − ⌊W/G⌋"
     params = (
         Param("window", from_model("L // 4", lambda m: max(1, m.train_len // 4)), positive_int, "W, neighbour window"),
         Param("group", 8, positive_int, "G, group size"),

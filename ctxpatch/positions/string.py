@@ -18,6 +18,7 @@ class String(TwoViewRule):
     """STRING: distances past S shifted down by S − W."""
 
     name = "string"
+    definition = "Δ if Δ < S, else Δ − S + W; valid iff 0 ≤ W < S ≤ L"
     paper = "STRING (An et al., ICLR 2025)"
     params = (
         Param("offset", from_model("L // 3", lambda m: max(1, m.train_len // 3)), positive_int, "S, the shift"),

@@ -28,6 +28,7 @@ class XPos(PositionModifier):
 
     name = "xpos"
     paper = "XPOS / LEX (Sun et al., ACL 2023)"
+    definition = "pair k's contribution × ζ_k^(Δ/γ), ζ_k = (2k/d_r + 0.4)/1.4"
     params = (Param("scale_base", 512.0, positive_number, "γ"),)
 
     def factors(self, positions: Tensor, centre: Tensor, sign: int, layout: RotaryLayout, head_dim: int) -> Tensor:

@@ -20,6 +20,7 @@ class LogN(Scale):
 
     name = "logn"
     paper = "Chiang & Cholak, 2022; Su, 2021"
+    definition = "κ_i = max(1, ln(i+1) / ln L)"
     params = (Param("train_len", from_model("L", lambda m: m.train_len), at_least(2), "L"),)
 
     def scale(self, i: Tensor) -> Tensor:

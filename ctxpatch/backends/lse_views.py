@@ -8,26 +8,44 @@ also returns the log-sum-exp of every row; the partial results combine exactly,
 so a key block costs one product at the head width, and a second only where the views meet. The
 keys a view owns as whole blocks (every pair visible, no padding) go in a call with no mask at all;
 only the rest is masked, pair by pair.
-The kernel is `aten::_scaled_dot_product_flash_attention_for_cpu`, the one SDPA itself dispatches
-to on CPU, called directly because SDPA does not hand out the log-sum-exp. Where it is missing, or
-when gradients are needed (it does not differentiate through the log-sum-exp), the blockwise
-backend's single-call path (views side by side) runs instead.
+The kernel is the one SDPA itself dispatches to on CPU (ctxpatch._compat.torch), called directly
+because SDPA does not hand out the log-sum-exp. Where it is missing, or when gradients are needed
+(it does not differentiate through the log-sum-exp), the blockwise backend's single-call path
+(views side by side) runs instead. (Not to be confused with ctxpatch.merge, which folds a
+fine-tune's adapter into the weights.)
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
-from .common import AttentionCall, LayerRuntime, compute_dtype
+from .._compat.torch import cpu_flash_attention_available, cpu_flash_attention_with_lse
+from ..plan import AttentionCall, LayerRuntime
+from .common import compute_dtype
 
-_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+class ViewChunk(Protocol):
+    """What a query chunk tells this module (the blockwise backend's `Chunk`)."""
+
+    pair_i: Tensor  # (B, 1, Qc, 1) query positions
+    pair_j: Tensor  # (B, 1, 1, Kr) positions of the chunk's selected keys
+
+    def whole_columns(self, n: int) -> Tensor | slice:
+        """Columns view n owns as whole blocks (every pair visible)."""
+        ...
+
+    def exact_columns(self, layer: LayerRuntime, n: int) -> tuple[Tensor | slice, Tensor]:
+        """The other columns view n may own, and which pairs of them it owns (B, 1, Qc, those columns)."""
+        ...
 
 
 def available(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, layer: LayerRuntime) -> bool:
     trainable = [] if layer.tensors is None else list(layer.tensors.parameters())
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *trainable))
-    return _FLASH is not None and q.device.type == "cpu" and not needs_grad and call.dropout == 0.0
+    return cpu_flash_attention_available() and q.device.type == "cpu" and not needs_grad and call.dropout == 0.0
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
@@ -41,11 +59,13 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) 
             mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * rows, -1)
         else:  # (B, H, Qc, Kr) -> (B, Hk, G*Qc, Kr)
             mask = mask.reshape(batch, kv_heads, groups * rows, -1)
-    out, lse = _FLASH(folded, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    out, lse = cpu_flash_attention_with_lse(folded, k, v, mask, scale)
     return out.reshape(batch, heads, rows, -1), lse.reshape(batch, heads, rows)
 
 
-def views_chunk(qs, ks, vc, chunk, h, call: AttentionCall, layer: LayerRuntime) -> Tensor:
+def views_chunk(
+    qs: list[Tensor], ks: list[Tensor], vc: Tensor, chunk: ViewChunk, h: Tensor, call: AttentionCall, layer: LayerRuntime
+) -> Tensor:
     """A chunk of a multi-view rule: per view, one unmasked call over the whole blocks it owns and one
     masked call over the pairs it owns elsewhere, all merged exactly."""
     bias = layer.bias(h, chunk.pair_i, chunk.pair_j) if layer.plan.biases else None  # (B, H, Qc, Kr)

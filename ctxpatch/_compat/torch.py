@@ -1,0 +1,25 @@
+"""PyTorch internals ctxpatch uses, in one place.
+
+`aten::_scaled_dot_product_flash_attention_for_cpu` is the kernel SDPA itself dispatches to on CPU;
+it is called directly because SDPA does not hand out the log-sum-exp of each row. It is a private
+op: where a torch build lacks it, `cpu_flash_attention_available()` says so and callers fall back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def cpu_flash_attention_available() -> bool:
+    return _CPU_FLASH is not None
+
+
+def cpu_flash_attention_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """(out (B, H, T, d), lse (B, H, T)) of SDPA on CPU, no dropout, not causal; q and k/v share heads."""
+    out, lse = _CPU_FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+    return out, lse
