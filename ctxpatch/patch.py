@@ -31,7 +31,7 @@ from .errors import AlreadyPatchedError, CtxpatchError
 from .plan import AttentionCall, LayerPlan, LayerRuntime, make_runtime
 from .registry import Method
 from .rotary import Rotary
-from .spec import parse_spec
+from .spec import parse_spec, spec_from_dict  # noqa: F401  (spec_from_dict: public here too)
 
 RUNTIME = "_ctxpatch_runtime"  # attribute of a patched attention module
 PATCH = "_ctxpatch_patch"  # attribute of a patched model
@@ -335,13 +335,6 @@ def apply(
         patch.remove()
         raise
     return patch
-
-
-def spec_from_dict(record: dict[str, Any]) -> list[Method]:
-    """Method objects from `Patch.to_dict()` (e.g. a saved `ctxpatch.json`): `apply(model, spec_from_dict(d))`."""
-    from .registry import method
-
-    return [method(m["name"], layers=m.get("layers"), **m.get("params", {})) for m in record["methods"]]
 
 
 def remove(model: nn.Module) -> bool:

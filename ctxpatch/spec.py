@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CompositionError, ParameterTypeError, SpecError
-from .registry import Method, method_class
+from .registry import Method, method, method_class
 
 NONE = "none"
 EXAMPLES = "e.g. 'logn+window', 'yarn[factor=4]', 'hybrid[window=8192]+rerope[window=4096]', 'none' or 'tuned.json'"
@@ -232,10 +232,13 @@ def from_dict(data: dict[str, Any], where: str) -> ParsedSpec:
     return ParsedSpec(unique(methods), check_target_len(target_len, where), meta)
 
 
+def spec_from_dict(record: dict[str, Any]) -> list[Method]:
+    """Method objects from `Patch.to_dict()` (e.g. a saved `ctxpatch.json`): `apply(model, spec_from_dict(d))`."""
+    return [method(m["name"], layers=m.get("layers"), **m.get("params", {})) for m in record["methods"]]
+
+
 def methods_from_dict(data: dict[str, Any], where: str) -> list[Method]:
     """Method objects from a dict's "methods" list, through `spec_from_dict`, shape checked first."""
-    from .patch import spec_from_dict
-
     entries = data["methods"]
     if not isinstance(entries, list):
         raise SpecError(f"{where}: 'methods' must be a list of {{'name', 'params', 'layers'}} objects")

@@ -19,7 +19,7 @@ LAYERS = [
         "methods",
         (
             "ctxpatch.registry", "ctxpatch.masking", "ctxpatch.kinds", "ctxpatch.rotary", "ctxpatch.masks",
-            "ctxpatch.biases", "ctxpatch.scales", "ctxpatch.positions", "ctxpatch.caches",
+            "ctxpatch.biases", "ctxpatch.scales", "ctxpatch.positions", "ctxpatch.caches", "ctxpatch.spec",
         ),
     ),
     ("plan", ("ctxpatch.plan", "ctxpatch.compose")),

@@ -389,7 +389,7 @@ def patch_arguments(recipe: Recipe) -> tuple[list, dict[str, Any]]:
     goes to `ctxpatch.apply` itself, for every method taking it.
     """
     from ..compose import distribute
-    from ..registry import method_class, registered
+    from ..registry import method_class, methods
     from ..spec import parse_spec
 
     try:
@@ -398,7 +398,7 @@ def patch_arguments(recipe: Recipe) -> tuple[list, dict[str, Any]]:
         raise RecipeError(f"patch={recipe.patch!r} is refused: {error}") from None
     per_method, apply_kwargs = {}, {}
     for key, value in recipe.patch_params.items():
-        if key in registered():
+        if key in {m.name for m in methods()}:
             if not isinstance(value, dict):
                 raise RecipeError(f"patch_params.{key} must map {key}'s parameter names to values, not {value!r}")
             per_method[key] = value
