@@ -81,6 +81,8 @@ class Geometry:
             k_pos[1] = (padding[1].long().cumsum(0) - 1).clamp(min=0)
         elif kind == "skips":
             k_pos[1] = torch.cat([torch.arange(8), torch.arange(8, t) + 9])  # a PoSE-style jump of 9
+        elif kind == "stretched":  # fractional ids as the `stretched` scheme gives (spacings exact in fp32: differences too)
+            k_pos = torch.stack([torch.arange(t) * 1.5, torch.arange(t) * (55 / 32)]).float()
         return k_pos, padding
 
     def inputs(self, tq: int, seed: int = 0):
@@ -167,7 +169,7 @@ class Geometry:
         j = k_pos[:, None, None, :]  # (B, 1, 1, Tk)
         key_real = None if padding is None else padding[:, None, None, :]
         scaler = next((n for n in names if n in SCALERS), "default")
-        theta, att = self.theta_and_scaling(scaler, params, int(k_pos.max()))
+        theta, att = self.theta_and_scaling(scaler, params, k_pos.max().item())  # a float for fractional ids
         rel, weights, kappa, bias = (i - j).double(), None, 1.0, 0.0
         visible = f.causal(i, j, key_real)
         w = params.get("window")

@@ -144,7 +144,7 @@ class _Chunk:
     def __init__(self, call: AttentionCall, layer: LayerRuntime, keys: KeyBlocks, q0: int, q1: int, cols, kj: Tensor):
         self.i, self.j = call.q_pos[:, q0:q1], call.k_pos[:, cols]  # (B, Qc), (B, Kr)
         # the pair grids below are the chunk's costliest elementwise work: int32 halves their traffic
-        if bool(call.k_pos.abs().max() < 2**30):
+        if not call.k_pos.is_floating_point() and bool(call.k_pos.abs().max() < 2**30):  # fractional: keep
             self.i, self.j = self.i.int(), self.j.int()
         self.pair_i, self.pair_j = self.i[:, None, :, None], self.j[:, None, None, :]
         full, self.view = keys.classify(layer, call, self.i, kj, call.q_offset + q0)

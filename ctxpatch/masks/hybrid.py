@@ -54,7 +54,8 @@ class Hybrid(Mask):
 
     def _random(self, i: Tensor, j: Tensor) -> Tensor:
         # the table must cover i: backends call `prepare` before evaluating the mask
-        drawn = self._table[i // self.block_size]  # (..., Tq, 1, R) when i is (..., Tq, 1)
+        query_block = torch.div(i, self.block_size, rounding_mode="floor").long()  # fractional i: its floor's block
+        drawn = self._table[query_block]  # (..., Tq, 1, R) when i is (..., Tq, 1)
         return (drawn == (j // self.block_size).unsqueeze(-1)).any(-1)
 
     def visible(self, i: Tensor, j: Tensor) -> Tensor:
