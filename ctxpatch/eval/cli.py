@@ -82,12 +82,13 @@ def check_spec_names(specs: list[Spec]) -> None:
 def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     import torch
 
-    from .loading import carries_patch, check_exists, load_for_eval
+    from .loading import carries_patch, check_exists, held_apart_text, load_for_eval
     from .runner import EvalConfig, compare
 
+    text_files = args.text or held_apart_text(args.model)  # a run folder: the text its fine-tune never read
     config = EvalConfig(
         lengths=args.lengths, tasks=args.tasks, depths=args.depths, samples=args.samples, tail=args.tail,
-        seed=args.seed, text_files=args.text, max_length=args.max_length, backend=args.backend,
+        seed=args.seed, text_files=text_files, max_length=args.max_length, backend=args.backend,
     )
     check_spec_names(specs)
     check_exists(args.model)

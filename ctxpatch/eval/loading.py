@@ -26,6 +26,13 @@ def carries_patch(name: str) -> bool:
         return False  # not ours to judge: loading it as a plain model says what is wrong
 
 
+def held_apart_text(name: str) -> list[str] | None:
+    """The text files a fine-tune run held apart (`eval_text` in its ctxpatch.json), or None: the default."""
+    if not carries_patch(name):
+        return None
+    return read_record(name).get("eval_text") or None
+
+
 def check_exists(name: str) -> None:
     """A name that looks like a path (./x, /x, x/y that is not a hub id, x.gguf) must exist."""
     if name == "default":
