@@ -425,7 +425,9 @@ def test_the_cpu_recipe_runs_on_the_real_model(tmp_path):
 # ---- a training-free winner trained on: dca with stretched positions; text held apart by file ------------
 
 
-def test_dca_with_stretched_positions_trains_saves_loads_and_records_the_held_out_text(model_dir, tmp_path, monkeypatch):
+def test_dca_with_stretched_positions_trains_saves_loads_and_records_the_held_out_text(
+    model_dir, tmp_path, monkeypatch
+):
     """A tiny run under dca (chunks of 8 and a window of 3 at trained length 32) with fractional positions up to
     128: finite losses, LoRA weights move, ctxpatch.load gives back the model with its patch, and the record names
     the file held apart, which `ctxpatch eval --model RUN` then reads by default."""
@@ -440,13 +442,21 @@ def test_dca_with_stretched_positions_trains_saves_loads_and_records_the_held_ou
         return peft_model
 
     monkeypatch.setattr(train_module, "make_trainable", recording)
-    recipe = load_recipe(None, tiny_overrides(model_dir, texts[0], out, **{
-        "data.files": f"[{', '.join(str(t) for t in texts)}]",
-        "data.holdout": 0.3,
-        "patch": "dca",
-        "patch_params.dca": "{chunk_len: 8, local_window: 3}",
-        "positions": "stretched",
-    }))
+    recipe = load_recipe(
+        None,
+        tiny_overrides(
+            model_dir,
+            texts[0],
+            out,
+            **{
+                "data.files": f"[{', '.join(str(t) for t in texts)}]",
+                "data.holdout": 0.3,
+                "patch": "dca",
+                "patch_params.dca": "{chunk_len: 8, local_window: 3}",
+                "positions": "stretched",
+            },
+        ),
+    )
     seen_positions = []
     lm_loss = train_module.lm_loss
     monkeypatch.setattr(train_module, "lm_loss", lambda m, b: seen_positions.append(b["position_ids"]) or lm_loss(m, b))

@@ -16,7 +16,9 @@ from ctxpatch.finetune.positions import position_ids, sample_generator
 SCHEMES = ("contiguous", "pose", "randomized")
 
 
-def draw(scheme: str, seq_len: int, target_len: int, n: int, chunks: int = 2, distribution: str = "uniform") -> torch.Tensor:
+def draw(
+    scheme: str, seq_len: int, target_len: int, n: int, chunks: int = 2, distribution: str = "uniform"
+) -> torch.Tensor:
     """(n, seq_len) position ids of samples 0..n-1."""
     return torch.stack(
         [position_ids(scheme, seq_len, target_len, sample_generator(0, k), chunks, distribution) for k in range(n)]
@@ -134,7 +136,9 @@ def test_stretched_log_uniform_span_matches_its_distribution():
     """ln n ~ U[ln(N - 1), ln(T - 1)]: as many spans in [15, 150) as in [150, 1500)."""
     seq_len, target_len, count = 16, 1501, 4000
     spans = stretched_spans("log_uniform", seq_len, target_len, count)
-    logs = (spans.log() - torch.log(torch.tensor(15.0, dtype=torch.double))) / torch.log(torch.tensor(100.0, dtype=torch.double))
+    logs = (spans.log() - torch.log(torch.tensor(15.0, dtype=torch.double))) / torch.log(
+        torch.tensor(100.0, dtype=torch.double)
+    )
     quantiles = torch.linspace(0.1, 0.9, 9, dtype=torch.double)
     empirical = torch.stack([(logs <= q).double().mean() for q in quantiles])
     assert float((empirical - quantiles).abs().max()) < 1.36 / count**0.5

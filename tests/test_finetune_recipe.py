@@ -128,7 +128,10 @@ def test_unknown_key_in_the_file_names_the_closest(tmp_path):
         ("lora.r=abc", "'lora.r' must be an integer >= 1; got 'abc'"),
         ("lora.r=0", "'lora.r' must be an integer >= 1; got 0"),
         ("lora.dropout=1.5", r"'lora.dropout' must be a number in \[0, 1\]; got 1.5"),
-        ("positions.scheme=poes", "'positions.scheme' must be one of contiguous, pose, randomized, stretched; got 'poes'"),
+        (
+            "positions.scheme=poes",
+            "'positions.scheme' must be one of contiguous, pose, randomized, stretched; got 'poes'",
+        ),
         ("positions=poes", "'positions.scheme' must be one of contiguous, pose, randomized, stretched; got 'poes'"),
         ("positions.distribution=gauss", "'positions.distribution' must be one of uniform, log_uniform; got 'gauss'"),
         ("data.holdout=1.5", r"'data.holdout' must be a number in \[0, 1\]; got 1.5"),

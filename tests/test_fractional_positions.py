@@ -24,13 +24,27 @@ from ctxpatch.backends import blockwise
 from harness import METHOD_CASES, Geometry
 
 LLAMA = Geometry(
-    heads=4, kv_heads=2, head_dim=8, rotary_dim=8, interleaved=False, train_len=16, length=22,
+    heads=4,
+    kv_heads=2,
+    head_dim=8,
+    rotary_dim=8,
+    interleaved=False,
+    train_len=16,
+    length=22,
     config=LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16),
     rotary_class=LlamaRotaryEmbedding,
 )
 GLM = Geometry(
-    heads=4, kv_heads=2, head_dim=16, rotary_dim=8, interleaved=True, train_len=16, length=22,
-    config=GlmConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=16),
+    heads=4,
+    kv_heads=2,
+    head_dim=16,
+    rotary_dim=8,
+    interleaved=True,
+    train_len=16,
+    length=22,
+    config=GlmConfig(
+        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=16
+    ),
     rotary_class=GlmRotaryEmbedding,
 )
 T = LLAMA.length
@@ -94,7 +108,9 @@ def test_floor_semantics_of_the_formulas():
     i = torch.tensor([[[[9.75]]]])
     j = torch.tensor([[[[0.5, 4.9, 5.0, 7.25]]]])
     # dca, s = 5, w = 2: chunks ⌊9.75/5⌋ = 1 against 0, 0, 1, 1; keys at j mod 5; query at 9.75 mod 5 = 4.75
-    expected = torch.tensor([[[[min(4.75 + 5, 7) - 0.5, min(4.75 + 5, 7) - 4.9, 4.75 - 0.0, 4.75 - 2.25]]]], dtype=torch.float64)
+    expected = torch.tensor(
+        [[[[min(4.75 + 5, 7) - 0.5, min(4.75 + 5, 7) - 4.9, 4.75 - 0.0, 4.75 - 2.25]]]], dtype=torch.float64
+    )
     assert_close(f.dca(i, j, 5, 2), expected, rtol=0, atol=1e-6)
     # selfextend, W = 3, G = 4: ⌊9.75/4⌋ - ⌊j/4⌋ + 3 - 0 where Δ >= 3
     expected = torch.tensor([[[[2 - 0 + 3, 2 - 1 + 3, 2 - 1 + 3, 9.75 - 7.25]]]], dtype=torch.float64)

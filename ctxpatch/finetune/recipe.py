@@ -150,10 +150,14 @@ SCHEMA: dict[str, Any] = {
             [], string_list, "local text files, one document each; [] = the 'train' split of Shakespeare's plays"
         ),
         "eval_files": Knob(
-            [], string_list, "files held apart for evaluation, never trained on; [] = by data.holdout (default plays: the held-out split)"
+            [],
+            string_list,
+            "files held apart for evaluation, never trained on; [] = by data.holdout (default plays: the held-out split)",
         ),
         "holdout": Knob(
-            0.0, number_between(0, 1), "share of data.files (by file: the last ceil(share x n)) held apart for evaluation"
+            0.0,
+            number_between(0, 1),
+            "share of data.files (by file: the last ceil(share x n)) held apart for evaluation",
         ),
         "val_sequences": Knob(
             2, int_at_least(1), "seq_len-token sequences held apart (end of the text) for validation"
@@ -387,9 +391,7 @@ def _check_together(r: dict[str, Any]) -> None:
     if r["positions"]["scheme"] == "pose" and r["positions"]["chunks"] > r["seq_len"]:
         raise RecipeError(f"positions.chunks={r['positions']['chunks']} must be <= seq_len={r['seq_len']}")
     if r["data"]["eval_files"] and r["data"]["holdout"]:
-        raise RecipeError(
-            "data.eval_files and data.holdout both choose the held-apart text: give one of them"
-        )
+        raise RecipeError("data.eval_files and data.holdout both choose the held-apart text: give one of them")
     if r["global_batch"] % r["micro_batch"]:
         raise RecipeError(
             f"global_batch={r['global_batch']} must be a multiple of micro_batch={r['micro_batch']} "
