@@ -154,12 +154,16 @@ def test_training_at_fractional_positions_has_finite_loss_and_gradients(spec):
 
 def test_cached_continuation_after_fractional_positions_equals_a_full_forward():
     """The key record keeps fractional positions: a continuation whose position ids are given
-    (fractional too) sees the cached keys where they were written."""
+    (fractional too) sees the cached keys where they were written, and one without position ids
+    continues one after the last recorded position (still fractional)."""
     model = tiny_model("llama")
-    ids = token_ids(1, 18)
+    ids = token_ids(1, 20)
     positions = fractional_positions(18, 40.5)
+    after = positions[:, -1:] + 1 + torch.arange(2)  # what a continuation without position ids gets
     with torch.no_grad(), ctxpatch.apply(model, "dca", chunk_len=9, local_window=3):
-        full = model(input_ids=ids, position_ids=positions).logits
+        full = model(input_ids=ids, position_ids=torch.cat([positions, after], dim=1)).logits
         first = model(input_ids=ids[:, :12], position_ids=positions[:, :12], use_cache=True)
-        rest = model(input_ids=ids[:, 12:], position_ids=positions[:, 12:], past_key_values=first.past_key_values)
-    assert_close(torch.cat([first.logits, rest.logits], dim=1), full, rtol=1e-5, atol=1e-5)
+        cache = first.past_key_values
+        middle = model(input_ids=ids[:, 12:18], position_ids=positions[:, 12:18], past_key_values=cache)
+        last = model(input_ids=ids[:, 18:], past_key_values=cache)
+    assert_close(torch.cat([first.logits, middle.logits, last.logits], dim=1), full, rtol=1e-5, atol=1e-5)
