@@ -327,7 +327,7 @@ def test_text_too_short_says_how_many_tokens_it_has(model_dir, tmp_path, no_mode
     assert not (tmp_path / "run").exists()  # nothing written for a run that never started
 
 
-@pytest.mark.parametrize("scheme", ["pose", "randomized"])
+@pytest.mark.parametrize("scheme", ["pose", "randomized", "stretched"])
 def test_target_len_must_exceed_the_trained_length_for_skipping_schemes(
     model_dir, text, tmp_path, scheme, no_model_load
 ):
