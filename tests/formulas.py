@@ -4,6 +4,9 @@ Rotary scores are computed the textbook way: pair k of a head is the complex num
 q_k + i q_{k + d_r/2} (half layout) or q_{2k} + i q_{2k+1} (interleaved), R(p) multiplies it by
 exp(i p theta_k), so R(i)q . R(j)k = Re sum_k q_k conj(k_k) exp(i (i - j) theta_k), and a position
 rule only changes the relative position fed to that exponential.
+Positions may be fractional (the `stretched` training scheme): every ⌊·⌋ below is a floor and every
+mod a floor-based remainder (in [0, s)), so a fractional position belongs to the chunk or group its
+floor names; comparisons are on the real values.
 """
 
 from __future__ import annotations
@@ -122,8 +125,8 @@ def selfextend(i, j, w, g):
 def dca(i, j, s, w):
     """Dual Chunk Attention: keys at j mod s; the query at i mod s (same chunk), min(i mod s + s, s + w)
     (previous chunk) or s + w (older chunks)."""
-    behind = i // s - j // s
-    key, query = (j % s).double(), (i % s).double()
+    behind = torch.div(i, s, rounding_mode="floor") - torch.div(j, s, rounding_mode="floor")
+    key, query = torch.remainder(j, s).double(), torch.remainder(i, s).double()
     same, previous, older = query - key, torch.clamp(query + s, max=s + w) - key, (s + w) - key
     return torch.where(behind == 0, same, torch.where(behind == 1, previous, older))
 

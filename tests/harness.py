@@ -58,6 +58,8 @@ class Geometry:
             k_pos[1] = (padding[1].long().cumsum(0) - 1).clamp(min=0)
         elif kind == "skips":
             k_pos[1] = torch.cat([torch.arange(8), torch.arange(8, t) + 9])  # a PoSE-style jump of 9
+        elif kind == "stretched":  # fractional ids as the `stretched` scheme gives (spacings exact in fp32: differences too)
+            k_pos = torch.stack([torch.arange(t) * 1.5, torch.arange(t) * (55 / 32)]).float()
         return k_pos, padding
 
     def inputs(self, tq: int, seed: int = 0):
@@ -149,7 +151,7 @@ class Geometry:
         )
         for name in names:
             f.FORMULAS[name].apply(pairs)
-        theta, att = self.theta_and_scaling(pairs.scaler, params, int(k_pos.max()))
+        theta, att = self.theta_and_scaling(pairs.scaler, params, k_pos.max().item())  # a float for fractional ids
         scores = f.rotary_scores(
             q, k, pairs.rel, theta, self.rotary_dim, interleaved=self.interleaved, attention_scaling=att,
             pair_weights=pairs.weights,

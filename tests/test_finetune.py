@@ -327,7 +327,7 @@ def test_text_too_short_says_how_many_tokens_it_has(model_dir, tmp_path, no_mode
     assert not (tmp_path / "run").exists()  # nothing written for a run that never started
 
 
-@pytest.mark.parametrize("scheme", ["pose", "randomized"])
+@pytest.mark.parametrize("scheme", ["pose", "randomized", "stretched"])
 def test_target_len_must_exceed_the_trained_length_for_skipping_schemes(
     model_dir, text, tmp_path, scheme, no_model_load
 ):
@@ -420,3 +420,103 @@ def test_the_cpu_recipe_runs_on_the_real_model(tmp_path):
     ids = tokenizer("Now is the winter of our discontent", return_tensors="pt").input_ids
     with torch.no_grad():
         assert torch.equal(model(ids).logits, result.model(ids).logits)
+
+
+# ---- a training-free winner trained on: dca with stretched positions; text held apart by file ------------
+
+
+def test_dca_with_stretched_positions_trains_saves_loads_and_records_the_held_out_text(
+    model_dir, tmp_path, monkeypatch
+):
+    """A tiny run under dca (chunks of 8 and a window of 3 at trained length 32) with fractional positions up to
+    128: finite losses, LoRA weights move, ctxpatch.load gives back the model with its patch, and the record names
+    the file held apart, which `ctxpatch eval --model RUN` then reads by default."""
+    texts = [write_text(tmp_path / f"play{n}.txt", 1500, seed=n) for n in range(3)]
+    out = tmp_path / "run"
+    snapshots = []
+    make_trainable = train_module.make_trainable
+
+    def recording(model, patch, recipe):
+        peft_model = make_trainable(model, patch, recipe)
+        snapshots.append({n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n})
+        return peft_model
+
+    monkeypatch.setattr(train_module, "make_trainable", recording)
+    recipe = load_recipe(
+        None,
+        tiny_overrides(
+            model_dir,
+            texts[0],
+            out,
+            **{
+                "data.files": f"[{', '.join(str(t) for t in texts)}]",
+                "data.holdout": 0.3,
+                "patch": "dca",
+                "patch_params.dca": "{chunk_len: 8, local_window: 3}",
+                "positions": "stretched",
+            },
+        ),
+    )
+    seen_positions = []
+    lm_loss = train_module.lm_loss
+    monkeypatch.setattr(train_module, "lm_loss", lambda m, b: seen_positions.append(b["position_ids"]) or lm_loss(m, b))
+    result = train(recipe)
+
+    losses = [row["loss"] for row in result.metrics]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses))) and "val_loss" in result.metrics[-1]
+    trained = load_file(str(out / "adapter_model.safetensors"))  # names without peft's ".default"
+    before = {n.replace(".default", ""): t for n, t in snapshots[0].items()}
+    assert before.keys() == trained.keys() and len(trained) == 3 * 4 * 2
+    for name, weight in trained.items():  # every LoRA weight moved (lora_B from zero)
+        assert not torch.equal(weight, before[name]), name
+    stretched = [p for p in seen_positions if p.is_floating_point()]  # (the rest: validation at contiguous ids)
+    assert len(stretched) == 4 * 2 + 2 * 2  # every training micro-batch, and validation at the training positions
+    assert all(float(p.max()) < 128 and bool((p[:, 1:] != p[:, 1:].round()).all()) for p in stretched)
+
+    record = json.loads((out / "ctxpatch.json").read_text())
+    assert record["patch"]["spec"] == "dca" and record["patch"]["target_len"] == 128
+    assert record["patch"]["methods"][0]["params"] == {"local_window": 3, "chunk_len": 8}
+    assert record["training"]["position_scheme"] == "stretched"
+    assert record["training"]["position_distribution"] == "uniform"
+    assert record["eval_text"] == [str(texts[2].resolve())]  # ceil(0.3 x 3) = 1 file: the last
+    assert record["train_text"] == [str(t.resolve()) for t in texts[:2]]
+
+    model, _ = ctxpatch.load(out)
+    assert ctxpatch.current_patch(model).spec == "dca"
+    assert torch.equal(logits_of(model), logits_of(result.model))
+
+    from ctxpatch.cli import main
+    from ctxpatch.errors import CtxpatchError
+    from ctxpatch.eval import runner
+    from ctxpatch.loading import held_apart_text
+
+    assert held_apart_text(str(out)) == record["eval_text"] and held_apart_text(str(model_dir)) is None
+    used = []
+
+    def stop(model, tokenizer, specs, config, **kwargs):
+        used.append(config.text_files)
+        raise CtxpatchError("stop here")
+
+    monkeypatch.setattr(runner, "compare", stop)
+    argv = ["eval", "--model", str(out), "--lengths", "64", "--tasks", "ppl", "--tail", "8"]
+    for extra, expected in (([], record["eval_text"]), (["--text", str(texts[0])], [str(texts[0])])):
+        assert main(argv + extra) == 2  # the stop above, after the text was chosen
+        assert used[-1] == expected  # the held-apart file by default; the user's --text wins
+
+
+def test_a_split_that_leaves_no_training_file_is_refused(model_dir, text, tmp_path, no_model_load):
+    with pytest.raises(RecipeError, match="data.holdout=0.5 of 1 file.* leaving no training file"):
+        run(model_dir, text, tmp_path / "run", **{"data.holdout": 0.5})
+    with pytest.raises(RecipeError, match="is both trained on .* and held apart"):
+        run(model_dir, text, tmp_path / "run", **{"data.eval_files": f"[{text}]"})
+    with pytest.raises(RecipeError, match="data.holdout=0.2 splits data.files, but none are given"):
+        run(model_dir, text, tmp_path / "run", **{"data.files": "[]", "data.holdout": 0.2})
+
+
+def test_the_default_text_trains_on_the_train_split_and_holds_the_romances_apart():
+    from ctxpatch.finetune.data import split_files
+    from ctxpatch.loading.assets import HELD_OUT_PLAYS
+
+    texts = split_files([])
+    assert sorted(p.stem for p in texts.held_out) == sorted(HELD_OUT_PLAYS)
+    assert len(texts.train) >= 30 and not {p.stem for p in texts.train} & set(HELD_OUT_PLAYS)

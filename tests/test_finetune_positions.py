@@ -4,6 +4,8 @@ packing and the validation split; samples depend only on (seed, sample number)."
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -14,9 +16,13 @@ from ctxpatch.finetune.positions import position_ids, sample_generator
 SCHEMES = ("contiguous", "pose", "randomized")
 
 
-def draw(scheme: str, seq_len: int, target_len: int, n: int, chunks: int = 2) -> torch.Tensor:
+def draw(
+    scheme: str, seq_len: int, target_len: int, n: int, chunks: int = 2, distribution: str = "uniform"
+) -> torch.Tensor:
     """(n, seq_len) position ids of samples 0..n-1."""
-    return torch.stack([position_ids(scheme, seq_len, target_len, sample_generator(0, k), chunks) for k in range(n)])
+    return torch.stack(
+        [position_ids(scheme, seq_len, target_len, sample_generator(0, k), chunks, distribution) for k in range(n)]
+    )
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -45,7 +51,7 @@ def distance_shares(ids: torch.Tensor, target_len: int, bins: int) -> torch.Tens
     """Share of causal pairs (i >= j of one sample) whose distance falls in each of `bins` equal bins."""
     delta = ids[:, :, None] - ids[:, None, :]  # (n, seq, seq)
     delta = delta[delta >= 0]
-    counts = torch.bincount(delta * bins // target_len, minlength=bins).double()
+    counts = torch.bincount(torch.div(delta * bins, target_len, rounding_mode="floor").long(), minlength=bins).double()
     return counts / counts.sum()
 
 
@@ -87,6 +93,94 @@ def test_randomized_matches_uniform_order_statistics():
     k = torch.arange(seq_len, dtype=torch.double)
     expected = (k + 1) * (target_len + 1) / (seq_len + 1) - 1
     assert_close(ids.mean(0), expected, rtol=0.03, atol=0.3)
+
+
+# ---- stretched: linspace(0, 1, N) * n, n drawn from [N - 1, target_len - 1] --------------------------
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "log_uniform"])
+@pytest.mark.parametrize("seq_len,target_len", [(2, 5), (7, 7), (16, 128), (64, 65536), (1000, 1024)])
+def test_stretched_ids_are_evenly_spaced_fractional_and_below_the_target(seq_len, target_len, distribution):
+    ids = draw("stretched", seq_len, target_len, 200, distribution=distribution).double()
+    assert ids.shape == (200, seq_len)
+    assert bool((ids[:, 0] == 0).all()) and float(ids.max()) <= target_len - 1
+    gaps = ids[:, 1:] - ids[:, :-1]
+    assert float(gaps.min()) >= 1 - 1e-3  # stretched, never squeezed: strictly increasing
+    span = ids[:, -1:]
+    assert_close(gaps, (span / (seq_len - 1)).expand_as(gaps), rtol=1e-5, atol=1e-2)  # even: linspace * n
+    if target_len > seq_len:
+        assert float((ids[:, 1:] != ids[:, 1:].round()).double().mean()) > 0.9  # fractional (but the first, at 0)
+
+
+def test_stretched_at_the_smallest_span_is_contiguous():
+    assert torch.equal(draw("stretched", 9, 9, 3), torch.arange(9, dtype=torch.float32).expand(3, 9))
+
+
+def stretched_spans(distribution: str, seq_len: int, target_len: int, n: int) -> torch.Tensor:
+    return draw("stretched", seq_len, target_len, n, distribution=distribution)[:, -1].double()
+
+
+def test_stretched_uniform_span_matches_the_uniform_distribution():
+    """n ~ U[N - 1, T - 1]: mean, variance and the CDF at every decile (Kolmogorov-Smirnov bound)."""
+    seq_len, target_len, count = 16, 1040, 4000
+    low, high = seq_len - 1, target_len - 1
+    spans = stretched_spans("uniform", seq_len, target_len, count)
+    assert_close(spans.mean(), torch.tensor((low + high) / 2, dtype=torch.double), rtol=0.02, atol=0)
+    assert_close(spans.var(), torch.tensor((high - low) ** 2 / 12, dtype=torch.double), rtol=0.06, atol=0)
+    quantiles = torch.linspace(0.1, 0.9, 9, dtype=torch.double)
+    empirical = torch.stack([(spans <= low + q * (high - low)).double().mean() for q in quantiles])
+    assert float((empirical - quantiles).abs().max()) < 1.36 / count**0.5  # KS at 5%
+
+
+def test_stretched_log_uniform_span_matches_its_distribution():
+    """ln n ~ U[ln(N - 1), ln(T - 1)]: as many spans in [15, 150) as in [150, 1500)."""
+    seq_len, target_len, count = 16, 1501, 4000
+    spans = stretched_spans("log_uniform", seq_len, target_len, count)
+    logs = (spans.log() - torch.log(torch.tensor(15.0, dtype=torch.double))) / torch.log(
+        torch.tensor(100.0, dtype=torch.double)
+    )
+    quantiles = torch.linspace(0.1, 0.9, 9, dtype=torch.double)
+    empirical = torch.stack([(logs <= q).double().mean() for q in quantiles])
+    assert float((empirical - quantiles).abs().max()) < 1.36 / count**0.5
+    assert 0.45 < float((spans < 150).double().mean()) < 0.55
+
+
+def expected_stretched_distance_shares(seq_len: int, target_len: int, bins: int) -> torch.Tensor:
+    """Distance shares under n ~ U[N - 1, T - 1], integrated over a fine grid of n (float64): a sample
+    of span n has N - k pairs at distance k n / (N - 1), k = 0 .. N - 1."""
+    spans = seq_len - 1 + (torch.arange(20000, dtype=torch.double) + 0.5) / 20000 * (target_len - seq_len)
+    k = torch.arange(seq_len, dtype=torch.double)
+    distance = k[None, :] * spans[:, None] / (seq_len - 1)  # (grid, N)
+    weight = (seq_len - k).expand_as(distance)
+    which = torch.clamp((distance * bins / target_len).floor().long(), max=bins - 1)
+    shares = torch.zeros(bins, dtype=torch.double).index_add_(0, which.flatten(), weight.flatten())
+    return shares / shares.sum()
+
+
+def test_stretched_distances_follow_the_uniform_span():
+    """Coverage of distances: every bin of [0, target_len) is trained, in the shares the stated
+    distribution of n gives (not flat: short distances are in every sample)."""
+    seq_len, target_len, bins = 32, 1024, 8
+    ids = draw("stretched", seq_len, target_len, 1500)
+    got = distance_shares(ids, target_len, bins)
+    expected = expected_stretched_distance_shares(seq_len, target_len, bins)
+    assert_close(got, expected, rtol=0.08, atol=0.004)
+    assert float(got.min()) > 0.0005  # the longest distances too, rarely: they need n near T and k near N
+    assert float(ids[:, -1].max()) >= 0.97 * target_len
+
+
+def test_stretched_density_matches_the_uniform_span():
+    """Tokens per position, (N - 1) / n, has mean (N - 1) ln((T - 1)/(N - 1)) / (T - N) under n ~ U[N - 1, T - 1]."""
+    seq_len, target_len = 16, 1040
+    spans = stretched_spans("uniform", seq_len, target_len, 4000)
+    density = (seq_len - 1) / spans
+    expected = (seq_len - 1) * math.log((target_len - 1) / (seq_len - 1)) / (target_len - seq_len)
+    assert_close(density.mean(), torch.tensor(expected, dtype=torch.double), rtol=0.05, atol=0)
+
+
+def test_an_unknown_stretch_distribution_is_refused():
+    with pytest.raises(ValueError, match="unknown stretch distribution 'gauss'; use one of uniform, log_uniform"):
+        position_ids("stretched", 8, 64, sample_generator(0, 0), distribution="gauss")
 
 
 def test_positions_are_a_function_of_seed_and_sample_number():

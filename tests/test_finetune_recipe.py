@@ -53,6 +53,29 @@ def test_the_cpu_recipe_takes_the_overrides_the_issue_names(tmp_path):
     assert recipe.output_dir == str(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["smollm2-135m-64k.yaml", "smollm2-135m-32k.yaml"])
+def test_the_cpu_recipes_compare_pose_and_stretched_with_one_override(name, tmp_path):
+    path = RECIPES[[p.name for p in RECIPES].index(name)]
+    pose = load_recipe(path, [f"output_dir={tmp_path}"])
+    stretched = load_recipe(path, [f"output_dir={tmp_path}", "positions=stretched"])
+    assert pose.positions.scheme == "pose" and stretched.positions.scheme == "stretched"
+    assert pose.differences(stretched.to_dict()) == ["positions.scheme"]
+    assert stretched.positions.distribution == "uniform"
+
+
+def test_the_64k_recipe_trains_under_dca_to_64k():
+    recipe = load_recipe(RECIPES[[p.name for p in RECIPES].index("smollm2-135m-64k.yaml")])
+    assert (recipe.model, recipe.patch, recipe.target_len) == ("default", "dca", 65536)
+    assert recipe.data.files == [] and recipe.data.eval_files == []  # the plays' train split; the romances held apart
+
+
+def test_positions_shorthand_in_a_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("output_dir: x\npositions: stretched\n", encoding="utf-8")
+    recipe = load_recipe(path)
+    assert recipe.positions.scheme == "stretched" and recipe.positions.chunks == 2
+
+
 def test_override_values_are_yaml():
     assert parse_override("optim.lr=2e-4") == ("optim.lr", 2e-4)  # YAML 1.1 would read "2e-4" as a string
     assert parse_override("resume=true") == ("resume", True)
@@ -122,7 +145,14 @@ def test_unknown_key_in_the_file_names_the_closest(tmp_path):
         ("lora.r=abc", "'lora.r' must be an integer >= 1; got 'abc'"),
         ("lora.r=0", "'lora.r' must be an integer >= 1; got 0"),
         ("lora.dropout=1.5", r"'lora.dropout' must be a number in \[0, 1\]; got 1.5"),
-        ("positions.scheme=poes", "'positions.scheme' must be one of contiguous, pose, randomized; got 'poes'"),
+        (
+            "positions.scheme=poes",
+            "'positions.scheme' must be one of contiguous, pose, randomized, stretched; got 'poes'",
+        ),
+        ("positions=poes", "'positions.scheme' must be one of contiguous, pose, randomized, stretched; got 'poes'"),
+        ("positions.distribution=gauss", "'positions.distribution' must be one of uniform, log_uniform; got 'gauss'"),
+        ("data.holdout=1.5", r"'data.holdout' must be a number in \[0, 1\]; got 1.5"),
+        ("data.eval_files=a.txt", "'data.eval_files' must be a list of strings"),
         ("resume=yes please", "'resume' must be true or false"),
         ("optim.lr=-1", "'optim.lr' must be a finite number > 0; got -1"),
         ("lora.target_modules=q_proj", "'lora.target_modules' must be a non-empty list of strings"),
@@ -171,6 +201,7 @@ def test_malformed_override():
         (["global_batch=3", "micro_batch=2"], "global_batch=3 must be a multiple of micro_batch=2"),
         (["resume=true", "overwrite=true"], "resume=true and overwrite=true contradict each other"),
         (["positions.chunks=9", "seq_len=8", "target_len=64"], "positions.chunks=9 must be <= seq_len=8"),
+        (["data.eval_files=[b.txt]", "data.holdout=0.2"], "data.eval_files and data.holdout both choose"),
     ],
 )
 def test_knobs_checked_together(overrides, message):

@@ -103,15 +103,17 @@ def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
 def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     import torch
 
-    from ..loading import display_name, load_for_eval
+    from ..loading import display_name, held_apart_text, load_for_eval
     from ..preflight import WHAT_TO_GIVE
     from .runner import EvalConfig, compare
 
     if args.max_length is not None and args.max_length <= 0:
         raise EvalError(f"--max-length {args.max_length} must be a positive number of tokens")
+
+    text_files = args.text or held_apart_text(args.model)  # a run folder: the text its fine-tune never read
     config = EvalConfig(
         lengths=args.lengths, tasks=args.tasks, depths=args.depths, samples=args.samples, tail=args.tail,
-        seed=args.seed, text_files=args.text, max_length=args.max_length, backend=args.backend,
+        seed=args.seed, text_files=text_files, max_length=args.max_length, backend=args.backend,
     )
     check_before_loading(args, specs, config)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)

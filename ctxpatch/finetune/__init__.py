@@ -7,8 +7,8 @@
     from ctxpatch.finetune import load_recipe, train
     result = train(load_recipe("recipes/smollm2-135m-32k.yaml", ["max_steps=3"]))
 
-Modules: `recipe` (schema, overrides, validation), `positions` (contiguous / pose / randomized
-position ids), `data` (tokenize, pack, validation split), `trainable` (peft LoRA + extra
+Modules: `recipe` (schema, overrides, validation), `positions` (contiguous / pose / randomized /
+stretched position ids), `data` (split by file, tokenize, pack, validation split), `trainable` (peft LoRA + extra
 trainable parts), `checkpoints` (run folder, atomic checkpoints), `metrics` (JSONL, PNG,
 progress bar), `loop` (`train`, the loop). `ctxpatch.load` / `ctxpatch.merge` read what a run leaves.
 """

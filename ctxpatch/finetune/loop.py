@@ -3,8 +3,8 @@
 Order of work, so that bad input fails before anything is spent:
   1. hardware (a GPU-only setting on CPU), output_dir (exists without resume/overwrite), the
      patch spec (unknown method or parameter) and, for resumption, the recipe against the run's;
-  2. tokenizer and data (text too short for seq_len), the base model's trained length against
-     target_len (pose / randomized);
+  2. tokenizer and data (the split by file, text too short for seq_len), the base model's trained
+     length against target_len (pose / randomized / stretched);
   3. the model, the patch (values the engine refuses), peft, then training.
 
 Processes: one by default; `torchrun --nproc_per_node N -m ctxpatch.finetune ...` or
@@ -33,7 +33,7 @@ from .. import loading
 from .._compat import transformers as hf
 from ..errors import CtxpatchError
 from . import checkpoints as ckpt
-from .data import PackedSamples, TokenSplit, load_split, validation_samples
+from .data import PackedSamples, TextFiles, TokenSplit, load_split, split_files, validation_samples
 from .metrics import append_metrics, plot_losses, progress_bar, read_metrics, truncate_metrics
 from .recipe import RESUMABLE_CHANGES, Recipe, RecipeError, parse_yaml, patch_arguments
 from .trainable import make_trainable, trainable_parameter_names
@@ -101,7 +101,7 @@ def check_resumable(recipe: Recipe, output_dir: Path) -> None:
 
 def check_target_len(recipe: Recipe, train_len: int) -> None:
     scheme = recipe.positions.scheme
-    if scheme in ("pose", "randomized") and recipe.target_len <= train_len:
+    if scheme in ("pose", "randomized", "stretched") and recipe.target_len <= train_len:
         raise RecipeError(
             f"target_len={recipe.target_len} must be larger than the model's trained length ({train_len}) for "
             f"positions.scheme={scheme}: skipped positions are for lengths the model has not seen. Raise target_len, "
@@ -127,8 +127,8 @@ def load_patched_model(recipe: Recipe, methods: list, apply_kwargs: dict[str, An
     from ..patch import apply
 
     model = loading.load_base_model(recipe.model, recipe.model_dtype)
-    try:
-        patch = apply(model, methods, backend=recipe.backend, **apply_kwargs)
+    try:  # target_len: parameters not given come from each method's rule for that length
+        patch = apply(model, methods, backend=recipe.backend, target_len=recipe.target_len, **apply_kwargs)
     except (ValueError, TypeError, CtxpatchError) as error:
         raise RecipeError(
             f"the patch {recipe.patch!r} (patch_params {recipe.patch_params}) was refused: {error}"
@@ -220,8 +220,9 @@ class RunWriter:
     """Writes the adapter, the patch's tensors and ctxpatch.json into a folder (a checkpoint or the
     run itself), from a full state dict so that FSDP / DeepSpeed gathers work the same way."""
 
-    def __init__(self, accelerator, record_base: dict[str, Any], train_len: int, patch):
+    def __init__(self, accelerator, record_base: dict[str, Any], train_len: int, patch, texts: TextFiles):
         self.accelerator, self.base, self.train_len, self.patch = accelerator, record_base, train_len, patch
+        self.texts = texts
 
     def write(self, model: nn.Module, folder: Path, training: dict[str, Any]) -> None:
         state = self.accelerator.get_state_dict(model)  # collective under FSDP: every process calls it
@@ -241,6 +242,9 @@ class RunWriter:
             has_patch_parameters=has_params,
             training=training,
         )
+        # the text the run trained on, and the text it never read (`ctxpatch eval --model RUN` uses it)
+        record["train_text"] = [str(p.resolve()) for p in self.texts.train]
+        record["eval_text"] = [str(p.resolve()) for p in self.texts.held_out]
         loading.write_json(folder / loading.CTXPATCH_JSON, record)
         loading.write_run_notes(folder, record)
 
@@ -303,11 +307,14 @@ class FineTune:
     def load_data(self) -> None:
         """Tokenizer, packed windows and the target_len check: all before the model loads."""
         r = self.recipe
+        self.texts = split_files(r.data.files, r.data.eval_files, r.data.holdout)
         self.tokenizer = loading.load_base_tokenizer(r.model, r.tokenizer, r.trust_remote_code)
-        self.split: TokenSplit = load_split(self.tokenizer, r.data.files, r.seq_len, r.data.val_sequences)
+        train_files = [] if self.texts.default else [str(p) for p in self.texts.train]
+        self.split: TokenSplit = load_split(self.tokenizer, train_files, r.seq_len, r.data.val_sequences)
         self.train_len = loading.base_train_len(r.model)
         check_target_len(r, self.train_len)
-        self.val_samples = validation_samples(self.split, r.positions.scheme, r.target_len, r.seed, r.positions.chunks)
+        p = r.positions
+        self.val_samples = validation_samples(self.split, p.scheme, r.target_len, r.seed, p.chunks, p.distribution)
         self.val_contiguous = (
             validation_samples(self.split, "contiguous", r.target_len, r.seed, 1)
             if r.positions.scheme != "contiguous"
@@ -333,8 +340,9 @@ class FineTune:
         self.trainable = trainable_parameter_names(model)
         self.resume_from = ckpt.latest_checkpoint(self.output_dir) if r.resume else None
         self.create_output_dir()
+        p = r.positions
         dataset = PackedSamples(
-            self.split.train, r.max_steps * r.global_batch, r.positions.scheme, r.target_len, r.seed, r.positions.chunks
+            self.split.train, r.max_steps * r.global_batch, p.scheme, r.target_len, r.seed, p.chunks, p.distribution
         )
         # its own generator: creating the loader's iterator must not draw from the global RNG (dropout)
         loader = torch.utils.data.DataLoader(
@@ -343,7 +351,7 @@ class FineTune:
         self.model, self.optimizer, self.loader, self.scheduler = prepare_for_training(
             self.accelerator, model, loader, r
         )
-        self.writer = RunWriter(self.accelerator, base, self.train_len, self.patch)
+        self.writer = RunWriter(self.accelerator, base, self.train_len, self.patch, self.texts)
         self.accelerator.register_save_state_pre_hook(self._save_model_hook)
         self.accelerator.register_load_state_pre_hook(self._load_model_hook)
 
@@ -363,6 +371,7 @@ class FineTune:
             "seq_len": r.seq_len,
             "target_len": r.target_len,
             "position_scheme": r.positions.scheme,
+            **({"position_distribution": r.positions.distribution} if r.positions.scheme == "stretched" else {}),
             "global_batch": r.global_batch,
             "processes": self.accelerator.num_processes,
             "train_tokens_available": int(self.split.train.numel()),
@@ -378,8 +387,9 @@ class FineTune:
             f"{self.checked.device}, {a.distributed_type.value}, precision {self.checked.precision}; global batch "
             f"{r.global_batch} = {r.micro_batch} x {a.num_processes} x {self.accum} accumulation; "
             f"{self.tokens_per_step} tokens/step; positions {r.positions.scheme} in [0, {r.target_len}); "
-            f"{self.split.train.shape[0]} training windows of {r.seq_len} tokens, {self.split.validation.shape[0]} "
-            "held apart"
+            f"{self.split.train.shape[0]} training windows of {r.seq_len} tokens from {len(self.texts.train)} file(s), "
+            f"{self.split.validation.shape[0]} held apart for validation; {len(self.texts.held_out)} file(s) held "
+            "apart for evaluation"
         )
 
     # ---- checkpoints (accelerate's save_state / load_state, with the adapter instead of the model) -------

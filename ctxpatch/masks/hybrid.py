@@ -66,7 +66,7 @@ class RandomBlocks(MaskFunction):
 
     def visible(self, i: Tensor, j: Tensor) -> Tensor:
         table, _ = self._held(i.device)
-        drawn = table[i // self.block]  # (..., Tq, 1, R) when i is (..., Tq, 1)
+        drawn = table[torch.div(i, self.block, rounding_mode="floor").long()]  # (..., Tq, 1, R); fractional i: its floor's block
         return (j <= i) & (drawn == (j // self.block).unsqueeze(-1)).any(-1)
 
     def blocks_visible(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> Tensor:
@@ -74,8 +74,8 @@ class RandomBlocks(MaskFunction):
         last = counts.shape[0] - 1
         b = self.block
         # query blocks [q0, q1], key blocks [k0, k1], clamped to the table (empty key blocks carry sentinels)
-        q0, q1 = (i_lo // b).clamp(0, last), (i_hi // b).clamp(-1, last - 1)
-        k0, k1 = (j_lo // b).clamp(0, last), (j_hi // b).clamp(-1, last - 1)
+        q0, q1 = (i_lo // b).long().clamp(0, last), (i_hi // b).long().clamp(-1, last - 1)
+        k0, k1 = (j_lo // b).long().clamp(0, last), (j_hi // b).long().clamp(-1, last - 1)
         q0, q1, k0, k1 = torch.broadcast_tensors(q0, q1, k0, k1)
         inside = counts[q1 + 1, k1 + 1] - counts[q0, k1 + 1] - counts[q1 + 1, k0] + counts[q0, k0]
         return (inside > 0) & (q1 >= q0) & (k1 >= k0) & (j_lo <= i_hi)
