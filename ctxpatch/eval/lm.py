@@ -59,6 +59,9 @@ class CtxpatchLM(HFLMHooks):
                  launch: distributed.Launch | None = None, batch_size: int | str | None = 1,
                  max_batch_size: int | None = None, **params: Any):
         self.launch = launch or distributed.launch_from_env()
+        if max_length is None and (target_len is None or not isinstance(pretrained, str)):
+            raise EvalError("pass max_length=N (tokens), or target_len=N (max_length = N + 256): ctxpatch never "
+                            "takes it from the model's config")
         if isinstance(pretrained, str):
             pretrained, tokenizer, state = load_and_patch(
                 pretrained, patch, params, target_len=target_len, backend=backend, dtype=dtype,
@@ -70,9 +73,6 @@ class CtxpatchLM(HFLMHooks):
             raise EvalError("a model object is evaluated as it is: apply the patch with ctxpatch.apply first")
         if tokenizer is None:
             raise EvalError("pass the tokenizer with the model object")
-        if max_length is None:
-            raise EvalError("pass max_length=N (tokens), or target_len=N (max_length = N + 256): ctxpatch never "
-                            "takes it from the model's config")
         # one sequence at a time whatever lm-eval asks (batch_size): long contexts do not batch
         super().__init__(pretrained=pretrained, tokenizer=tokenizer, max_length=max_length, batch_size=1)
         if self.max_length != max_length:
