@@ -69,3 +69,25 @@ def test_two_processes_write_the_one_process_leaderboard(model_folder, text_file
     assert {r["spec"] for r in one["records"]} == {"reference", "none", "selfextend", "string"}
     assert {(r["task"], r["length"]) for r in one["records"] if r["spec"] == "selfextend"} == {
         (task, n) for task in ("ppl", "passkey", "passkey_gen") for n in (160, 384)}
+
+
+def test_an_error_in_one_process_is_raised_in_every_process(monkeypatch):
+    from ctxpatch.eval import distributed
+    from ctxpatch.eval.errors import TruncationError
+
+    launch = Launch(rank=0, world_size=2)
+    other_rank = ({}, TruncationError("a prompt of 999 tokens does not fit"))
+    monkeypatch.setattr(distributed, "all_gather_object", lambda launch, mine: [mine, other_rank])
+    with pytest.raises(TruncationError, match="999 tokens"):  # rank 0's own share went fine
+        distributed.merged(launch, lambda: {"a": 1})
+    monkeypatch.setattr(distributed, "all_gather_object", lambda launch, mine: [mine, ({"b": 2}, None)])
+    assert distributed.merged(launch, lambda: {"a": 1}) == {"a": 1, "b": 2}
+    sent = []
+    monkeypatch.setattr(distributed, "all_gather_object", lambda launch, mine: sent.append(mine) or [mine, ({}, None)])
+
+    def fails():
+        raise ValueError("bad")
+
+    with pytest.raises(ValueError, match="bad"):
+        distributed.merged(launch, fails)
+    assert isinstance(sent[0][1], ValueError)  # the others are told, not left waiting

@@ -153,4 +153,6 @@ def run_tasks(args: argparse.Namespace) -> int:
     print(f"RULER tasks that run offline through ctxpatch: {', '.join(RULER_OFFLINE)}")
     print(f"example: lm_eval --include_path {TASKS_DIR} --tasks ctxpatch_passkey --model hf "
           "--device cpu --model_args pretrained=FOLDER,max_length=16640 --metadata '{\"lengths\": [8192, 16384]}'")
+    print(f"patched: python -m ctxpatch.eval.harness --include_path {TASKS_DIR} --tasks ctxpatch_passkey "
+          "--model ctxpatch --model_args pretrained=FOLDER,patch=selfextend,target_len=16384")
     return 0

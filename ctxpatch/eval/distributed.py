@@ -16,8 +16,9 @@ while the others wait at a barrier. Splitting requests has no such floor.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -134,12 +135,37 @@ def all_gather_object(launch: Launch, obj: Any) -> list[Any]:
     return gathered
 
 
-def merged(launch: Launch, mine: dict[Any, T]) -> dict[Any, T]:
-    """Every process's {key: value} results, merged: what each computed of a shared list of work."""
+def merged(launch: Launch, compute: Callable[[], dict[Any, T]]) -> dict[Any, T]:
+    """Every process's `compute()` results ({key: value}, its share of a common list of work), merged.
+
+    An exception in one process is raised in every process: the others would otherwise wait forever for its
+    results (a prompt too long for one process's share is a TruncationError everywhere)."""
+    try:
+        mine, failure = compute(), None
+    except Exception as error:  # noqa: BLE001 - handed to the other processes, then raised here
+        mine, failure = {}, error
+    if not launch.distributed:
+        if failure is not None:
+            raise failure
+        return mine
+    parts = all_gather_object(launch, (mine, None if failure is None else portable(failure)))
+    if failure is not None:
+        raise failure
     out: dict[Any, T] = {}
-    for part in all_gather_object(launch, mine):
+    for rank, (part, error) in enumerate(parts):
+        if error is not None:
+            raise error
         out.update(part)
     return out
+
+
+def portable(error: Exception) -> Exception:
+    """`error` if it survives pickling (to travel to the other processes), else a RuntimeError saying it."""
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - any pickling failure
+        return RuntimeError(f"{type(error).__name__}: {error}")
 
 
 def finish(launch: Launch) -> None:

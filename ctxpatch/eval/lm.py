@@ -96,11 +96,15 @@ class CtxpatchLM(HFLMHooks):
         order = sorted(todo, key=lambda k: -(len(requests[todo[k]][1]) + len(requests[todo[k]][2])))
         mine = self.launch.share(order)  # longest first, round robin: balanced between processes
         quiet = disable_tqdm or len(mine) < 2 or not self.launch.is_main
-        computed = {}
-        for key in tqdm(mine, desc=f"loglikelihood [{self.state}]", disable=quiet):
-            _, context_ids, continuation_ids = requests[todo[key]]
-            computed[key] = self._score(context_ids, continuation_ids)
-        self._scores.update(distributed.merged(self.launch, computed))
+
+        def compute() -> dict[tuple[str, str], tuple[float, bool]]:
+            computed = {}
+            for key in tqdm(mine, desc=f"loglikelihood [{self.state}]", disable=quiet):
+                _, context_ids, continuation_ids = requests[todo[key]]
+                computed[key] = self._score(context_ids, continuation_ids)
+            return computed
+
+        self._scores.update(distributed.merged(self.launch, compute))
         self.forwards += len(order)
         return [self._scores[key] for key in keys]
 
@@ -138,8 +142,13 @@ class CtxpatchLM(HFLMHooks):
         if not self.launch.distributed:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)
         mine = self.launch.share(range(len(requests)))
-        outputs = super().generate_until([requests[i] for i in mine], disable_tqdm=disable_tqdm or not self.launch.is_main) if mine else []
-        every = distributed.merged(self.launch, dict(zip(mine, outputs)))
+        quiet = disable_tqdm or not self.launch.is_main
+
+        def compute() -> dict[int, str]:
+            outputs = super(CtxpatchLM, self).generate_until([requests[i] for i in mine], quiet) if mine else []
+            return dict(zip(mine, outputs))
+
+        every = distributed.merged(self.launch, compute)
         return [every[i] for i in range(len(requests))]
 
     def generate_tokens(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any):
