@@ -5,6 +5,7 @@ with mocks: this machine has no GPU."""
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -78,6 +79,21 @@ def test_a_loader_without_device_map_is_moved_after(model_folder, monkeypatch): 
     monkeypatch.setattr(ctxpatch.models, "load_model", lambda name, dtype, **kwargs: (FakeWeights("cpu"), None))
     model, _ = eval_loading.load_for_eval(str(model_folder), device="cuda:0")
     assert model.moved_to == torch.device("cuda:0")
+
+
+def test_a_run_folder_is_loaded_in_place_in_its_own_dtype(model_folder, monkeypatch):  # noqa: F811
+    (model_folder / "ctxpatch.json").write_text(json.dumps({"patch": {"spec": "window"}}))
+    calls = []
+
+    def fake_load(path, dtype=None, **kwargs):
+        calls.append({"dtype": dtype, **kwargs})
+        return FakeWeights("cpu" if kwargs.get("device_map") in (None, "auto") else kwargs["device_map"]), None
+
+    monkeypatch.setattr(eval_loading, "load", fake_load)
+    eval_loading.load_for_eval(str(model_folder), dtype="auto", device="cuda:1")
+    eval_loading.load_for_eval(str(model_folder), dtype="float16", device_map="auto")
+    assert calls == [{"dtype": None, "device_map": "cuda:1"},  # None: the dtype the run was trained in
+                     {"dtype": "float16", "device_map": "auto"}]
 
 
 def test_a_bad_dtype_is_an_eval_error(model_folder):  # noqa: F811
