@@ -106,6 +106,7 @@ def test_compare_on_defaults_writes_a_fresh_run_folder(model_folder, text_file, 
     assert len(folders) == 2 and all(f.name.startswith("compare-") for f in folders)
     record = json.loads((folders[0] / "leaderboard.json").read_text())
     assert record["config"]["tail"] == 80  # min(2048, 160 // 2, 192 // 2)
+    assert record["config"]["device"] == "cpu" and record["config"]["dtype"] == "torch.float32"
     assert (folders[0] / "perplexity.png").stat().st_size > 0
     assert f"wrote {Path('runs') / folders[0].name / 'leaderboard.md'}" in capsys.readouterr().err
 

@@ -147,8 +147,9 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
     check_specs(specs, carried, cfg)
     refused = check_specs_apply(model, specs, cfg)
     reference = f"{carried.spec} (carried)" if carried else "none"
-    board = Leaderboard(model_name=name or model_name(model), train_len=train_len, config=describe(cfg),
-                        reference=reference)
+    placed = {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
+    board = Leaderboard(model_name=name or model_name(model), train_len=train_len,
+                        config={**describe(cfg), **placed}, reference=reference)
     for (label, length), reason in refused.items():
         board.refused.setdefault(label, {})[length] = reason
     with tempfile.TemporaryDirectory(prefix="ctxpatch-eval-") as scratch:
