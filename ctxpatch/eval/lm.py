@@ -5,7 +5,8 @@ Two ways in:
   * as lm-eval's model type "ctxpatch" (registered on import), which loads and patches the model itself:
         python -m ctxpatch.eval.harness --model ctxpatch \
             --model_args pretrained=FOLDER,patch=selfextend,target_len=16384 \
-            --include_path "$(ctxpatch tasks --path)" --tasks ctxpatch_passkey
+            --include_path "$(python -c 'import ctxpatch.eval.tasks as t; print(t.TASKS_DIR)')" \
+            --tasks ctxpatch_passkey --metadata '{"lengths": [16384]}'
     (`lm_eval` alone cannot find it: lm-eval 0.4 discovers models only through its registry, so ctxpatch must be
     imported first; `ctxpatch.eval.harness` is lm-eval's own command line after that import.)
 
@@ -39,10 +40,10 @@ from tqdm.auto import tqdm
 from .._compat.lm_eval import HFLMHooks, register_model, stopping_criteria
 from . import distributed
 from .errors import EvalError, TruncationError
+from .ruler import LENGTH_MARGIN  # max_length past target_len when only target_len is given
 
 log = logging.getLogger(__name__)
 
-LENGTH_MARGIN = 256  # = ruler.LENGTH_MARGIN: max_length past target_len when only target_len is given
 
 
 @register_model("ctxpatch")
