@@ -38,7 +38,7 @@ def test_simple_evaluate_patches_at_the_target(model_folder, text_file):  # noqa
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    import ctxpatch.eval.lm  # noqa: F401  (registers "ctxpatch")
+    from ctxpatch.eval.lm import CtxpatchLM  # noqa: F401  (importing it registers "ctxpatch")
 
     metadata = {"pretrained": str(model_folder), "lengths": [384], "tail": 24, "text_files": [str(text_file)]}
     manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata=metadata)
