@@ -72,8 +72,8 @@ def test_the_harness_command_line(model_folder, tmp_path, monkeypatch):  # noqa:
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [
-        "lm_eval", "run", "--model", "ctxpatch", "--model_args", f"pretrained={model_folder},patch=window,window=32,"
-        "max_length=300", "--device", "cpu", "--include_path", str(TASKS_DIR), "--tasks", "ctxpatch_passkey",
+        "lm_eval", "run", "--model", "ctxpatch", "--model_args",
+        f"pretrained={model_folder},patch=window,window=32,max_length=300", "--device", "cpu", "--include_path", str(TASKS_DIR), "--tasks", "ctxpatch_passkey",
         "--metadata", json.dumps({"lengths": [256], "depths": [1.0]}), "--output_path", str(tmp_path / "results"),
     ])
     harness.main()
