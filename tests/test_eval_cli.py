@@ -16,6 +16,12 @@ from test_eval_fixtures import model_folder, one_thread, text_file, tiny_lm  # n
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def in_tmp(tmp_path, monkeypatch):
+    """`ctxpatch eval` without --out writes runs/eval-...: in a scratch folder, not the repository."""
+    monkeypatch.chdir(tmp_path)
+
+
 def test_compare_end_to_end(model_folder, text_file, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "out"
     status = main([

@@ -5,7 +5,9 @@
                     tasks=["ppl", "passkey"], out_dir="runs/compare")
     print(board.markdown())
 
-The task configs live in `TASKS_DIR` (`lm_eval --include_path <TASKS_DIR> --tasks ctxpatch_passkey ...`).
+The task configs live in `TASKS_DIR` (`lm_eval --include_path <TASKS_DIR> --tasks ctxpatch_passkey ...`), and
+`ctxpatch.eval.lm` registers lm-eval's model type "ctxpatch" (`python -m ctxpatch.eval.harness --model ctxpatch
+--model_args pretrained=...,patch=...,target_len=...`).
 Names are imported on first use: importing lm-eval takes seconds, and `ctxpatch methods` should not pay for it.
 """
 

@@ -4,6 +4,8 @@
     ctxpatch compare --patches "none,dynamic,yarn[factor=4],logn+window" --lengths 8k,16k --out runs/compare
 
 Everything the user typed is checked before the model is loaded (loading SmolLM2 takes ~20 s on 2 cores).
+Data parallel: `torchrun --nproc_per_node N -m ctxpatch compare ...` (or `accelerate launch -m ctxpatch ...`)
+splits the requests over N processes and writes the same leaderboard, once.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import logging
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from ..errors import ModelPathError
@@ -45,16 +48,29 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", default="8k,16k", help="comma-separated token lengths, e.g. 8k,16k,32k (k = 1024)")
     p.add_argument("--tasks", default="ppl,passkey",
                    help=f"comma-separated: {', '.join(CTXPATCH_TASKS)}, or RULER's {', '.join(RULER_OFFLINE)}")
-    p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="text file(s) for ppl and niah (default: Shakespeare)")
-    p.add_argument("--depths", default="5", help="needle depths: fractions '0,0.5,1' or a count")
+    p.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                   help="text file(s) for ppl and niah, or held-out / train: those of Shakespeare's plays "
+                   "(default: all the plays)")
+    p.add_argument("--depths", default="5", help="needle depths: fractions '0,0.5,1' or a count (default 5)")
     p.add_argument("--samples", type=int, default=1, help="windows (ppl) or prompts per depth (passkey, niah) per length")
-    p.add_argument("--tail", type=int, default=2048, help="ppl: score the last this many tokens of each window")
+    p.add_argument("--tail", type=int, default=None,
+                   help="ppl: score the last this many tokens of each window (default: min(2048, shortest length / 2))")
     p.add_argument("--seed", type=int, default=0, help="seed of every generated prompt and window")
     p.add_argument("--max-length", type=int, default=None, help="lm-eval max_length (default: longest length + 256)")
     p.add_argument("--backend", default="blockwise", choices=BACKENDS, help="ctxpatch attention backend")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="model dtype (default: float32; a run folder: the dtype it was trained in)")
-    p.add_argument("--out", default=None, help="folder for leaderboard.md/.json and the plots")
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype; auto: the checkpoint's own (default: float32 on the CPU, auto on a GPU; "
+                   "a run folder: the dtype it was trained in)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU, else cpu; under torchrun each "
+                   "process takes cuda:LOCAL_RANK)")
+    p.add_argument("--device-map", default=None, choices=["auto"],
+                   help="auto: spread a model larger than one GPU over all of them (accelerate); one process")
+    p.add_argument("--target-len", default=None, metavar="N|auto",
+                   help="tokens the patch should reach, passed to ctxpatch.apply: parameters not given follow each "
+                   "method's rule for it (e.g. 32k); auto: each measured length is its own target")
+    p.add_argument("--out", default=None,
+                   help="folder for leaderboard.md/.json and the plots (default: a new runs/VERB-YYYYmmdd-HHMMSS)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -90,7 +106,7 @@ def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
         )
     model = model_config(args.model)
     info = info_from_config(model)
-    if info is not None and "ctxpatch_ppl" in config.tasks and config.tail >= info.train_len:
+    if info is not None and "ctxpatch_ppl" in config.tasks and config.tail is not None and config.tail >= info.train_len:
         raise EvalError(
             f"--tail {config.tail} must be shorter than the model's trained length ({info.train_len}): the native "
             "reference scores the same tail within it; pass a smaller --tail"
@@ -101,10 +117,9 @@ def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
 
 
 def run(args: argparse.Namespace, specs: list[Spec]) -> int:
-    import torch
-
     from ..loading import display_name, held_apart_text, load_for_eval
     from ..preflight import WHAT_TO_GIVE
+    from . import distributed
     from .runner import EvalConfig, compare
 
     if args.max_length is not None and args.max_length <= 0:
@@ -114,23 +129,42 @@ def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     config = EvalConfig(
         lengths=args.lengths, tasks=args.tasks, depths=args.depths, samples=args.samples, tail=args.tail,
         seed=args.seed, text_files=text_files, max_length=args.max_length, backend=args.backend,
+        target_len=args.target_len,
     )
     check_before_loading(args, specs, config)
+    launch = distributed.launch_from_env()
+    device = distributed.resolve_device(args.device, launch, args.device_map)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     started = time.perf_counter()
     try:
-        model, tokenizer = load_for_eval(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None)
+        model, tokenizer = load_for_eval(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
     except OSError as error:  # transformers' word for a model it cannot find or read
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelPathError(f"cannot load model {args.model!r} ({first}): {WHAT_TO_GIVE}") from None
-    print(f"loaded {args.model} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
-    board = compare(model, tokenizer, specs, config=config, out_dir=args.out, name=display_name(args.model))
-    print(board.markdown())
+    say = print if launch.is_main else (lambda *a, **k: None)
+    say(f"loaded {args.model} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
+    out = Path(args.out) if args.out else fresh_run_folder(args.verb)
+    try:
+        board = compare(model, tokenizer, specs, config=config, out_dir=out, name=display_name(args.model), launch=launch)
+    finally:
+        distributed.finish(launch)
+    say(board.markdown())
     seconds = ", ".join(f"{k} {v:.0f}s" for k, v in board.seconds.items())
-    print(f"{board.forwards} forward passes in {time.perf_counter() - started:.0f}s ({seconds})", file=sys.stderr)
-    if args.out:
-        print(f"wrote {Path(args.out) / 'leaderboard.md'}, leaderboard.json and the plots", file=sys.stderr)
+    processes = f" on {launch.world_size} processes" if launch.distributed else ""
+    say(f"{board.forwards} forward passes{processes} in {time.perf_counter() - started:.0f}s ({seconds})",
+        file=sys.stderr)
+    say(f"wrote {out / 'leaderboard.md'}, leaderboard.json and the plots", file=sys.stderr)
     return 0
+
+
+def fresh_run_folder(verb: str, root: Path = Path("runs")) -> Path:
+    """runs/VERB-YYYYmmdd-HHMMSS, with -2, -3, ... when that folder exists already."""
+    base = root / f"{verb}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
 
 
 def run_tasks(args: argparse.Namespace) -> int:
@@ -142,4 +176,6 @@ def run_tasks(args: argparse.Namespace) -> int:
     print(f"RULER tasks that run offline through ctxpatch: {', '.join(RULER_OFFLINE)}")
     print(f"example: lm_eval --include_path {TASKS_DIR} --tasks ctxpatch_passkey --model hf "
           "--device cpu --model_args pretrained=FOLDER,max_length=16640 --metadata '{\"lengths\": [8192, 16384]}'")
+    print(f"patched: python -m ctxpatch.eval.harness --include_path {TASKS_DIR} --tasks ctxpatch_passkey "
+          "--model ctxpatch --model_args pretrained=FOLDER,patch=selfextend,target_len=16384")
     return 0

@@ -162,7 +162,7 @@ def ppl_docs(encoder: Encoder, corpus: Corpus, request: PplRequest) -> list[dict
 def check_tail(request: PplRequest) -> None:
     shortest = min(request.lengths)
     if request.tail <= 0:
-        raise EvalError(f"tail={request.tail}: score at least one token (default 2048)")
+        raise EvalError(f"tail={request.tail}: score at least one token (pass a positive --tail)")
     if request.tail >= min(shortest, request.train_len):
         raise EvalError(
             f"tail={request.tail} tokens must be shorter than the shortest length ({shortest}) and the trained "

@@ -1,4 +1,14 @@
-"""`CtxpatchLM`: lm-eval's HFLM around an in-memory (patched) model, with nothing cut or capped silently.
+"""`CtxpatchLM`: lm-eval's HFLM around a (patched) model, with nothing cut or capped silently.
+
+Two ways in:
+  * in memory, as `ctxpatch eval|compare` use it: `CtxpatchLM(model, tokenizer, max_length=...)`;
+  * as lm-eval's model type "ctxpatch" (registered on import), which loads and patches the model itself:
+        python -m ctxpatch.eval.harness --model ctxpatch \
+            --model_args pretrained=FOLDER,patch=selfextend,target_len=16384 \
+            --include_path "$(python -c 'import ctxpatch.eval.tasks as t; print(t.TASKS_DIR)')" \
+            --tasks ctxpatch_passkey --metadata '{"lengths": [16384]}'
+    (`lm_eval` alone cannot find it: lm-eval 0.4 discovers models only through its registry, so ctxpatch must be
+    imported first; `ctxpatch.eval.harness` is lm-eval's own command line after that import.)
 
 What it changes in HFLM, and why (each measured on lm-eval 0.4.x):
   * `max_length` is required and governs everything: HFLM otherwise takes the model's trained length from its
@@ -8,60 +18,104 @@ What it changes in HFLM, and why (each measured on lm-eval 0.4.x):
   * Generation passes `max_new_tokens` explicitly: a `max_new_tokens` in the model's generation config would
     otherwise override the task's `max_gen_toks`.
   * Loglikelihood runs one sequence at a time and asks the model only for the logits it scores
-    (`logits_to_keep`): a 32k-token forward with a 49k vocabulary would otherwise materialise 6 GB of logits.
+    (`logits_to_keep`, when the model's forward takes it): a 32k-token forward with a 49k vocabulary would
+    otherwise materialise 6 GB of logits.
   * Results are cached per model state (`state`, e.g. the patch spec): the same tokens scored under the same
     state are computed once, so the unpatched native-context reference is shared between specs.
+  * Under torchrun / accelerate launch the requests are split over the processes and every result gathered to
+    every process (`distributed`): lm-eval sees one process, and every process the same results.
+The lm-eval hooks this overrides are named in `ctxpatch._compat.lm_eval`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from typing import Any
 
 import torch
-from lm_eval.models.huggingface import HFLM
-try:
-    from lm_eval.models.utils_hf import stop_sequences_criteria
-except ImportError:  # lm-eval before the HF helpers moved
-    from lm_eval.models.utils import stop_sequences_criteria
 from tqdm.auto import tqdm
 
-from .errors import TruncationError
+from .._compat.lm_eval import HFLMHooks, register_model, stopping_criteria
+from . import distributed
+from .errors import EvalError, TruncationError
+from .ruler import LENGTH_MARGIN  # max_length past target_len when only target_len is given
 
 log = logging.getLogger(__name__)
 
 
-class CtxpatchLM(HFLM):
-    """HFLM on a model object: strict about length, explicit about generation, cached per model state."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_length: int, state: str = "model", **kwargs: Any):
-        super().__init__(pretrained=model, tokenizer=tokenizer, max_length=max_length, batch_size=1, **kwargs)
+@register_model("ctxpatch")
+class CtxpatchLM(HFLMHooks):
+    """HFLM on a model object: strict about length, explicit about generation, cached per model state.
+
+    `pretrained` is a model object (with `tokenizer`), or — as lm-eval's "ctxpatch" model — a name that
+    `ctxpatch eval --model` takes, loaded with `dtype`, `device` / `device_map` and patched with `patch`
+    (a spec), `target_len` and any other keyword as a patch parameter (`window=4096`)."""
+
+    def __init__(self, pretrained: Any, tokenizer: Any = None, max_length: int | None = None, state: str | None = None,
+                 *, patch: str | None = "none", target_len: int | None = None, backend: str = "blockwise",
+                 dtype: str | None = None, device: str | None = None, device_map: str | None = None,
+                 launch: distributed.Launch | None = None, batch_size: int | str | None = 1,
+                 max_batch_size: int | None = None, **params: Any):
+        self.launch = launch or distributed.launch_from_env()
+        if max_length is None and (target_len is None or not isinstance(pretrained, str)):
+            raise EvalError("pass max_length=N (tokens), or target_len=N (max_length = N + 256): ctxpatch never "
+                            "takes it from the model's config")
+        if isinstance(pretrained, str):
+            pretrained, tokenizer, state = load_and_patch(
+                pretrained, patch, params, target_len=target_len, backend=backend, dtype=dtype,
+                device=lenient_device(device, self.launch), device_map=device_map, launch=self.launch,
+            )
+            if max_length is None and target_len is not None:
+                max_length = int(target_len) + LENGTH_MARGIN
+        elif params or (patch not in (None, "none")) or target_len is not None:
+            raise EvalError("a model object is evaluated as it is: apply the patch with ctxpatch.apply first")
+        if tokenizer is None:
+            raise EvalError("pass the tokenizer with the model object")
+        # one sequence at a time whatever lm-eval asks (batch_size): long contexts do not batch
+        super().__init__(pretrained=pretrained, tokenizer=tokenizer, max_length=max_length, batch_size=1)
         if self.max_length != max_length:
             raise RuntimeError(f"lm-eval ignored max_length={max_length} (it uses {self.max_length})")
-        self.state = state
-        self.forwards = 0  # forward passes actually run (cache hits excluded)
+        self.state = state or "model"
+        self.forwards = 0  # forward passes run, over all processes (cache hits excluded)
         self._scores: dict[tuple[str, str], tuple[float, bool]] = {}
+        self._logits_to_keep = takes_logits_to_keep(self.model)
+        distributed.join(self.launch, self.device)
 
-    # ---- loglikelihood: one sequence at a time, only the scored logits ------------------------------------------
+    # ---- loglikelihood: one sequence at a time, only the scored logits, split over processes --------------------
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
-        for (context, _), context_ids, continuation_ids in requests:
-            self.check_fits(len(context_ids) + len(continuation_ids) - 1, context)
-        order = sorted(range(len(requests)), key=lambda i: -(len(requests[i][1]) + len(requests[i][2])))
-        results: list[tuple[float, bool] | None] = [None] * len(requests)
-        for i in tqdm(order, desc=f"loglikelihood [{self.state}]", disable=disable_tqdm or len(requests) < 2):
-            request, context_ids, continuation_ids = requests[i]
-            results[i] = self.score(context_ids, continuation_ids)
-            if request is not None:
-                self.cache_hook.add_partial("loglikelihood", request, results[i])
-        return results
+    def score_requests(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        for request, context_ids, continuation_ids in requests:
+            self.check_prompt(len(context_ids) + len(continuation_ids) - 1, request[0] if request else "")
+        keys = [(self.state, token_key(ctx, cont)) for _, ctx, cont in requests]
+        todo = {}  # key -> request index: each distinct sequence not yet scored, once
+        for i, key in enumerate(keys):
+            if key not in self._scores and key not in todo:
+                todo[key] = i
+        order = sorted(todo, key=lambda k: -(len(requests[todo[k]][1]) + len(requests[todo[k]][2])))
+        mine = self.launch.share(order)  # longest first, round robin: balanced between processes
+        quiet = disable_tqdm or len(mine) < 2 or not self.launch.is_main
+
+        def compute() -> dict[tuple[str, str], tuple[float, bool]]:
+            computed = {}
+            for key in tqdm(mine, desc=f"loglikelihood [{self.state}]", disable=quiet):
+                _, context_ids, continuation_ids = requests[todo[key]]
+                computed[key] = self._score(context_ids, continuation_ids)
+            return computed
+
+        self._scores.update(distributed.merged(self.launch, compute))
+        self.forwards += len(order)
+        return [self._scores[key] for key in keys]
 
     def score(self, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
-        """(sum of log-probabilities of the continuation, whether every continuation token is the argmax)."""
+        """(sum of log-probabilities of the continuation, whether every continuation token is the argmax), computed
+        in this process (cached per state)."""
         key = (self.state, token_key(context_ids, continuation_ids))
         if key not in self._scores:
             self._scores[key] = self._score(context_ids, continuation_ids)
+            self.forwards += 1
         return self._scores[key]
 
     def _score(self, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
@@ -69,7 +123,6 @@ class CtxpatchLM(HFLM):
         keep = len(continuation_ids)
         with torch.no_grad():
             logits = self._last_logits(ids, keep)  # (keep, vocab)
-        self.forwards += 1
         log_probs = torch.log_softmax(logits, dim=-1)
         target = torch.tensor(continuation_ids, device=log_probs.device)  # (keep,)
         picked = log_probs.gather(1, target[:, None])[:, 0]  # (keep,)
@@ -77,22 +130,29 @@ class CtxpatchLM(HFLM):
 
     def _last_logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
         """Logits of the last `keep` positions of ids (1, T) -> (keep, vocab), float32."""
-        try:
+        if self._logits_to_keep:
             logits = self.model(ids, logits_to_keep=keep).logits  # (1, keep, vocab)
-        except TypeError:  # a model whose forward has no logits_to_keep
+        else:  # a forward without logits_to_keep: all T positions' logits, then the last keep
             logits = self.model(ids).logits  # (1, T, vocab)
         return logits[0, -keep:].float()
 
-    # ---- generation: no cut prompt, an explicit budget -------------------------------------------------------
+    # ---- generation: no cut prompt, an explicit budget, split over processes -----------------------------------
 
-    def tok_batch_encode(self, strings, padding_side="left", left_truncate_len=None, truncation=False):
-        ids, mask = super().tok_batch_encode(strings, padding_side=padding_side, left_truncate_len=None,
-                                             truncation=truncation)
-        if left_truncate_len is not None:
-            self.check_fits(ids.shape[1], strings[0], budget=left_truncate_len)
-        return ids, mask
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        self.forwards += len(requests)  # one generation per request (batch size 1)
+        if not self.launch.distributed:
+            return super().generate_until(requests, disable_tqdm=disable_tqdm)
+        mine = self.launch.share(range(len(requests)))
+        quiet = disable_tqdm or not self.launch.is_main
 
-    def _model_generate(self, context, max_length: int, stop, **generation_kwargs):
+        def compute() -> dict[int, str]:
+            outputs = super(CtxpatchLM, self).generate_until([requests[i] for i in mine], quiet) if mine else []
+            return dict(zip(mine, outputs))
+
+        every = distributed.merged(self.launch, compute)
+        return [every[i] for i in range(len(requests))]
+
+    def generate_tokens(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any):
         """Greedy (or the task's) generation of exactly `max_length - prompt` new tokens at most: passed as
         `max_new_tokens`, which a generation config's own `max_new_tokens` cannot override."""
         for key in ("max_new_tokens", "max_length"):
@@ -100,8 +160,7 @@ class CtxpatchLM(HFLM):
         if not generation_kwargs.get("do_sample") and generation_kwargs.get("temperature", 0.0) == 0.0:
             generation_kwargs.pop("temperature", None)
             generation_kwargs["do_sample"] = False
-        stopping = stop_sequences_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
-        self.forwards += 1
+        stopping = stopping_criteria(self.tokenizer, stop, context.shape[1], context.shape[0])
         return self.model.generate(
             input_ids=context,
             max_new_tokens=max_length - context.shape[1],
@@ -113,7 +172,7 @@ class CtxpatchLM(HFLM):
 
     # ---- the one rule: never score a shorter context than asked --------------------------------------------------
 
-    def check_fits(self, tokens: int, text: str, budget: int | None = None) -> None:
+    def check_prompt(self, tokens: int, text: str, budget: int | None = None) -> None:
         budget = self.max_length if budget is None else budget
         if tokens > budget:
             raise TruncationError(
@@ -122,6 +181,51 @@ class CtxpatchLM(HFLM):
                 + f" (it starts {text[:60]!r}); lm-eval would cut it from the left and score a shorter context. "
                 "Raise max_length (ctxpatch eval --max-length) or ask for shorter lengths."
             )
+
+
+def takes_logits_to_keep(model: Any) -> bool:
+    """Whether the model's forward names a `logits_to_keep` parameter (a peft wrapper: its base model's).
+    Decided once, from the signature: retrying a failed call without it would hide errors raised inside the
+    forward and silently build every position's logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return False
+
+
+def lenient_device(device: str | None, launch: distributed.Launch) -> str | None:
+    """lm-eval's --device as HFLM reads it: its default "cuda:0" on a machine without a GPU means the CPU, and
+    under a launcher "cuda:N" means this process's own GPU."""
+    if device is None or not str(device).startswith("cuda"):
+        return device
+    if not distributed.cuda_available():
+        log.warning("ctxpatch: device %s asked for, but torch sees no CUDA GPU: evaluating on the CPU", device)
+        return "cpu"
+    return "cuda" if launch.distributed else device
+
+
+def load_and_patch(name: str, patch: str | None, params: dict[str, Any], *, target_len: int | None, backend: str,
+                   dtype: str | None, device: str | None, device_map: str | None,
+                   launch: distributed.Launch) -> tuple[Any, Any, str]:
+    """(model, tokenizer, state label) for lm-eval's "ctxpatch" model: loaded as `ctxpatch eval` loads it, and
+    patched with `patch` at `target_len`."""
+    from .. import patch as patching
+    from .loading import carries_patch, load_for_eval
+    from .options import parse_spec
+
+    spec = parse_spec(patch or "none", params)
+    if carries_patch(name) and not spec.is_none:
+        raise EvalError(f"{name!r} carries its own patch (a ctxpatch run folder): drop patch= to evaluate it as loaded")
+    if spec.is_none and params:
+        raise EvalError(f"{', '.join(params)}: patch parameters without patch=SPEC")
+    placed = distributed.resolve_device(device, launch, device_map)
+    model, tokenizer = load_for_eval(name, dtype=dtype, device=placed, device_map=device_map)
+    if spec.is_none:
+        return model, tokenizer, "none"
+    applied = patching.apply(model, spec.spec, backend=backend, target_len=target_len, **spec.params)
+    log.info("ctxpatch: %r", applied)
+    return model, tokenizer, spec.label if target_len is None else f"{spec.label}@{target_len}"
 
 
 def token_key(context_ids: list[int], continuation_ids: list[int]) -> str:

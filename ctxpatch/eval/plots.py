@@ -66,6 +66,8 @@ def heatmap(board: "Leaderboard", task: str, path: Path) -> Path:
         for (row, column), value in np.ndenumerate(grid):
             if not np.isnan(value):
                 ax.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=7)
+            elif board.refusal(spec, lengths[column]):
+                ax.text(column, row, "refused", ha="center", va="center", fontsize=6, color="grey")
         ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_title(spec, fontsize=8)

@@ -4,7 +4,8 @@ Perplexity is summarised as the ratio full / native: the perplexity of a window'
 whole window as context, over the perplexity of the same tokens given only the last train_len tokens, scored
 by the model as given (the reference). Below 1 the extra context helped; above 1 it hurt. Inside the trained
 length the two contexts are the same tokens, so the ratio is the patch's cost against the model as given.
-Retrieval tasks are summarised as accuracy over depths and samples.
+Retrieval tasks are summarised as accuracy over depths and samples. A spec that refused its target at a length
+(`--target-len auto`) has a "refused: <reason>" cell there.
 """
 
 from __future__ import annotations
@@ -47,16 +48,22 @@ class Leaderboard:
     records: list[Record] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     forwards: int = 0
+    refused: dict[str, dict[int, str]] = field(default_factory=dict)  # spec -> length -> why it refused that target
+    patches: dict[str, dict[str, Any]] = field(default_factory=dict)  # spec -> target_len -> Patch.to_dict()
 
     # ---- summaries -----------------------------------------------------------------------------------------------
 
     @property
     def specs(self) -> list[str]:
-        return list(dict.fromkeys(r.spec for r in self.records if r.spec != REFERENCE)) or list(self.seconds)
+        measured = (r.spec for r in self.records if r.spec != REFERENCE)
+        return list(dict.fromkeys([*self.seconds, *self.refused, *measured]))
 
     @property
     def lengths(self) -> list[int]:
-        return sorted({r.length for r in self.records})
+        return sorted({r.length for r in self.records} | {n for by_length in self.refused.values() for n in by_length})
+
+    def refusal(self, spec: str, length: int) -> str | None:
+        return self.refused.get(spec, {}).get(length)
 
     @property
     def retrieval_tasks(self) -> list[str]:
@@ -92,6 +99,8 @@ class Leaderboard:
             row["ratio"] = {n: self.ratio(spec, n) for n in self.lengths}
             for task in self.retrieval_tasks:
                 row[task] = {n: self.accuracy(spec, task, n) for n in self.lengths}
+            if spec in self.refused:
+                row["refused"] = dict(self.refused[spec])
             out[spec] = row
         return out
 
@@ -118,16 +127,23 @@ class Leaderboard:
         for task in self.retrieval_tasks:
             parts.append(
                 f"**{task}** accuracy (% over depths and samples)\n\n" + head
-                + "".join(f"| `{spec}` | " + " | ".join(_percent(self.accuracy(spec, task, n)) for n in lengths)
+                + "".join(f"| `{spec}` | " + " | ".join(self._accuracy_cell(spec, task, n) for n in lengths)
                           + " |\n" for spec in self.specs)
             )
         return "\n\n".join(parts) + "\n"
 
     def _ratio_cell(self, spec: str, length: int) -> str:
+        if self.refusal(spec, length):
+            return _refused(self.refusal(spec, length))
         ratio, ppl = self.ratio(spec, length), self.perplexity(spec, length)
         if ppl is None:
             return "–"
         return f"{_number(ratio)} ({_number(ppl)})" if ratio is not None else _number(ppl)
+
+    def _accuracy_cell(self, spec: str, task: str, length: int) -> str:
+        if self.refusal(spec, length):
+            return _refused(self.refusal(spec, length))
+        return _percent(self.accuracy(spec, task, length))
 
     # ---- files -------------------------------------------------------------------------------------------------
 
@@ -135,7 +151,8 @@ class Leaderboard:
         return {
             "model": self.model_name, "train_len": self.train_len, "reference": self.reference,
             "config": self.config, "seconds": self.seconds, "forwards": self.forwards,
-            "summary": self.summary(), "records": [asdict(r) for r in self.records],
+            "summary": self.summary(), "refused": self.refused, "patches": self.patches,
+            "records": [asdict(r) for r in self.records],
         }
 
     def write(self, folder: Path) -> list[Path]:
@@ -153,6 +170,10 @@ def _number(value: float | None) -> str:
     if value is None:
         return "–"
     return f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+
+
+def _refused(reason: str) -> str:
+    return "refused: " + reason.replace("|", "\\|").replace("\n", " ")
 
 
 def _percent(value: float | None) -> str:

@@ -8,11 +8,20 @@ evaluated with `lm_eval.evaluator.evaluate` under each spec in turn, through `Ct
 task's native-context reference is evaluated once, on the model as given (unpatched, or with the patch it
 carries), and shared by every spec. Cost per spec and length: one forward per perplexity window and one per
 passkey/needle depth and sample; the reference adds one forward of min(n, train_len) tokens per window.
+
+`target_len` is passed to `ctxpatch.apply`: every parameter a spec leaves out comes from its method's rule for
+that length. `target_len="auto"` makes each measured length its own target: a spec is applied once per length
+and measured at that length only, and a spec that refuses a target (`ValueError`, e.g. `string` past 2L - W)
+gets a "refused" cell for that length instead of stopping the comparison.
+
+Under torchrun / accelerate launch the requests are split over the processes (see `distributed`); every
+process ends with the same leaderboard and only rank 0 writes it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import tempfile
 import time
@@ -25,16 +34,18 @@ from tqdm.auto import tqdm
 from .. import patch as patching
 from .._compat import transformers as hf
 from ..adapters.base import train_len as config_train_len
-from . import ruler, sources
+from . import distributed, ruler, sources
 from .errors import EvalError
 from .lm import CtxpatchLM
-from .options import RULER_OFFLINE, Spec, parse_depths, parse_lengths, parse_spec, parse_tasks
+from .options import RULER_OFFLINE, Spec, parse_depths, parse_length, parse_lengths, parse_spec, parse_tasks
 from .report import Leaderboard, Record
 from .tasks import TASKS_DIR
 
 log = logging.getLogger(__name__)
 
 PPL_FULL, PPL_NATIVE = "ctxpatch_ppl_full", "ctxpatch_ppl_native"
+TEXT_TASKS = ("ctxpatch_ppl", "ctxpatch_niah", "ctxpatch_niah_gen")  # the tasks that read --text
+AUTO = "auto"
 
 
 @dataclass
@@ -45,26 +56,55 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["ctxpatch_ppl", "ctxpatch_passkey"])
     depths: list[float] = field(default_factory=lambda: list(sources.DEFAULT_DEPTHS))
     samples: int = 1
-    tail: int = sources.DEFAULT_TAIL
+    tail: int | None = None  # default: min(2048, shortest length // 2), and below the trained length
     seed: int = 0
-    text_files: list[str] | None = None
+    text_files: list[str] | None = None  # files, or the words "held-out" / "train" / "all" (Shakespeare's plays)
     max_length: int | None = None  # default: the largest length + ruler.LENGTH_MARGIN
     backend: str = "blockwise"
+    target_len: int | str | None = None  # passed to ctxpatch.apply; "auto": each length is its own target
 
     def __post_init__(self) -> None:
         self.lengths = parse_lengths(self.lengths)
         self.tasks = parse_tasks(self.tasks)
         self.depths = parse_depths(self.depths)
-        if "ctxpatch_ppl" in self.tasks and not 0 < self.tail < min(self.lengths):
+        self.target_len = parse_target_len(self.target_len)
+        if self.tail is not None and "ctxpatch_ppl" in self.tasks and not 0 < self.tail < min(self.lengths):
+            fix = "a positive --tail" if self.tail <= 0 else "a smaller --tail"
             raise EvalError(
                 f"tail={self.tail}: the perplexity task scores the last `tail` tokens of each window, so it must be "
-                f"between 1 and the shortest length ({min(self.lengths)}): pass a smaller --tail"
+                f"between 1 and the shortest length ({min(self.lengths)}) minus 1: pass {fix}"
             )
         if self.samples < 1:
             raise EvalError(f"samples={self.samples}: ask for at least one sample per length")
+        self.text_files = sources.resolve_text_files(self.text_files)
         for path in self.text_files or []:
             if not Path(path).is_file():
-                raise EvalError(f"text file {path!r} does not exist: pass text files to read (--text FILE ...)")
+                raise EvalError(f"text file {path!r} does not exist: pass text files to read (--text FILE ...), "
+                                "or held-out / train for Shakespeare's plays")
+
+    def with_defaults(self, train_len: int) -> "EvalConfig":
+        """This config with the defaults that depend on the model filled in (the perplexity tail)."""
+        if self.tail is not None:
+            return self
+        return dataclasses.replace(self, tail=sources.default_tail(self.lengths, train_len))
+
+    def targets(self, spec: Spec) -> list[tuple[int | None, list[int]]]:
+        """(target_len passed to apply, lengths measured under it) for a spec; "none" has no target."""
+        if spec.is_none or self.target_len is None:
+            return [(None if spec.is_none else self.target_len, self.lengths)]
+        if self.target_len == AUTO:
+            return [(n, [n]) for n in self.lengths]
+        return [(self.target_len, self.lengths)]
+
+    def text_files_used(self) -> list[str] | None:
+        """The text files the tasks read (None: no task reads text)."""
+        if not any(t in TEXT_TASKS for t in self.tasks):
+            return None
+        if self.text_files:
+            return list(self.text_files)
+        from ..loading.assets import play_files
+
+        return [str(p) for p in play_files()]
 
     @property
     def context_length(self) -> int:
@@ -75,6 +115,16 @@ class EvalConfig:
         return [PPL_FULL if t == "ctxpatch_ppl" else t for t in self.tasks]
 
 
+def parse_target_len(value: int | str | None) -> int | str | None:
+    """None, "auto", or a length ("32k", 32768) as tokens."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == AUTO):
+        return None if value is None else AUTO
+    try:
+        return parse_length(value)
+    except EvalError:
+        raise EvalError(f"target length {value!r} is not a number of tokens (e.g. 32k) or 'auto'") from None
+
+
 def evaluate(model: Any, tokenizer: Any, spec: str | Spec = "none", *, params: dict[str, Any] | None = None,
              **kwargs: Any) -> Leaderboard:
     """Evaluate one spec ("none" = the model as given) with `params`; other keywords as for `compare`."""
@@ -83,58 +133,99 @@ def evaluate(model: Any, tokenizer: Any, spec: str | Spec = "none", *, params: d
 
 
 def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir: str | Path | None = None,
-            name: str | None = None, **config: Any) -> Leaderboard:
+            name: str | None = None, launch: distributed.Launch | None = None, **config: Any) -> Leaderboard:
     """Evaluate every spec on the same data; returns (and, with `out_dir`, writes) the leaderboard.
 
-    Keyword arguments are `EvalConfig` fields (or `config=EvalConfig(...)`); `name` labels the model."""
+    Keyword arguments are `EvalConfig` fields (or `config=EvalConfig(...)`); `name` labels the model. Under a
+    launcher (`launch`, default: from the environment) the work is split over the processes; each returns the
+    whole leaderboard, and rank 0 alone writes it."""
     cfg = config.pop("config", None) or EvalConfig(**config)
+    launch = launch or distributed.launch_from_env()
     specs = [s if isinstance(s, Spec) else parse_spec(s) for s in specs]
     train_len = config_train_len(model.config)
+    cfg = cfg.with_defaults(train_len)
     carried = patching.current_patch(model)
-    check_specs(specs, carried)
-    check_specs_apply(model, specs, cfg.backend)
+    check_specs(specs, carried, cfg)
+    refused = check_specs_apply(model, specs, cfg)
     reference = f"{carried.spec} (carried)" if carried else "none"
-    board = Leaderboard(model_name=name or model_name(model), train_len=train_len, config=describe(cfg), reference=reference)
+    placed = {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
+    board = Leaderboard(model_name=name or model_name(model), train_len=train_len,
+                        config={**describe(cfg), **placed}, reference=reference)
+    for (label, length), reason in refused.items():
+        board.refused.setdefault(label, {})[length] = reason
     with tempfile.TemporaryDirectory(prefix="ctxpatch-eval-") as scratch:
         tasks = load_tasks(cfg, tokenizer, train_len, Path(scratch))
-        lm = CtxpatchLM(model, tokenizer, max_length=cfg.context_length, state=reference)
-        announce(cfg, specs, train_len, tasks)
+        lm = CtxpatchLM(model, tokenizer, max_length=cfg.context_length, state=reference, launch=launch)
+        if launch.is_main:
+            announce(cfg, specs, train_len, tasks)
         if PPL_NATIVE in tasks["native"]["tasks"]:
             board.records += run_tasks(lm, tasks["native"], "reference", cfg)
-        for spec in tqdm(specs, desc="specs", disable=len(specs) < 2):
+        for spec in tqdm(specs, desc="specs", disable=len(specs) < 2 or not launch.is_main):
             started = time.perf_counter()
-            label = reference if spec.is_none else spec.label
-            with applied(model, spec, cfg.backend):
-                lm.state = label
-                board.records += run_tasks(lm, tasks["main"], spec.label, cfg)
+            for target, lengths in cfg.targets(spec):
+                if (spec.label, lengths[0]) in refused:
+                    continue
+                with applied(model, spec, cfg.backend, target) as patch:
+                    lm.state = reference if spec.is_none else state_label(spec, target)
+                    if patch is not None:
+                        board.patches.setdefault(spec.label, {})[str(target)] = patch.to_dict()
+                    measured = None if lengths == cfg.lengths else lengths
+                    board.records += run_tasks(lm, tasks["main"], spec.label, cfg, measured)
             board.seconds[spec.label] = time.perf_counter() - started
     board.forwards = lm.forwards
-    if out_dir is not None:
+    if out_dir is not None and launch.is_main:
         board.write(Path(out_dir))
     return board
 
 
-def check_specs(specs: list[Spec], carried: Any) -> None:
+def state_label(spec: Spec, target: int | None) -> str:
+    """What the model is under a spec and target: the key of CtxpatchLM's score cache."""
+    return spec.label if target is None else f"{spec.label}@{target}"
+
+
+def check_specs(specs: list[Spec], carried: Any, cfg: EvalConfig | None = None) -> None:
     if carried is not None and any(not s.is_none for s in specs):
         raise EvalError(
             f"this model already carries the patch {carried.spec!r} (loaded with it): evaluate it as loaded "
             "(no --patch, or --patch none), or load the base model to compare other patches"
         )
+    if carried is not None and cfg is not None and cfg.target_len is not None:
+        raise EvalError(
+            f"this model carries the patch {carried.spec!r}, applied when it was loaded: a target length cannot "
+            "change it; drop --target-len"
+        )
 
 
-def check_specs_apply(model: Any, specs: list[Spec], backend: str) -> None:
-    """Apply and remove every spec once before measuring anything: a bad parameter fails now, not hours in."""
+def check_specs_apply(model: Any, specs: list[Spec], cfg: EvalConfig) -> dict[tuple[str, int], str]:
+    """Apply and remove every spec at every target before measuring anything: a bad parameter fails now, not
+    hours in. Returns {(spec label, length): reason} for the lengths at which a spec refuses its own target
+    (`target_len="auto"` only: an explicit target that a spec refuses is an error)."""
+    refused = {}
     for spec in specs:
-        with applied(model, spec, backend):
+        if spec.is_none:
+            continue
+        with applied(model, spec, cfg.backend, None):  # the spec itself: wrong parameters fail here, always
             pass
+        for target, lengths in cfg.targets(spec):
+            try:
+                with applied(model, spec, cfg.backend, target):
+                    pass
+            except ValueError as error:
+                if cfg.target_len != AUTO:
+                    raise
+                refused[(spec.label, lengths[0])] = str(error)
+    return refused
 
 
 @contextlib.contextmanager
-def applied(model: Any, spec: Spec, backend: str) -> Iterator[None]:
-    """The spec applied to the model for the block ("none": nothing), removed after."""
-    patch = None if spec.is_none else patching.apply(model, spec.spec, backend=backend, **spec.params)
+def applied(model: Any, spec: Spec, backend: str, target_len: int | None = None) -> Iterator[Any]:
+    """The spec applied to the model (at `target_len`) for the block ("none": nothing), removed after; yields
+    the `Patch` (None for "none")."""
+    patch = None
+    if not spec.is_none:
+        patch = patching.apply(model, spec.spec, backend=backend, target_len=target_len, **spec.params)
     try:
-        yield
+        yield patch
     finally:
         if patch is not None:
             patch.remove()
@@ -147,8 +238,8 @@ def model_name(model: Any) -> str:
 def describe(cfg: EvalConfig) -> dict[str, Any]:
     return {
         "lengths": cfg.lengths, "tasks": cfg.tasks, "depths": cfg.depths, "samples": cfg.samples,
-        "tail": cfg.tail, "seed": cfg.seed, "text_files": cfg.text_files, "max_length": cfg.context_length,
-        "backend": cfg.backend,
+        "tail": cfg.tail, "seed": cfg.seed, "text_files": cfg.text_files_used(), "max_length": cfg.context_length,
+        "backend": cfg.backend, "target_len": cfg.target_len,
     }
 
 
@@ -159,7 +250,8 @@ def task_metadata(cfg: EvalConfig, tokenizer: Any, train_len: int, scratch: Path
     metadata = {
         "ctxpatch_tokenizer": sources.register_tokenizer(tokenizer),
         "lengths": cfg.lengths, "depths": cfg.depths, "samples": cfg.samples, "seed": cfg.seed,
-        "tail": cfg.tail, "train_len": train_len, "text_files": cfg.text_files or None,
+        "tail": cfg.tail if cfg.tail is not None else sources.default_tail(cfg.lengths, train_len),
+        "train_len": train_len, "text_files": cfg.text_files or None,
     }
     if any(t in RULER_OFFLINE for t in cfg.tasks):
         metadata["tokenizer"] = ruler.save_tokenizer(tokenizer, scratch / "tokenizer")
@@ -173,9 +265,10 @@ def load_tasks(cfg: EvalConfig, tokenizer: Any, train_len: int, scratch: Path) -
 
     if any(t in RULER_OFFLINE for t in cfg.tasks):
         ruler.import_offline(cfg.tasks)
-    if "ctxpatch_ppl" in cfg.tasks and cfg.tail >= min(min(cfg.lengths), train_len):
+    tail = cfg.tail if cfg.tail is not None else sources.default_tail(cfg.lengths, train_len)
+    if "ctxpatch_ppl" in cfg.tasks and tail >= min(min(cfg.lengths), train_len):
         raise EvalError(
-            f"tail={cfg.tail} tokens must be shorter than the shortest length ({min(cfg.lengths)}) and the trained "
+            f"tail={tail} tokens must be shorter than the shortest length ({min(cfg.lengths)}) and the trained "
             f"length ({train_len}): pass a smaller --tail"
         )
     folders = [TASKS_DIR] + ([ruler.TASKS_DIR] if any(t in RULER_OFFLINE for t in cfg.tasks) else [])
@@ -187,15 +280,22 @@ def load_tasks(cfg: EvalConfig, tokenizer: Any, train_len: int, scratch: Path) -
     return {"main": main, "native": native}
 
 
-def selected_samples(tasks: dict, cfg: EvalConfig) -> dict[str, list[int]] | None:
-    """RULER builds 500 samples per length: keep `samples` of each length (lm-eval's limit takes the first length)."""
+def selected_samples(tasks: dict, cfg: EvalConfig, lengths: list[int] | None = None) -> dict[str, list[int]]:
+    """Doc indices to evaluate per task, at `lengths` only (None: all). RULER builds 500 samples per length: keep
+    `samples` of each length (lm-eval's limit takes the first length)."""
     chosen = {}
     for name, task in tasks["tasks"].items():
-        if name in RULER_OFFLINE:
-            chosen[name] = ruler.sample_indices(task.eval_docs, cfg.samples)
-        else:
-            chosen[name] = list(range(len(task.eval_docs)))
+        docs = task.eval_docs
+        indices = ruler.sample_indices(docs, cfg.samples) if name in RULER_OFFLINE else list(range(len(docs)))
+        if lengths is not None:
+            indices = [i for i in indices if doc_length(docs[i]) in lengths]
+        chosen[name] = indices
     return chosen
+
+
+def doc_length(doc: dict) -> int:
+    """The length a doc measures: ctxpatch's docs name it `length`, RULER's `max_length`."""
+    return int(doc["length"] if "length" in doc else doc["max_length"])
 
 
 def announce(cfg: EvalConfig, specs: list[Spec], train_len: int, tasks: dict) -> None:
@@ -210,16 +310,19 @@ def announce(cfg: EvalConfig, specs: list[Spec], train_len: int, tasks: dict) ->
     )
 
 
-def run_tasks(lm: CtxpatchLM, tasks: dict, spec_label: str, cfg: EvalConfig) -> list[Record]:
-    """lm-eval's evaluate on `tasks` with the model as it is now; one `Record` per scored sample."""
+def run_tasks(lm: CtxpatchLM, tasks: dict, spec_label: str, cfg: EvalConfig,
+              lengths: list[int] | None = None) -> list[Record]:
+    """lm-eval's evaluate on `tasks` (their docs at `lengths`; None: all) with the model as it is now; one
+    `Record` per scored sample."""
     from lm_eval.evaluator import evaluate as lm_eval_evaluate
 
-    if not tasks["tasks"]:
+    chosen = {name: indices for name, indices in selected_samples(tasks, cfg, lengths).items() if indices}
+    if not chosen:  # (an empty selection would make lm-eval evaluate every doc)
         return []
+    tasks = {**tasks, "tasks": {name: task for name, task in tasks["tasks"].items() if name in chosen}}
     with quiet_lm_eval():  # its per-length metric warnings concern its own aggregates, which ctxpatch does not use
         results = lm_eval_evaluate(
-            lm=lm, task_dict=tasks, samples=selected_samples(tasks, cfg), log_samples=True, bootstrap_iters=0,
-            verbosity="ERROR",
+            lm=lm, task_dict=tasks, samples=chosen, log_samples=True, bootstrap_iters=0, verbosity="ERROR",
         )
     records = []
     for task_name, samples in results["samples"].items():

@@ -17,7 +17,30 @@ from .options import parse_depths, parse_lengths
 
 DEFAULT_LENGTHS = (4096,)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
-DEFAULT_TAIL = 2048
+DEFAULT_TAIL = 2048  # at most: the default is min(2048, shortest length // 2), below the trained length
+TEXT_SPLITS = ("held-out", "train", "all")  # words for Shakespeare's plays (ctxpatch.loading.assets.play_files)
+
+
+def default_tail(lengths: list[int] | tuple[int, ...], train_len: int | None = None) -> int:
+    """The perplexity tail when none is given: min(2048, shortest length // 2), and half the trained length at
+    most (the native reference scores the same tail with train_len tokens of context)."""
+    tail = min(DEFAULT_TAIL, min(lengths) // 2)
+    if train_len:
+        tail = min(tail, train_len // 2)
+    return max(1, tail)
+
+
+def resolve_text_files(items: list[str] | tuple[str, ...] | str | None) -> list[str] | None:
+    """Text files as given, with the words held-out / train / all replaced by those plays' files (None: none
+    given, the tasks' default: all the plays). A file named like a word is passed as ./held-out."""
+    if not items:
+        return None
+    from ..loading.assets import play_files
+
+    files: list[str] = []
+    for item in [items] if isinstance(items, str) else items:
+        files += [str(p) for p in play_files(item)] if item in TEXT_SPLITS else [str(item)]
+    return files
 
 
 def tokenizer_name(metadata: dict[str, Any]) -> str:
@@ -70,10 +93,8 @@ def encoder_from_metadata(metadata: dict[str, Any]) -> data.Encoder:
 
 
 def text_files(metadata: dict[str, Any]) -> tuple[str, ...] | None:
-    files = metadata.get("text_files")
-    if not files:
-        return None
-    return (files,) if isinstance(files, str) else tuple(files)
+    files = resolve_text_files(metadata.get("text_files"))
+    return tuple(files) if files else None
 
 
 @functools.lru_cache(maxsize=4)
@@ -94,7 +115,9 @@ def corpus_from_metadata(encoder: data.Encoder, metadata: dict[str, Any]) -> dat
 
 
 def lengths(metadata: dict[str, Any]) -> tuple[int, ...]:
-    value = metadata.get("lengths", metadata.get("max_seq_lengths", DEFAULT_LENGTHS))
+    """`lengths`, else RULER's `max_seq_lengths`, else the `target_len` of lm-eval's "ctxpatch" model args."""
+    default = (metadata["target_len"],) if metadata.get("target_len") else DEFAULT_LENGTHS
+    value = metadata.get("lengths", metadata.get("max_seq_lengths", default))
     return tuple(parse_lengths(value if isinstance(value, str) else [str(v) for v in value]))
 
 
@@ -121,10 +144,11 @@ def retrieval_request(metadata: dict[str, Any]) -> data.RetrievalRequest:
 
 
 def ppl_request(metadata: dict[str, Any]) -> data.PplRequest:
+    train = integer(metadata, "train_len", 0) or train_len_of(metadata)
     return data.PplRequest(
         lengths=lengths(metadata),
-        tail=integer(metadata, "tail", DEFAULT_TAIL, minimum=1),
-        train_len=integer(metadata, "train_len", 0) or train_len_of(metadata),
+        tail=integer(metadata, "tail", 0, minimum=0) or default_tail(lengths(metadata), train),
+        train_len=train,
         samples=integer(metadata, "samples", 1, minimum=1),
         seed=integer(metadata, "seed", 0),
     )

