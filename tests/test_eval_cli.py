@@ -78,7 +78,7 @@ def test_a_length_beyond_the_text_is_an_error(model_folder, text_file, capsys): 
 def test_a_run_folder_is_loaded_with_ctxpatch_load(model_folder, monkeypatch, capsys):  # noqa: F811
     (model_folder / "ctxpatch.json").write_text(json.dumps({"patch": {"spec": "window"}}))
 
-    def fake_load(path, dtype=None):
+    def fake_load(path, dtype=None, **placement):
         model, tokenizer = tiny_lm()
         ctxpatch.apply(model, "window", window=64)
         return model, tokenizer

@@ -13,6 +13,8 @@ import pytest
 import torch
 from torch import nn
 
+import ctxpatch
+import ctxpatch.loading
 from ctxpatch.cli import main
 from ctxpatch.eval import CtxpatchLM, distributed
 from ctxpatch.loading import run as eval_loading
@@ -61,11 +63,12 @@ def from_pretrained_calls(monkeypatch):
 
 @pytest.mark.parametrize("device, device_map, dtype, expected", [
     (None, None, None, {"dtype": torch.float32}),  # today's CPU default: float32, no device map
-    ("cpu", None, "auto", {"dtype": "auto"}),
-    ("cpu", None, "bfloat16", {"dtype": torch.bfloat16}),
-    ("cuda", None, None, {"dtype": "auto", "device_map": "cuda"}),  # on a GPU: the checkpoint's dtype
+    # "auto" is resolved from the checkpoint (the fixture's is float32) before from_pretrained
+    ("cpu", None, "auto", {"dtype": torch.float32, "device_map": "cpu"}),
+    ("cpu", None, "bfloat16", {"dtype": torch.bfloat16, "device_map": "cpu"}),
+    ("cuda", None, None, {"dtype": torch.float32, "device_map": "cuda"}),  # on a GPU: the checkpoint's dtype
     ("cuda:1", None, "float16", {"dtype": torch.float16, "device_map": "cuda:1"}),
-    (None, "auto", None, {"dtype": "auto", "device_map": "auto"}),  # accelerate's big-model inference
+    (None, "auto", None, {"dtype": torch.float32, "device_map": "auto"}),  # accelerate's big-model inference
 ])
 def test_what_reaches_from_pretrained(model_folder, from_pretrained_calls, device, device_map, dtype, expected):  # noqa: F811
     model, _ = eval_loading.load_for_eval(str(model_folder), dtype=dtype, device=device, device_map=device_map)
@@ -94,8 +97,8 @@ def test_a_run_folder_is_loaded_in_place_in_its_own_dtype(model_folder, monkeypa
                      {"dtype": "float16", "device_map": "auto"}]
 
 
-def test_a_bad_dtype_is_an_eval_error(model_folder):  # noqa: F811
-    with pytest.raises(EvalError, match="dtype 'float8' is not one of auto"):
+def test_a_bad_dtype_is_a_user_error(model_folder):  # noqa: F811
+    with pytest.raises(ctxpatch.UserInputError, match="dtype='float8' must be 'auto' or a floating dtype"):
         eval_loading.load_for_eval(str(model_folder), dtype="float8")
 
 
@@ -157,7 +160,7 @@ def test_cli_passes_device_and_dtype_to_the_loader(model_folder, monkeypatch, wi
         seen.update(dtype=dtype, device=device, device_map=device_map)
         return tiny_lm()  # evaluated on the CPU: what matters is what the loader was asked
 
-    monkeypatch.setattr(eval_loading, "load_for_eval", fake_load)
+    monkeypatch.setattr(ctxpatch.loading, "load_for_eval", fake_load)
     argv = ["eval", "--model", str(model_folder), "--lengths", "256", "--tasks", "passkey", "--depths", "1",
             "--out", str(tmp_path / "out")]
     assert main([*argv, "--device", "cuda", "--dtype", "bfloat16"]) == 0

