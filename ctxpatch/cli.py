@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # modules defining `add_parser(subparsers)`; each sets `func` on its parser
-VERBS = ["ctxpatch.cli_core", "ctxpatch.chatglm", "ctxpatch.eval.cli", "ctxpatch.finetune.cli"]
+VERBS = ["ctxpatch.cli_core", "ctxpatch.chatglm", "ctxpatch.eval.cli", "ctxpatch.finetune.cli", "ctxpatch.tune.cli"]
 
 
 def build_parser() -> argparse.ArgumentParser:

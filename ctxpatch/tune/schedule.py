@@ -1,0 +1,332 @@
+"""The successive-halving schedule, fixed before the first forward and counted in forward passes.
+
+A *measurement* is (kind, length, index): `ppl` (perplexity of window `index`'s tail at `length` tokens),
+`passkey` / `niah` (found or not, depth number `index`), and for the unpatched baseline `native` (the same
+tail with only the trained length L of context). A *step* at length n is one of each: ppl(n, s), each
+retrieval task at (n, s), and the short-context check ppl(L, s). Round r measures its candidates on the first
+`steps` steps at its length (those measured in earlier rounds are not repeated), ranks them and keeps
+`ceil(keep * size)`; rounds run until two candidates are left, and the last round picks the winner. Round 0
+runs at the target length when a fair share of the budget pays for it, else at T/2, T/4, ... (> L): cheap
+means fewer and shorter forwards. Each round gets an equal share of what is left, after reserving one step
+for each later round, and takes as many steps as fit (at most `max_steps`, and no more windows than the text
+holds). The baseline (each ppl window's native reference, the short windows and the retrieval ceiling, all
+unpatched at L) is measured once.
+
+A forward of n tokens costs a*n + b*n^2 seconds (`CostModel`): from the config's FLOPs at a measured matmul
+rate, then scaled by one timed short forward of the real model; a patched forward is charged `patched` times
+that. Everything here is pure arithmetic on these numbers, so the same inputs give the same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+RETRIEVAL = ("passkey", "niah")
+TASKS = ("ppl", *RETRIEVAL)
+
+
+@dataclass(frozen=True, order=True)
+class Item:
+    kind: str  # ppl | passkey | niah | native (baseline only)
+    length: int
+    index: int
+
+
+def depth(index: int) -> float:
+    """Depth of retrieval measurement `index`: 0.5, 0.25, 0.75, 0.125, 0.625, ... (van der Corput, base 2),
+    so any prefix spreads over the context."""
+    n, value, scale = index + 1, 0.0, 0.5
+    while n:
+        value += scale * (n & 1)
+        n, scale = n >> 1, scale / 2
+    return value
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds of one forward of n tokens: a*n + b*n^2 (unpatched); a patched one costs `patched` times that."""
+
+    a: float
+    b: float
+    patched: float = 1.3  # README's attention table: patched layers cost 1.0-1.35x the unpatched ones
+
+    def seconds(self, n: int, patched: bool = True) -> float:
+        return (self.a * n + self.b * n * n) * (self.patched if patched else 1.0)
+
+    def scaled(self, factor: float) -> "CostModel":
+        return CostModel(self.a * factor, self.b * factor, self.patched)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def config_flops(config: Any) -> tuple[float, float]:
+    """(FLOPs per token, FLOPs per token^2) of one forward, from a transformers (or ChatGLM) config."""
+    def get(*names: str, default: Any = None) -> Any:
+        for name in names:
+            value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+            if value is not None:
+                return value
+        return default
+
+    hidden = get("hidden_size")
+    layers = get("num_hidden_layers", "num_layers")
+    heads = get("num_attention_heads")
+    kv_heads = get("num_key_value_heads", "multi_query_group_num", default=heads)
+    head_dim = get("head_dim", "kv_channels", default=hidden // heads)
+    inner = get("intermediate_size", "ffn_hidden_size", default=4 * hidden)
+    per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * inner  # q, o, k, v; gated MLP
+    linear = 2.0 * layers * per_layer
+    quadratic = 2.0 * layers * heads * head_dim  # causal q.k and attention x v: 2 * (n^2/2) * d * 2 per head
+    return linear, quadratic
+
+
+def matmul_rate(device: Any = "cpu", seconds: float = 0.2) -> float:
+    """Sustained FLOP/s of float32 matrix products on `device` (a rough, quick probe)."""
+    import torch
+
+    n = 512
+    x = torch.randn(n, n, device=device)
+    y = torch.randn(n, n, device=device)
+    done, started = 0, time.perf_counter()
+    while True:
+        x @ y
+        done += 1
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds:
+            return 2.0 * n**3 * done / elapsed
+
+
+MODEL_EFFICIENCY = 0.5  # a whole forward runs at about half the matmul probe's rate
+
+
+def cost_from_config(config: Any, rate: float) -> CostModel:
+    linear, quadratic = config_flops(config)
+    return CostModel(linear / (rate * MODEL_EFFICIENCY), quadratic / (rate * MODEL_EFFICIENCY))
+
+
+def calibrated(cost: CostModel, n: int, measured_s: float) -> CostModel:
+    """The model scaled so a forward of n tokens costs what one took (two significant digits: stable)."""
+    factor = measured_s / max(cost.seconds(n, patched=False), 1e-12)
+    return cost.scaled(float(f"{factor:.2g}"))
+
+
+# ---- rounds ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    index: int
+    size: int  # candidates measured in this round
+    length: int
+    steps: int  # cumulative steps at `length`
+    items: list[Item]  # what each candidate measures in this round (new ones only)
+    keep: int  # survivors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in asdict(self).items() if k != "items"}, "items": [asdict(i) for i in self.items]}
+
+
+@dataclass
+class Schedule:
+    rounds: list[Round]
+    baseline: list[Item]
+    train_len: int
+    target_len: int
+    tasks: list[str]
+    budget_s: float
+    estimated_s: float
+    cost: CostModel
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def measurements(self) -> int:
+        return len(self.baseline) + sum(r.size * len(r.items) for r in self.rounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rounds": [r.to_dict() for r in self.rounds], "baseline": [asdict(i) for i in self.baseline],
+            "train_len": self.train_len, "target_len": self.target_len, "tasks": self.tasks,
+            "budget_s": self.budget_s, "estimated_s": self.estimated_s, "cost": self.cost.to_dict(),
+            "measurements": self.measurements, "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Schedule":
+        rounds = [Round(**{**r, "items": [Item(**i) for i in r["items"]]}) for r in d["rounds"]]
+        return cls(rounds, [Item(**i) for i in d["baseline"]], d["train_len"], d["target_len"], list(d["tasks"]),
+                   d["budget_s"], d["estimated_s"], CostModel(**d["cost"]), list(d.get("notes", [])))
+
+
+def round_sizes(count: int, keep: float) -> list[int]:
+    """Candidates per round: count, then ceil(keep * previous), until two are left (one candidate: one round)."""
+    sizes = [count]
+    while sizes[-1] > 2:
+        sizes.append(max(2, min(sizes[-1] - 1, math.ceil(keep * sizes[-1]))))
+    return sizes
+
+
+def step_items(length: int, step: int, train_len: int, tasks: list[str]) -> list[Item]:
+    items = [Item("ppl", length, step)] if "ppl" in tasks else []
+    items += [Item(t, length, step) for t in tasks if t in RETRIEVAL]
+    if "ppl" in tasks:
+        items.append(Item("ppl", train_len, step))  # the short-context check
+    return items
+
+
+def baseline_of(item: Item, train_len: int) -> Item:
+    """What the unpatched model measures once for `item`: the native reference of a ppl window, the
+    retrieval ceiling (the same depth at the trained length)."""
+    if item.kind == "ppl":
+        return Item("native", item.length, item.index)
+    return Item(item.kind, train_len, item.index)
+
+
+def baseline_seconds(item: Item, cost: CostModel, train_len: int) -> float:
+    return cost.seconds(min(item.length, train_len), patched=False)
+
+
+def minimum_baseline(train_len: int, target_len: int, tasks: list[str], cost: CostModel) -> float:
+    """Seconds of the smallest baseline: the unpatched model once per measurement kind, at the trained length."""
+    items = {baseline_of(i, train_len) for i in step_items(target_len, 0, train_len, tasks)}
+    return sum(baseline_seconds(i, cost, train_len) for i in items)
+
+
+def round0_lengths(train_len: int, target_len: int) -> list[int]:
+    """T, T/2, T/4, ... while above L: where round 0 may run."""
+    out, n = [], target_len
+    while n > train_len:
+        out.append(n)
+        n //= 2
+    return out or [target_len]
+
+
+class BudgetError(ValueError):
+    def __init__(self, needed: float, message: str):
+        super().__init__(message)
+        self.needed = needed
+
+
+def plan(count: int, train_len: int, target_len: int, tasks: list[str], cost: CostModel, budget_s: float, *,
+         keep: float = 0.5, max_steps: int = 16, windows: Callable[[int], int] | None = None) -> Schedule:
+    """The schedule for `count` candidates; `BudgetError` (with the seconds needed) if even the cheapest one
+    does not fit. `windows(n)`: how many ppl windows of n tokens the text holds."""
+    if not 0 < keep < 1:
+        raise ValueError(f"keep={keep} must be a fraction in (0, 1), e.g. 0.5")
+    if "ppl" not in tasks:
+        raise ValueError("the objective needs the perplexity ratio: tasks must include ppl")
+    sizes = round_sizes(count, keep)
+    options = round0_lengths(train_len, target_len)
+    built = {n0: _build(sizes, n0, train_len, target_len, tasks, cost, budget_s, max_steps, windows)
+             for n0 in options}
+    feasible = [n0 for n0 in options if built[n0] is not None]
+    if not feasible:
+        cheapest = min(_minimum(sizes, n0, train_len, target_len, tasks, cost) for n0 in options)
+        raise BudgetError(cheapest, (
+            f"the budget ({format_seconds(budget_s)}) is too small to measure {count} candidate(s) once: the cheapest "
+            f"schedule needs about {format_seconds(cheapest)} (estimated); raise --budget or narrow --candidates"))
+    share = budget_s / len(sizes)
+    fair = [n0 for n0 in feasible if _round0_minimum(sizes[0], n0, train_len, target_len, tasks, cost) <= share]
+    chosen = fair[0] if fair else feasible[-1]
+    schedule = built[chosen]
+    if chosen != target_len:
+        schedule.notes.append(f"round 0 runs at {chosen} tokens (the target {target_len} does not fit a fair share "
+                              f"of the budget for {count} candidates)")
+    return schedule
+
+
+def _items_cost(items: list[Item], size: int, known: set[Item], baseline: set[Item], cost: CostModel,
+                train_len: int) -> tuple[float, list[Item], set[Item]]:
+    new = [i for i in items if i not in known]
+    extra = {baseline_of(i, train_len) for i in new} - baseline
+    seconds = size * sum(cost.seconds(i.length) for i in new)
+    seconds += sum(baseline_seconds(i, cost, train_len) for i in extra)
+    return seconds, new, extra
+
+
+def _round0_minimum(size, n0, train_len, target_len, tasks, cost) -> float:
+    return _items_cost(step_items(n0, 0, train_len, tasks), size, set(), set(), cost, train_len)[0]
+
+
+def _minimum(sizes, n0, train_len, target_len, tasks, cost) -> float:
+    return _build(sizes, n0, train_len, target_len, tasks, cost, math.inf, 1, None, minimal=True).estimated_s
+
+
+def _build(sizes, n0, train_len, target_len, tasks, cost, budget_s, max_steps, windows, minimal=False):
+    known: set[Item] = set()  # measured by every candidate still alive
+    baseline: set[Item] = set()
+    steps_at: dict[int, int] = {}
+    rounds, spent = [], 0.0
+    for r, size in enumerate(sizes):
+        length = n0 if r == 0 else target_len
+        limit = max_steps if windows is None else min(max_steps, windows(length))
+        first = steps_at.get(length, 0) + 1
+        if first > limit:  # nothing new to measure at this length: rank again on what is known
+            first = limit
+        future = sum(_step_cost(s, target_len, train_len, tasks, cost) for s in sizes[r + 1:])
+        left = budget_s - spent
+        allowance = left / (len(sizes) - r)
+
+        def cost_of(steps: int):
+            items = [i for s in range(steps) for i in step_items(length, s, train_len, tasks)]
+            return _items_cost(items, size, known, baseline, cost, train_len)
+
+        steps = first
+        seconds, new, extra = cost_of(steps)
+        if seconds + future > left and not minimal:
+            return None
+        while not minimal and steps < limit:
+            more = cost_of(steps + 1)
+            if more[0] > allowance or more[0] + future > left:
+                break
+            steps, (seconds, new, extra) = steps + 1, more
+        keep = sizes[r + 1] if r + 1 < len(sizes) else 1
+        rounds.append(Round(r, size, length, steps, new, keep))
+        known |= set(new)
+        baseline |= extra
+        steps_at[length] = max(steps_at.get(length, 0), steps)
+        spent += seconds
+    order = sorted(baseline, key=lambda i: (i.kind, i.length, i.index))
+    return Schedule(rounds, order, train_len, target_len, list(tasks), budget_s, spent, cost)
+
+
+def _step_cost(size: int, target_len: int, train_len: int, tasks: list[str], cost: CostModel) -> float:
+    """A conservative price of one more step at the target for `size` candidates (reserved for later rounds)."""
+    items = step_items(target_len, 0, train_len, tasks)
+    per = sum(cost.seconds(i.length) for i in items)
+    return size * per + sum(baseline_seconds(baseline_of(i, train_len), cost, train_len) for i in items)
+
+
+# ---- budgets as people write them ---------------------------------------------------------------------------
+
+UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+BUDGET = __import__("re").compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d)?\s*$")
+
+
+def parse_budget(text: str | float | int) -> float:
+    """"3h" -> 10800, "45m" -> 2700, "2700" (seconds) -> 2700."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = BUDGET.match(str(text))
+        if not match:
+            raise ValueError(f"budget {text!r} is not a duration: write e.g. 3h, 45m or 2700 (seconds)")
+        seconds = float(match.group(1)) * UNITS[match.group(2) or "s"]
+    if not seconds > 0:
+        raise ValueError(f"budget {text!r} must be more than zero seconds")
+    return seconds
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds == math.inf:
+        return "unbounded"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
