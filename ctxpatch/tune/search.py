@@ -189,7 +189,9 @@ def search(cands: CandidateSet, schedule: Schedule, scorer: Scorer, *, out_dir: 
     comm = comm or current_comm()
     started = time.perf_counter()
     log = MeasurementLog(None if out_dir is None else Path(out_dir), write=comm.rank == 0)
-    results = log.read()
+    results = log.read() if comm.rank == 0 else {}
+    if comm.world > 1:  # rank 0's reading is everyone's (and comes after it wrote the state: no stale log)
+        results = comm.all_gather(results)[0]
     if len(cands.candidates) != schedule.rounds[0].size:
         raise ValueError(f"the schedule is for {schedule.rounds[0].size} candidates, not {len(cands.candidates)}")
     bar = Progress(schedule, results, cands, enabled=progress and comm.rank == 0)
@@ -262,6 +264,7 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.schedule, self.leader, self.enabled = schedule, "-", enabled
+        self.estimated_done_s = self.took_s = 0.0
         done = len(results)
         self.left_s = max(0.0, schedule.estimated_s - sum(
             schedule.cost.seconds(r["length"], patched=r["candidate"] != "none") for r in results.values()))
@@ -270,10 +273,16 @@ class Progress:
 
     def start(self, label: str) -> None:
         if self.enabled:
-            self.bar.set_postfix_str(f"{label} | leader {self.leader} | ~{format_seconds(self.left_s)} left")
+            # the estimate's error so far corrects what is left (per-measurement overheads, a busy machine)
+            pace = self.took_s / self.estimated_done_s if self.estimated_done_s > 0 else 1.0
+            left = format_seconds(self.left_s * pace)
+            self.bar.set_postfix_str(f"{label} | leader {self.leader} | ~{left} left")
 
     def done(self, item: Item, seconds: float) -> None:
-        self.left_s = max(0.0, self.left_s - self.schedule.cost.seconds(item.length))
+        estimate = self.schedule.cost.seconds(item.length)
+        self.left_s = max(0.0, self.left_s - estimate)
+        self.estimated_done_s += estimate
+        self.took_s += seconds
         self.bar.update(1)
 
     def close(self) -> None:
