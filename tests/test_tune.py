@@ -20,7 +20,7 @@ from ctxpatch import registry
 from ctxpatch.cli import main
 from ctxpatch.kinds import PositionRule
 from ctxpatch.registry import ModelInfo, Param, positive_int
-from ctxpatch.tune.candidates import Candidate, TuneError, build_candidates, parse_candidates
+from ctxpatch.tune.candidates import TuneError, build_candidates, parse_candidates
 from ctxpatch.tune.schedule import CostModel, Item, depth, parse_budget, plan, round_sizes
 from ctxpatch.tune.search import SHORT_LIMIT
 
@@ -53,7 +53,7 @@ class StubScorer:
 
 
 def stub_run(model, **kwargs):
-    defaults = dict(target_len=64, budget_s=300, cost=COST, progress=False)
+    defaults = {"target_len": 64, "budget_s": 300, "cost": COST, "progress": False}
     return ctxpatch.tune(model, None, **{**defaults, **kwargs})
 
 
@@ -398,10 +398,19 @@ def test_end_to_end_on_a_tiny_model(model_folder, text_file, tmp_path, capsys, o
         logits = model(ids[:, :-1]).logits[0, -len(continuation):].double()
     nll = -torch.log_softmax(logits, -1).gather(1, torch.tensor(continuation)[:, None]).sum()
     assert math.isclose(math.exp(nll / 24), natives[0], rel_tol=1e-4)
-    assert Item("ppl", 384, 0) in set(sum((r.items for r in _schedule(out).rounds), []))
+    assert Item("ppl", 384, 0) in {i for r in _schedule(out).rounds for i in r.items}
 
 
 def _schedule(out: Path):
     from ctxpatch.tune.schedule import Schedule
 
     return Schedule.from_dict(json.loads((out / "state.json").read_text())["schedule"])
+
+
+def test_ctxpatch_tune_is_the_function_after_the_cli_imports_the_package():
+    import importlib
+
+    importlib.import_module("ctxpatch.tune.cli")  # the CLI imports the package: ctxpatch.tune becomes the module
+    assert callable(ctxpatch.tune) and ctxpatch.tune.TuneResult.__name__ == "TuneResult"
+    with pytest.raises(TuneError, match="not above"):
+        ctxpatch.tune(tiny_model("llama"), target_len=16, scorer=StubScorer(), cost=COST, progress=False)

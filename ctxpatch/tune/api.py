@@ -110,10 +110,9 @@ def prepare_out(out_dir: Path | None, resume: bool, overwrite: bool) -> None:
         if read_state(out_dir) is None:
             raise TuneError(f"{str(out_dir)!r} holds no tune run to resume (no state.json); drop --resume")
         return
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise TuneError(f"{str(out_dir)!r} exists and is not empty: pass --resume to continue its run, "
-                            "--overwrite to start again, or another --out")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise TuneError(f"{str(out_dir)!r} exists and is not empty: pass --resume to continue its run, "
+                        "--overwrite to start again, or another --out")
 
 
 # ---- the entry point -------------------------------------------------------------------------------------------

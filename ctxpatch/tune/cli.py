@@ -57,8 +57,16 @@ def run_tune(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..loading import base_train_len, load_base_tokenizer
-    from .api import check_budget, check_target, check_tasks, check_text_windows, default_tail, parse_target
-    from .api import prepare_out, tune
+    from .api import (
+        check_budget,
+        check_target,
+        check_tasks,
+        check_text_windows,
+        default_tail,
+        parse_target,
+        prepare_out,
+        tune,
+    )
     from .candidates import TuneError, build_candidates, parse_candidates
     from .schedule import BudgetError, cost_from_config, matmul_rate, parse_budget, plan
 
@@ -187,7 +195,7 @@ def pick_device(device: str | None) -> str:
     if device:
         return device
     if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return "cpu"
 
 

@@ -266,22 +266,17 @@ def _build(sizes, n0, train_len, target_len, tasks, cost, budget_s, max_steps, w
         length = n0 if r == 0 else target_len
         limit = max_steps if windows is None else min(max_steps, windows(length))
         first = steps_at.get(length, 0) + 1
-        if first > limit:  # nothing new to measure at this length: rank again on what is known
-            first = limit
+        first = min(first, limit)  # nothing new to measure at this length: rank again on what is known
         future = sum(_step_cost(s, target_len, train_len, tasks, cost) for s in sizes[r + 1:])
         left = budget_s - spent
         allowance = left / (len(sizes) - r)
 
-        def cost_of(steps: int):
-            items = [i for s in range(steps) for i in step_items(length, s, train_len, tasks)]
-            return _items_cost(items, size, known, baseline, cost, train_len)
-
         steps = first
-        seconds, new, extra = cost_of(steps)
+        seconds, new, extra = _round_cost(steps, length, size, known, baseline, train_len, tasks, cost)
         if seconds + future > left and not minimal:
             return None
         while not minimal and steps < limit:
-            more = cost_of(steps + 1)
+            more = _round_cost(steps + 1, length, size, known, baseline, train_len, tasks, cost)
             if more[0] > allowance or more[0] + future > left:
                 break
             steps, (seconds, new, extra) = steps + 1, more
@@ -293,6 +288,11 @@ def _build(sizes, n0, train_len, target_len, tasks, cost, budget_s, max_steps, w
         spent += seconds
     order = sorted(baseline, key=lambda i: (i.kind, i.length, i.index))
     return Schedule(rounds, order, train_len, target_len, list(tasks), budget_s, spent, cost)
+
+
+def _round_cost(steps, length, size, known, baseline, train_len, tasks, cost):
+    items = [i for s in range(steps) for i in step_items(length, s, train_len, tasks)]
+    return _items_cost(items, size, known, baseline, cost, train_len)
 
 
 def _step_cost(size: int, target_len: int, train_len: int, tasks: list[str], cost: CostModel) -> float:
