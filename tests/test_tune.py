@@ -156,22 +156,29 @@ def test_bad_candidate_lists_are_errors(text, message):
 
 
 def test_schedule_is_fixed_by_its_inputs_and_fits_the_budget():
-    one = plan(40, 8192, 32768, ["ppl", "passkey"], CostModel(1e-4, 1e-9), 3 * 3600)
-    two = plan(40, 8192, 32768, ["ppl", "passkey"], CostModel(1e-4, 1e-9), 3 * 3600)
+    cost = CostModel(1e-4, 1e-9)
+    one = plan(40, 8192, 32768, ["ppl", "passkey"], cost, 3 * 3600)
+    two = plan(40, 8192, 32768, ["ppl", "passkey"], cost, 3 * 3600)
     assert one.to_dict() == two.to_dict()
     assert one.estimated_s <= 3 * 3600
     assert [r.size for r in one.rounds] == round_sizes(40, 0.5) == [40, 20, 10, 5, 3, 2]
-    assert all(r.length == 32768 for r in one.rounds[1:])
-    steps = [r.steps for r in one.rounds if r.length == 32768]
-    assert steps == sorted(steps)  # survivors are measured on more windows and depths
-    # a tight budget moves round 0 to a cheaper, intermediate length
-    tight = plan(40, 8192, 32768, ["ppl", "passkey"], CostModel(1e-4, 1e-9), 1500)
-    assert tight.rounds[0].length == 16384 and tight.estimated_s <= 1500 and tight.notes
+    assert all(r.length == 32768 for r in one.rounds)
+    prefixes = [r.prefix for r in one.rounds]
+    assert prefixes == sorted(prefixes) and prefixes[1] > prefixes[0]  # survivors: more windows and depths
     # the estimate is the sum of what each measurement costs
-    cost = CostModel(1e-4, 1e-9)
     total = sum(cost.seconds(min(i.length, 8192), patched=False) for i in one.baseline)
     total += sum(r.size * sum(cost.seconds(i.length) for i in r.items) for r in one.rounds)
     assert math.isclose(total, one.estimated_s)
+
+
+def test_a_tight_budget_starts_cheap_and_keeps_the_target_for_the_finalists():
+    cpu = CostModel(30 / 8192 * 0.5, 30 / 8192**2 * 0.5)  # ~30 s per 8k forward, as SmolLM2 on 2 cores
+    tight = plan(52, 8192, 32768, ["ppl", "passkey", "niah"], cpu, 3 * 3600)
+    assert tight.rounds[0].length == 16384 and len(tight.rounds[0].items) == 1  # one window at T/2 each
+    assert tight.rounds[-1].length == 32768 and tight.rounds[-1].items  # the finalists are measured at the target
+    assert tight.estimated_s <= 3 * 3600 and tight.notes
+    with pytest.raises(ValueError, match="one perplexity window each"):
+        plan(52, 8192, 32768, ["ppl", "passkey", "niah"], cpu, 3600)
 
 
 def test_depths_spread_and_budgets_parse():

@@ -96,11 +96,11 @@ def markdown(result: "TuneResult") -> str:
         "",
         "## Rounds",
         "",
-        "| round | candidates | length | steps (windows, depths) | new measurements each | kept |",
+        "| round | candidates | length | new measurements each | measurements ranked on | kept |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
     for spec, rnd in zip(schedule.rounds, found.rounds):
-        lines.append(f"| {spec.index} | {spec.size} | {spec.length} | {rnd['steps']} | {len(spec.items)} | {spec.keep} |")
+        lines.append(f"| {spec.index} | {spec.size} | {spec.length} | {len(spec.items)} | {rnd['measured']} | {spec.keep} |")
     lines += ["", *[f"* {n}" for n in schedule.notes], "", "## Candidates", "",
               "| candidate | status | retrieval | ratio | short ratio | cost | measurements |",
               "|---|---|---:|---:|---:|---:|---:|"]

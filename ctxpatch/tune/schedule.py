@@ -2,15 +2,16 @@
 
 A *measurement* is (kind, length, index): `ppl` (perplexity of window `index`'s tail at `length` tokens),
 `passkey` / `niah` (found or not, depth number `index`), and for the unpatched baseline `native` (the same
-tail with only the trained length L of context). A *step* at length n is one of each: ppl(n, s), each
-retrieval task at (n, s), and the short-context check ppl(L, s). Round r measures its candidates on the first
-`steps` steps at its length (those measured in earlier rounds are not repeated), ranks them and keeps
-`ceil(keep * size)`; rounds run until two candidates are left, and the last round picks the winner. Round 0
-runs at the target length when a fair share of the budget pays for it, else at T/2, T/4, ... (> L): cheap
-means fewer and shorter forwards. Each round gets an equal share of what is left, after reserving one step
-for each later round, and takes as many steps as fit (at most `max_steps`, and no more windows than the text
-holds). The baseline (each ppl window's native reference, the short windows and the retrieval ceiling, all
-unpatched at L) is measured once.
+tail with only the trained length L of context). At length n the measurements come in a fixed order, step s = 0, 1, ...: ppl(n, s), the short-context check
+ppl(L, s), then each retrieval task at (n, s). Round r measures its candidates on the first `prefix` items of
+that order at its length (what earlier rounds measured is not repeated), ranks them and keeps
+`ceil(keep * size)`; rounds run until two candidates are left, and the last round picks the winner. Each
+round gets an equal share of what is left of the budget and takes as long a prefix as fits (at most
+`max_steps` steps, and no more windows than the text holds), at the longest length that fits the share: the
+target if it can, else T/2, T/4, ... (> L), never shorter than the round before. Cheap means fewer and shorter
+forwards: round 0 may be one perplexity window at T/2. A round that cannot pay for one more measurement ranks
+again on what its candidates have (a cut without new evidence: the report shows it). The baseline (each ppl
+window's native reference, the short windows and the retrieval ceiling, all unpatched at L) is measured once.
 
 A forward of n tokens costs a*n + b*n^2 seconds (`CostModel`): from the config's FLOPs at a measured matmul
 rate, then scaled by one timed short forward of the real model; a patched forward is charged `patched` times
@@ -84,30 +85,30 @@ def config_flops(config: Any) -> tuple[float, float]:
     return linear, quadratic
 
 
-def matmul_rate(device: Any = "cpu", seconds: float = 0.2) -> float:
-    """Sustained FLOP/s of float32 matrix products on `device` (a rough, quick probe)."""
+def matmul_rate(device: Any = "cpu", seconds: float = 0.3) -> float:
+    """Best FLOP/s of float32 1024 x 1024 matrix products on `device` over `seconds` (after a warm-up): the
+    best rather than the mean, so a machine busy for a moment does not make every estimate pessimistic."""
     import torch
 
-    n = 512
+    n = 1024
     x = torch.randn(n, n, device=device)
     y = torch.randn(n, n, device=device)
-    done, started = 0, time.perf_counter()
-    while True:
+    x @ y
+    best, began = 0.0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        started = time.perf_counter()
         x @ y
-        done += 1
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-        if elapsed >= seconds:
-            return 2.0 * n**3 * done / elapsed
-
-
-MODEL_EFFICIENCY = 0.5  # a whole forward runs at about half the matmul probe's rate
+        best = max(best, 2.0 * n**3 / max(time.perf_counter() - started, 1e-9))
+    return best
 
 
 def cost_from_config(config: Any, rate: float) -> CostModel:
+    """An optimistic cost model (the whole forward at the matmul probe's rate): before the model loads it can
+    only refuse a budget that is surely too small; one timed forward of the loaded model then scales it."""
     linear, quadratic = config_flops(config)
-    return CostModel(linear / (rate * MODEL_EFFICIENCY), quadratic / (rate * MODEL_EFFICIENCY))
+    return CostModel(linear / rate, quadratic / rate)
 
 
 def calibrated(cost: CostModel, n: int, measured_s: float) -> CostModel:
@@ -124,7 +125,7 @@ class Round:
     index: int
     size: int  # candidates measured in this round
     length: int
-    steps: int  # cumulative steps at `length`
+    prefix: int  # cumulative: the first `prefix` items of `length`'s order are measured after this round
     items: list[Item]  # what each candidate measures in this round (new ones only)
     keep: int  # survivors
 
@@ -171,12 +172,20 @@ def round_sizes(count: int, keep: float) -> list[int]:
     return sizes
 
 
-def step_items(length: int, step: int, train_len: int, tasks: list[str]) -> list[Item]:
-    items = [Item("ppl", length, step)] if "ppl" in tasks else []
-    items += [Item(t, length, step) for t in tasks if t in RETRIEVAL]
-    if "ppl" in tasks:
-        items.append(Item("ppl", train_len, step))  # the short-context check
-    return items
+def order_at(length: int, count: int, train_len: int, tasks: list[str]) -> list[Item]:
+    """The first `count` measurements at `length`, in the order rounds take them."""
+    out: list[Item] = []
+    step = 0
+    while len(out) < count:
+        out.append(Item("ppl", length, step))
+        out.append(Item("ppl", train_len, step))  # the short-context check
+        out += [Item(t, length, step) for t in tasks if t in RETRIEVAL]
+        step += 1
+    return out[:count]
+
+
+def per_step(tasks: list[str]) -> int:
+    return 2 + sum(t in RETRIEVAL for t in tasks)
 
 
 def baseline_of(item: Item, train_len: int) -> Item:
@@ -193,7 +202,7 @@ def baseline_seconds(item: Item, cost: CostModel, train_len: int) -> float:
 
 def minimum_baseline(train_len: int, target_len: int, tasks: list[str], cost: CostModel) -> float:
     """Seconds of the smallest baseline: the unpatched model once per measurement kind, at the trained length."""
-    items = {baseline_of(i, train_len) for i in step_items(target_len, 0, train_len, tasks)}
+    items = {baseline_of(i, train_len) for i in order_at(target_len, per_step(tasks), train_len, tasks)}
     return sum(baseline_seconds(i, cost, train_len) for i in items)
 
 
@@ -214,30 +223,83 @@ class BudgetError(ValueError):
 
 def plan(count: int, train_len: int, target_len: int, tasks: list[str], cost: CostModel, budget_s: float, *,
          keep: float = 0.5, max_steps: int = 16, windows: Callable[[int], int] | None = None) -> Schedule:
-    """The schedule for `count` candidates; `BudgetError` (with the seconds needed) if even the cheapest one
-    does not fit. `windows(n)`: how many ppl windows of n tokens the text holds."""
+    """The schedule for `count` candidates; `BudgetError` (with the seconds needed) if the budget cannot pay for
+    one cheap measurement of each. `windows(n)`: how many ppl windows of n tokens the text holds."""
     if not 0 < keep < 1:
         raise ValueError(f"keep={keep} must be a fraction in (0, 1), e.g. 0.5")
     if "ppl" not in tasks:
         raise ValueError("the objective needs the perplexity ratio: tasks must include ppl")
     sizes = round_sizes(count, keep)
-    options = round0_lengths(train_len, target_len)
-    built = {n0: _build(sizes, n0, train_len, target_len, tasks, cost, budget_s, max_steps, windows)
-             for n0 in options}
-    feasible = [n0 for n0 in options if built[n0] is not None]
-    if not feasible:
-        cheapest = min(_minimum(sizes, n0, train_len, target_len, tasks, cost) for n0 in options)
-        raise BudgetError(cheapest, (
-            f"the budget ({format_seconds(budget_s)}) is too small to measure {count} candidate(s) once: the cheapest "
-            f"schedule needs about {format_seconds(cheapest)} (estimated); raise --budget or narrow --candidates"))
-    share = budget_s / len(sizes)
-    fair = [n0 for n0 in feasible if _round0_minimum(sizes[0], n0, train_len, target_len, tasks, cost) <= share]
-    chosen = fair[0] if fair else feasible[-1]
-    schedule = built[chosen]
-    if chosen != target_len:
-        schedule.notes.append(f"round 0 runs at {chosen} tokens (the target {target_len} does not fit a fair share "
-                              f"of the budget for {count} candidates)")
-    return schedule
+    lengths = round0_lengths(train_len, target_len)  # longest first
+    known: set[Item] = set()  # measured by every candidate still alive
+    baseline: set[Item] = set()
+    prefix_at: dict[int, int] = {}
+    rounds: list[Round] = []
+    spent, notes = 0.0, []
+    reserve = _final_reserve(sizes, lengths, train_len, target_len, tasks, cost, budget_s)
+    for r, size in enumerate(sizes):
+        last = r == len(sizes) - 1
+        left = budget_s - spent - (0.0 if last else reserve)
+        share = left / (len(sizes) - r - (0 if last or not reserve else 1))
+        floor = rounds[-1].length if rounds else 0
+        options = [n for n in lengths if n >= floor]
+
+        def limit(n: int) -> int:
+            steps = max_steps if windows is None else min(max_steps, windows(n))
+            return steps * per_step(tasks)
+
+        def priced(n: int, prefix: int) -> tuple[float, list[Item], set[Item]]:
+            return _items_cost(order_at(n, prefix, train_len, tasks), size, known, baseline, cost, train_len)
+
+        growable = [n for n in options if prefix_at.get(n, 0) < limit(n)]
+        fits = [n for n in growable if priced(n, prefix_at.get(n, 0) + 1)[0] <= share]
+        affordable = [n for n in growable if priced(n, prefix_at.get(n, 0) + 1)[0] <= left]
+        if fits:
+            length = fits[0]
+        elif affordable:
+            length = affordable[-1]  # the cheapest, over its share: the minimum this round can do
+        elif rounds:
+            length = rounds[-1].length  # nothing more to pay for: rank again on what is known
+        else:
+            cheapest = min(priced(n, 1)[0] for n in lengths) + 0.0
+            raise BudgetError(cheapest, (
+                f"the budget ({format_seconds(budget_s)}) is too small to measure {count} candidate(s) once: one "
+                f"perplexity window each and the baseline need about {format_seconds(cheapest)} (estimated); "
+                "raise --budget or narrow --candidates"))
+        prefix = prefix_at.get(length, 0)
+        seconds, new, extra = 0.0, [], set()
+        while prefix < limit(length):
+            more = priced(length, prefix + 1)
+            if more[0] > max(share, 0.0) and prefix > prefix_at.get(length, 0):
+                break
+            if more[0] > left:
+                break
+            prefix, (seconds, new, extra) = prefix + 1, more
+        keep_count = sizes[r + 1] if r + 1 < len(sizes) else 1
+        rounds.append(Round(r, size, length, prefix, new, keep_count))
+        if not new and r > 0:
+            notes.append(f"round {r} measures nothing new (the budget, the text or --max-steps is spent): it ranks again")
+        known |= set(new)
+        baseline |= extra
+        prefix_at[length] = prefix
+        spent += seconds
+    if rounds[0].length != target_len:
+        notes.insert(0, f"round 0 runs at {rounds[0].length} tokens: the target {target_len} does not fit a fair "
+                        f"share of the budget for {count} candidates")
+    order = sorted(baseline, key=lambda i: (i.kind, i.length, i.index))
+    return Schedule(rounds, order, train_len, target_len, list(tasks), budget_s, spent, cost, notes)
+
+
+def _final_reserve(sizes, lengths, train_len, target_len, tasks, cost, budget_s) -> float:
+    """Seconds kept back for the last round to measure its finalists at the target (one full step), when the
+    budget can spare it: at most half of it, and not at the price of measuring every candidate once."""
+    if len(sizes) < 2:
+        return 0.0
+    step = order_at(target_len, per_step(tasks), train_len, tasks)
+    reserve = _items_cost(step, sizes[-1], set(), set(), cost, train_len)[0]
+    first = min(_items_cost(order_at(n, 1, train_len, tasks), sizes[0], set(), set(), cost, train_len)[0]
+                for n in lengths)
+    return reserve if reserve <= budget_s / 2 and first + reserve <= budget_s else 0.0
 
 
 def _items_cost(items: list[Item], size: int, known: set[Item], baseline: set[Item], cost: CostModel,
@@ -247,59 +309,6 @@ def _items_cost(items: list[Item], size: int, known: set[Item], baseline: set[It
     seconds = size * sum(cost.seconds(i.length) for i in new)
     seconds += sum(baseline_seconds(i, cost, train_len) for i in extra)
     return seconds, new, extra
-
-
-def _round0_minimum(size, n0, train_len, target_len, tasks, cost) -> float:
-    return _items_cost(step_items(n0, 0, train_len, tasks), size, set(), set(), cost, train_len)[0]
-
-
-def _minimum(sizes, n0, train_len, target_len, tasks, cost) -> float:
-    return _build(sizes, n0, train_len, target_len, tasks, cost, math.inf, 1, None, minimal=True).estimated_s
-
-
-def _build(sizes, n0, train_len, target_len, tasks, cost, budget_s, max_steps, windows, minimal=False):
-    known: set[Item] = set()  # measured by every candidate still alive
-    baseline: set[Item] = set()
-    steps_at: dict[int, int] = {}
-    rounds, spent = [], 0.0
-    for r, size in enumerate(sizes):
-        length = n0 if r == 0 else target_len
-        limit = max_steps if windows is None else min(max_steps, windows(length))
-        first = steps_at.get(length, 0) + 1
-        first = min(first, limit)  # nothing new to measure at this length: rank again on what is known
-        future = sum(_step_cost(s, target_len, train_len, tasks, cost) for s in sizes[r + 1:])
-        left = budget_s - spent
-        allowance = left / (len(sizes) - r)
-
-        steps = first
-        seconds, new, extra = _round_cost(steps, length, size, known, baseline, train_len, tasks, cost)
-        if seconds + future > left and not minimal:
-            return None
-        while not minimal and steps < limit:
-            more = _round_cost(steps + 1, length, size, known, baseline, train_len, tasks, cost)
-            if more[0] > allowance or more[0] + future > left:
-                break
-            steps, (seconds, new, extra) = steps + 1, more
-        keep = sizes[r + 1] if r + 1 < len(sizes) else 1
-        rounds.append(Round(r, size, length, steps, new, keep))
-        known |= set(new)
-        baseline |= extra
-        steps_at[length] = max(steps_at.get(length, 0), steps)
-        spent += seconds
-    order = sorted(baseline, key=lambda i: (i.kind, i.length, i.index))
-    return Schedule(rounds, order, train_len, target_len, list(tasks), budget_s, spent, cost)
-
-
-def _round_cost(steps, length, size, known, baseline, train_len, tasks, cost):
-    items = [i for s in range(steps) for i in step_items(length, s, train_len, tasks)]
-    return _items_cost(items, size, known, baseline, cost, train_len)
-
-
-def _step_cost(size: int, target_len: int, train_len: int, tasks: list[str], cost: CostModel) -> float:
-    """A conservative price of one more step at the target for `size` candidates (reserved for later rounds)."""
-    items = step_items(target_len, 0, train_len, tasks)
-    per = sum(cost.seconds(i.length) for i in items)
-    return size * per + sum(baseline_seconds(baseline_of(i, train_len), cost, train_len) for i in items)
 
 
 # ---- budgets as people write them ---------------------------------------------------------------------------

@@ -155,16 +155,17 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def score(label: str, results: dict[Key, dict], length: int, steps: int, short_steps: int, train_len: int,
-          tasks: list[str], cost: float) -> Score:
-    """The candidate's aggregate over the first `steps` steps at `length` and `short_steps` short windows."""
-    def value(who: str, kind: str, n: int, i: int) -> float:
-        return float(results[(who, kind, n, i)]["value"])
+def score(label: str, results: dict[Key, dict], known: set[Item], length: int, train_len: int, cost: float) -> Score:
+    """The candidate's aggregate over the `known` items (those every candidate still in the race has): the
+    perplexity ratio and retrieval at `length`, the short-context ratio at the trained length."""
+    def value(who: str, item: Item, kind: str | None = None) -> float:
+        return float(results[(who, kind or item.kind, item.length, item.index)]["value"])
 
     base = BASELINE.label
-    ratios = [value(label, "ppl", length, i) / value(base, "native", length, i) for i in range(steps)]
-    found = [value(label, t, length, i) for t in tasks if t in RETRIEVAL for i in range(steps)]
-    shorts = [value(label, "ppl", train_len, i) / value(base, "native", train_len, i) for i in range(short_steps)]
+    mine = sorted(known)
+    ratios = [value(label, i) / value(base, i, "native") for i in mine if i.kind == "ppl" and i.length == length]
+    found = [value(label, i) for i in mine if i.kind in RETRIEVAL and i.length == length]
+    shorts = [value(label, i) / value(base, i, "native") for i in mine if i.kind == "ppl" and i.length == train_len]
     return Score(label, sum(found) / len(found) if found else None, geometric_mean(ratios),
                  geometric_mean(shorts) if shorts else None, cost)
 
@@ -176,7 +177,7 @@ def score(label: str, results: dict[Key, dict], length: int, steps: int, short_s
 class SearchResult:
     winner: Candidate
     ranking: list[Score]  # the last round's, best first
-    rounds: list[dict[str, Any]]  # per round: length, steps, every candidate's score, who was kept
+    rounds: list[dict[str, Any]]  # per round: length, measurements ranked on, every candidate's score, who was kept
     eliminated: dict[str, int]  # label -> the round it was eliminated in
     results: dict[Key, dict[str, Any]]
     measured_s: float  # seconds spent measuring (this session and any resumed from the log)
@@ -202,21 +203,19 @@ def search(cands: CandidateSet, schedule: Schedule, scorer: Scorer, *, out_dir: 
 
     alive = [c.label for c in cands.candidates]
     rounds, eliminated = [], {}
-    steps_at: dict[int, int] = {}
-    short_steps = 0
+    known: set[Item] = set()
     final: list[Score] = []
     for spec in schedule.rounds:
         todo = [(by_label[label], item) for label in alive for item in spec.items]
         measure_share(todo, results, scorer, comm, log, bar, round_index=spec.index, owner=alive)
-        steps_at[spec.length] = max(steps_at.get(spec.length, 0), spec.steps)
-        short_steps = max(short_steps, spec.steps)
-        scores = sorted((score(label, results, spec.length, steps_at[spec.length], short_steps, schedule.train_len,
-                               schedule.tasks, cands.cost[label]) for label in alive), key=Score.key)
+        known |= set(spec.items)
+        scores = sorted((score(label, results, known, spec.length, schedule.train_len, cands.cost[label])
+                         for label in alive), key=Score.key)
         kept = [s.label for s in scores[: spec.keep]]
         for s in scores[spec.keep:]:
             eliminated[s.label] = spec.index
-        rounds.append({"round": spec.index, "length": spec.length, "steps": steps_at[spec.length],
-                       "short_steps": short_steps, "scores": [s.to_dict() for s in scores], "kept": kept})
+        rounds.append({"round": spec.index, "length": spec.length, "measured": len(known),
+                       "scores": [s.to_dict() for s in scores], "kept": kept})
         alive = [label for label in alive if label in kept]  # candidate order: the same split over ranks
         final = scores
         bar.leader = scores[0].label
