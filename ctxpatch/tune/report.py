@@ -19,10 +19,11 @@ def candidate_table(cands: CandidateSet, found: SearchResult, schedule: Schedule
     """One row per candidate, best first: where it got to, its last score, the resolved spec, its measurements;
     then the skipped ones with the reason."""
     last: dict[str, tuple[int, dict]] = {}
+    place: dict[str, int] = {}  # rank in the last round a candidate was scored in
     for rnd in found.rounds:
-        for s in rnd["scores"]:
+        for n, s in enumerate(rnd["scores"]):
             last[s["candidate"]] = (rnd["round"], s)
-    order = {s.label: n for n, s in enumerate(found.ranking)}
+            place[s["candidate"]] = n
     rows = []
     for candidate in cands.candidates:
         label = candidate.label
@@ -38,7 +39,7 @@ def candidate_table(cands: CandidateSet, found: SearchResult, schedule: Schedule
                      "ratio": s.get("ratio"), "short_ratio": s.get("short_ratio"), "penalised": s.get("penalised"),
                      "cost": cands.cost[label], "resolved": cands.resolved[label], "note": cands.notes.get(label),
                      "measurements": measurements})
-    rows.sort(key=lambda r: (-r["rounds"], order.get(r["candidate"], math.inf), r["eliminated_in"] is None))
+    rows.sort(key=lambda r: (-r["rounds"], place.get(r["candidate"], math.inf)))
     for skipped in cands.skipped:
         rows.append({"candidate": skipped.label, "status": "skipped", "reason": skipped.reason, "rounds": 0})
     return rows

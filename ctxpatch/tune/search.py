@@ -180,7 +180,7 @@ class SearchResult:
     rounds: list[dict[str, Any]]  # per round: length, measurements ranked on, every candidate's score, who was kept
     eliminated: dict[str, int]  # label -> the round it was eliminated in
     results: dict[Key, dict[str, Any]]
-    measured_s: float  # seconds spent measuring (this session and any resumed from the log)
+    measured_s: float  # seconds spent measuring, summed over processes (this session and any resumed from the log)
     wall_s: float
 
 
