@@ -248,7 +248,7 @@ def plan(count: int, train_len: int, target_len: int, tasks: list[str], cost: Co
             steps = max_steps if windows is None else min(max_steps, windows(n))
             return steps * per_step(tasks)
 
-        def priced(n: int, prefix: int) -> tuple[float, list[Item], set[Item]]:
+        def priced(n: int, prefix: int, size: int = size) -> tuple[float, list[Item], set[Item]]:
             return _items_cost(order_at(n, prefix, train_len, tasks), size, known, baseline, cost, train_len)
 
         growable = [n for n in options if prefix_at.get(n, 0) < limit(n)]
