@@ -378,6 +378,13 @@ def test_end_to_end_on_a_tiny_model(model_folder, text_file, tmp_path, capsys, o
     captured = capsys.readouterr()
     assert status == 0, captured.err[-2000:]
     tuned = json.loads((out / "tuned.json").read_text())
+    logged = (out / "measurements.jsonl").read_text()
+    again = ["tune", "--model", str(model_folder), "--target-len", "384", "--budget", "20m",
+             "--candidates", "selfextend[group=4],dynamic,yarn[factor=2]", "--tasks", "ppl,passkey",
+             "--tail", "24", "--text", str(text_file), "--max-steps", "2", "--out", str(out), "--resume"]
+    assert main(again) == 0  # a finished run resumed: nothing measured again, the same choice
+    assert (out / "measurements.jsonl").read_text() == logged
+    assert json.loads((out / "tuned.json").read_text())["methods"] == tuned["methods"]
     assert tuned["candidate"] in ("selfextend[group=4]", "dynamic", "yarn[factor=2]")
     assert tuned["model"]["fingerprint"]["kind"] == "folder"
     rows = [json.loads(line) for line in (out / "measurements.jsonl").read_text().splitlines()]
