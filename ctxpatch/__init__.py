@@ -29,11 +29,15 @@ registry.discover()  # every method file registers its methods
 
 
 def __getattr__(name: str):
-    """`ctxpatch.evaluate` / `ctxpatch.compare` (ctxpatch.eval): imported on first use, as lm-eval is slow to import."""
+    """`ctxpatch.evaluate` / `ctxpatch.compare` (ctxpatch.eval), `ctxpatch.tune`: imported on first use, as lm-eval is slow to import."""
     if name in ("evaluate", "compare"):
         from . import eval as evaluation
 
         return getattr(evaluation, name)
+    if name == "tune":  # the package ctxpatch.tune, callable as the function
+        from . import tune
+
+        return tune
     raise AttributeError(f"module 'ctxpatch' has no attribute {name!r}")
 
 
@@ -67,4 +71,5 @@ __all__ = [
     "register",
     "remove",
     "spec_from_dict",
+    "tune",
 ]

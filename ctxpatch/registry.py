@@ -218,6 +218,13 @@ class Method:
         """Why the resolved values do not reach `target_len` inside the trained length (None: they do)."""
         return None
 
+    @classmethod
+    def candidate_grid(cls, info: ModelInfo, target_len: int) -> list[dict[str, Any]]:
+        """Parameter sets `ctxpatch tune` measures for this method at `target_len`: {} is the method's own
+        target rule (`target_values`), the others a few neighbours around it. Parameters a set leaves out
+        come from the rule; a set the method refuses (`resolve` raises ValueError) is skipped with a note."""
+        return [{}]
+
     def check_together(self, info: ModelInfo) -> None:
         """Checks that involve several parameters or the model; raise `ValueError`."""
 

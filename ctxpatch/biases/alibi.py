@@ -31,6 +31,8 @@ def alibi_slopes(num_heads: int) -> Tensor:
 class ALiBi(Bias):
     """Linear distance penalty per head."""
 
+    training_free = False  # a RoPE model must be fine-tuned to use it: `ctxpatch tune` skips it
+
     name = "alibi"
     paper = "ALiBi (Press et al., ICLR 2022)"
     definition = "−m_h Δ, the ALiBi paper's slopes"

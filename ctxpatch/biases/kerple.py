@@ -28,6 +28,8 @@ def _delta(i: Tensor, j: Tensor) -> Tensor:
 
 
 class _Kerple(Bias):
+    training_free = False  # a RoPE model must be fine-tuned to use it: `ctxpatch tune` skips it
+
     def make_parameters(self, num_heads: int) -> dict[str, Tensor]:
         return {"r1": _per_head(self.r1, num_heads), "r2": _per_head(self.r2, num_heads)}
 

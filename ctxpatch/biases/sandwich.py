@@ -18,6 +18,8 @@ from ..registry import Param, positive_int, register
 class Sandwich(Bias):
     """Sinusoidal relative bias, no parameters to learn."""
 
+    training_free = False  # a RoPE model must be fine-tuned to use it: `ctxpatch tune` skips it
+
     name = "sandwich"
     paper = "Sandwich (Chi et al., ACL 2023)"
     definition = "(Σ_k cos(Δ·10000^(−2k/D)) − D/2)·H/(8h)"

@@ -53,6 +53,18 @@ class DualChunk(PositionRule):
                 f"(local_window = L // 8, chunk_len = 3L/4 - local_window) need L >= 16"
             )
 
+    @classmethod
+    def candidate_grid(cls, info: ModelInfo, target_len: int) -> list[dict]:
+        """ChunkLlama's defaults (w = L/8, s + w = 3L/4), a narrower w = L/16, and s + w = L/2 and 7L/8;
+        pairs that break 0 < w < s, s + w < L are left out."""
+        length = info.train_len
+        pairs = [(length // 16, 3 * length // 4), (length // 8, length // 2), (length // 8, 7 * length // 8)]
+        grid = [{}]
+        for w, reach in pairs:
+            if 0 < w < reach - w and reach < length:
+                grid.append({"local_window": w, "chunk_len": reach - w})
+        return grid
+
     def key(self, j: Tensor) -> Tensor:
         return torch.remainder(j, self.chunk_len)
 

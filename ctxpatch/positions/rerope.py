@@ -14,6 +14,10 @@ from ..kinds import TwoViewRule
 from ..registry import ModelInfo, Param, at_least, from_model, positive_int, register
 
 
+def window_grid(info: ModelInfo) -> list[dict]:
+    return [{}, {"window": max(1, info.train_len // 4)}, {"window": max(1, 3 * info.train_len // 4)}]
+
+
 @register
 class ReRoPE(TwoViewRule):
     """ReRoPE: relative positions clipped at W."""
@@ -22,6 +26,11 @@ class ReRoPE(TwoViewRule):
     paper = "ReRoPE (Su, 2023)"
     definition = "RoPE sees Δ if Δ < W, else W"
     params = (Param("window", from_model("L // 2", lambda m: max(1, m.train_len // 2)), positive_int, "W"),)
+
+    @classmethod
+    def candidate_grid(cls, info: ModelInfo, target_len: int) -> list[dict]:
+        """W = L/2 (the default) and its neighbours L/4 and 3L/4."""
+        return window_grid(info)
 
     def far_query(self, i: Tensor) -> Tensor:
         return i * 0 + self.window
@@ -46,6 +55,11 @@ class LeakyReRoPE(TwoViewRule):
         Param("window", from_model("L // 2", lambda m: max(1, m.train_len // 2)), positive_int, "W"),
         Param("leak", 16.0, at_least(1.0), "k, how much slower far positions grow"),
     )
+
+    @classmethod
+    def candidate_grid(cls, info: ModelInfo, target_len: int) -> list[dict]:
+        """W = L/2 (the default) and its neighbours L/4 and 3L/4, each with the leak the rule gives it."""
+        return window_grid(info)
 
     def far_query(self, i: Tensor) -> Tensor:
         return i.double() / self.leak + (self.window - self.window / self.leak)

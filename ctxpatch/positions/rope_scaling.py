@@ -46,6 +46,16 @@ class RopeScaler(PositionRule):
             return {}
         return {"factor": max(1.0, target_len / info.train_len)}
 
+    grid_factors: tuple[float, ...] = (2.0,)  # `ctxpatch tune` also tries these multiples of the rule's factor
+
+    @classmethod
+    def candidate_grid(cls, info: ModelInfo, target_len: int) -> list[dict[str, Any]]:
+        """The rule's factor s = T / L and `grid_factors` times it (`dynamic`: its default, and s)."""
+        factor = max(1.0, target_len / info.train_len)
+        if cls.length_rule:
+            return [{}] + ([{"factor": round(factor, 4)}] if round(factor, 4) != FACTOR.default else [])
+        return [{}] + [{"factor": round(factor * k, 4)} for k in cls.grid_factors]
+
     def target_problem(self, info: ModelInfo, target_len: int) -> str | None:
         if not self.length_rule and self.factor * info.train_len < target_len:
             return f"factor={self.factor} covers {self.factor * info.train_len:.0f} tokens, below target_len={target_len}"
@@ -87,6 +97,7 @@ class Yarn(RopeScaler):
     rope_type = "yarn"
     definition = TRANSFORMERS_OWN.format("yarn")
     paper = "YaRN (Peng et al., 2023)"
+    grid_factors = (1.5, 2.0)
     params = (
         FACTOR,
         Param("beta_fast", 32.0, positive_number, "YaRN beta_fast"),
@@ -103,6 +114,7 @@ class LongRope(RopeScaler):
     rope_type = "longrope"
     definition = TRANSFORMERS_OWN.format("longrope")
     paper = "LongRoPE (Ding et al., 2024)"
+    grid_factors = ()  # without searched per-pair factors it is one interpolation: the rule alone
     params = (
         FACTOR,
         Param("short_factor", None, lambda v: None, "per-pair factors below L (None: all 1)"),

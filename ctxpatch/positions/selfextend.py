@@ -42,6 +42,12 @@ class SelfExtend(TwoViewRule):
             group += 1
         return {"group": group}
 
+    @classmethod
+    def candidate_grid(cls, info: ModelInfo, target_len: int) -> list[dict]:
+        """The rule (W = L/4, the smallest G), W = L/8 and L/2 (G from the rule), and twice the rule's G."""
+        group = cls().resolve(info, target_len).group
+        return [{}, {"window": max(1, info.train_len // 8)}, {"window": info.train_len // 2}, {"group": 2 * group}]
+
     def target_problem(self, info: ModelInfo, target_len: int) -> str | None:
         widest = self.widest(target_len, self.group)
         if widest >= info.train_len:

@@ -41,6 +41,12 @@ class String(TwoViewRule):
                 f"0 <= local_window < offset <= {info.train_len} (the trained length)"
             )
 
+    @classmethod
+    def candidate_grid(cls, info: ModelInfo, target_len: int) -> list[dict]:
+        """The rule's W (min(128, L/6)), half and twice it; S from the rule for each."""
+        w = cls().resolve(info).local_window
+        return [{}] + [{"local_window": v} for v in (w // 2, 2 * w) if v > 0]
+
     def far_query(self, i: Tensor) -> Tensor:
         return i - (self.offset - self.local_window)
 

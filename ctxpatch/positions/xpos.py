@@ -26,6 +26,8 @@ def xpos_zeta(rotary_dim: int) -> Tensor:
 class XPos(PositionModifier):
     """XPOS: RoPE with a per-pair exponential decay in Δ."""
 
+    training_free = False  # a RoPE model must be fine-tuned to use it: `ctxpatch tune` skips it
+
     name = "xpos"
     paper = "XPOS / LEX (Sun et al., ACL 2023)"
     definition = "pair k's contribution × ζ_k^(Δ/γ), ζ_k = (2k/d_r + 0.4)/1.4"

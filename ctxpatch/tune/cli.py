@@ -1,0 +1,225 @@
+"""`ctxpatch tune`: pick the best training-free spec for a model, a target length and your text.
+
+    ctxpatch tune --model default --target-len 32k --budget 3h --out runs/tune
+    ctxpatch tune --model meta-llama/Llama-3.1-8B --target-len 128k --text my_docs/*.txt --out runs/tune-llama
+    torchrun --nproc_per_node 2 -m ctxpatch.tune --model default --target-len 16k --budget 2h --out runs/tune
+
+Everything that can be wrong with the input is checked before the model loads: the target length against the
+trained length, the budget against the baseline's cost (estimated from the config), the text's token count,
+the candidate names, the --out folder. Only the tokenizer and the config are read for that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import CtxpatchError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="measure the training-free specs on your model, length and text; pick the best")
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M), a folder, a .gguf file, a hub name or chatglm:PATH")
+    p.add_argument("--target-len", required=True, help="the context length to reach, e.g. 32k (k = 1024)")
+    p.add_argument("--budget", default="1h", help="time for the measurements, e.g. 3h, 45m, 2700 (seconds)")
+    p.add_argument("--text", nargs="+", default=None, metavar="FILE",
+                   help="your text (default: Shakespeare's plays outside the held-out split)")
+    p.add_argument("--candidates", default="default",
+                   help='"default" (the registry\'s training-free set), or specs: "dca,selfextend[group=16],yarn"; '
+                        '"default,logn+window" widens it')
+    p.add_argument("--tasks", default="ppl,passkey,niah", help="ppl (required), passkey, niah")
+    p.add_argument("--tail", type=int, default=None, help="ppl: tokens scored per window (default min(2048, L/4))")
+    p.add_argument("--seed", type=int, default=0, help="seed of every window and prompt")
+    p.add_argument("--keep", type=float, default=0.5, help="fraction of candidates kept after each round")
+    p.add_argument("--max-steps", type=int, default=16, help="most windows (and depths) per length and candidate")
+    p.add_argument("--backend", default="blockwise", help="ctxpatch attention backend (blockwise, dense, flex)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available, per rank)")
+    p.add_argument("--out", default="runs/tune", help="folder for tuned.json, tune.md/.json, plots, the log")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (finished measurements kept)")
+    p.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out")
+    p.set_defaults(func=run_tune)
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    try:
+        return run(args)
+    except CtxpatchError as error:
+        print(f"ctxpatch tune: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..loading import base_train_len, load_base_tokenizer
+    from .api import (
+        check_budget,
+        check_target,
+        check_tasks,
+        check_text_windows,
+        default_tail,
+        parse_target,
+        prepare_out,
+        tune,
+    )
+    from .candidates import TuneError, build_candidates, parse_candidates
+    from .schedule import BudgetError, cost_from_config, matmul_rate, parse_budget, plan
+
+    target = parse_target(args.target_len)
+    try:
+        budget = parse_budget(args.budget)
+    except ValueError as error:
+        raise TuneError(str(error)) from None
+    tasks = check_tasks(args.tasks)
+    parse_candidates(args.candidates)
+    for path in args.text or []:
+        if not Path(path).is_file():
+            raise TuneError(f"text file {path!r} does not exist: pass text files to read (--text FILE ...)")
+    out = Path(args.out)
+    prepare_out(out, args.resume, args.overwrite)
+    check_model(args.model)
+    config = model_config(args.model)
+    train_len = base_train_len(args.model)
+    check_target(target, train_len)
+    device = pick_device(args.device)
+    tail = args.tail or default_tail(train_len)
+    if not 0 < tail < train_len:
+        raise TuneError(f"tail={tail} must be between 1 and the trained length {train_len}")
+
+    cost = cost_from_config(config, matmul_rate(device))
+    check_budget(budget, train_len, target, tasks, cost)
+    tokenizer = load_base_tokenizer(args.model)
+    windows = text_windows(tokenizer, args.text, args.seed, args.max_steps)
+    tokens, count = windows(target)
+    check_text_windows(count, tokens, target)
+    if not args.resume:
+        cands = build_candidates(args.candidates, info_from_config(config, train_len), target)
+        try:
+            plan(len(cands.candidates), train_len, target, tasks, cost, budget, keep=args.keep,
+                 max_steps=args.max_steps, windows=lambda n: windows(n)[1])
+        except BudgetError as error:
+            raise TuneError(f"{error} (estimated from the config, before loading the model)") from None
+
+    rank = start_processes(device)
+    started = time.perf_counter()
+    model = load(args.model, args.dtype, device)
+    if rank == 0:
+        print(f"loaded {args.model} in {time.perf_counter() - started:.0f}s on {device}", file=sys.stderr)
+    result = tune(model, tokenizer, target_len=target, text_files=args.text or None, budget_s=budget,
+                  candidates=args.candidates, tasks=tasks, tail=tail, seed=args.seed, keep=args.keep,
+                  max_steps=args.max_steps, backend=args.backend, out_dir=out, resume=args.resume,
+                  overwrite=args.overwrite, model_name=args.model, fingerprint=safe_fingerprint(args.model, model),
+                  progress=True)
+    if rank == 0:
+        budget_used = result.tuned["budget"]
+        print(f"winner: {result.winner}  ({json.dumps(result.tuned['score'])})")
+        print(f"measured {budget_used['measured_s']:.0f}s of a {budget:.0f}s budget; wrote {out / 'tuned.json'}, "
+              "tune.md, tune.json and the plots", file=sys.stderr)
+        print(f"use it: ctxpatch eval --patch {out / 'tuned.json'} ...  or  ctxpatch.apply(model, "
+              f"'{out / 'tuned.json'}')", file=sys.stderr)
+    return 0
+
+
+def check_model(name: str) -> None:
+    from ..eval.loading import carries_patch, check_exists
+
+    check_exists(name)
+    if carries_patch(name):
+        from .candidates import TuneError
+
+        raise TuneError(f"{name!r} carries its own patch (a ctxpatch run folder): tune the base model it was made from")
+
+
+def model_config(name: str) -> Any:
+    """The model's config (a dict for a ChatGLM folder), read without loading weights."""
+    from ..loading import CHATGLM_PREFIX
+
+    if name.startswith(CHATGLM_PREFIX):
+        return json.loads((Path(name[len(CHATGLM_PREFIX):]) / "config.json").read_text(encoding="utf-8"))
+    from transformers import AutoConfig
+
+    from ..models import resolve_model
+
+    source, extra = resolve_model(name)
+    return AutoConfig.from_pretrained(source, **extra)
+
+
+def info_from_config(config: Any, train_len: int):
+    """The `ModelInfo` an adapter would report, from the config (candidates are checked before loading)."""
+    from ..registry import ModelInfo
+
+    def get(*names: str, default: Any = None) -> Any:
+        for n in names:
+            value = config.get(n) if isinstance(config, dict) else getattr(config, n, None)
+            if value is not None:
+                return value
+        return default
+
+    heads = get("num_attention_heads")
+    head_dim = get("head_dim", "kv_channels", default=get("hidden_size") // heads)
+    rope = get("rope_parameters", default={}) or {}
+    partial = get("partial_rotary_factor", default=rope.get("partial_rotary_factor", 0.5 if isinstance(config, dict) else 1.0))
+    rotary_dim = int(head_dim * partial) // 2 * 2
+    return ModelInfo(train_len=train_len, num_layers=get("num_hidden_layers", "num_layers"), num_heads=heads,
+                     num_kv_heads=get("num_key_value_heads", "multi_query_group_num", default=heads),
+                     head_dim=head_dim, rotary_dim=rotary_dim)
+
+
+def text_windows(tokenizer: Any, files: list[str] | None, seed: int, most: int):
+    """windows(n) -> (tokens counted, perplexity windows of n tokens the text holds)."""
+    from ..eval import data
+    from .api import read_text
+    from .scorer import available_windows
+
+    text, name = read_text(None, files)
+    corpus = data.Corpus(data.Encoder(tokenizer), text, name)
+    cache: dict[int, tuple[int, int]] = {}
+
+    def windows(n: int) -> tuple[int, int]:
+        if n not in cache:
+            count = available_windows(corpus, seed, n, most)
+            cache[n] = (len(corpus._ids), count)
+        return cache[n]
+
+    return windows
+
+
+def pick_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
+
+
+def start_processes(device: str) -> int:
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1): join the process group; this process's rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank()
+
+
+def load(name: str, dtype: str, device: str):
+    from ..loading import load_base_model
+
+    return load_base_model(name, dtype).to(device).eval()
+
+
+def safe_fingerprint(name: str, model: Any) -> dict[str, Any] | None:
+    from ..loading import fingerprint
+
+    try:
+        return fingerprint(name, model)
+    except (OSError, ValueError):
+        return None
