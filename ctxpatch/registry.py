@@ -280,6 +280,11 @@ def method_class(name: str) -> type[Method]:
         ) from None
 
 
+def registered() -> dict[str, type[Method]]:
+    """Name -> class of every registered method (what `ctxpatch tune` draws its candidates from)."""
+    return dict(_REGISTRY)
+
+
 def method(name: str, **params: Any) -> Method:
     """Build a method object by name, e.g. `ctxpatch.method("window", window=4096, layers=[0, 1])`."""
     return method_class(name)(**params)

@@ -272,11 +272,11 @@ def test_tuned_json_is_patch_to_dict_and_applies(tmp_path, one_thread):  # noqa:
 def test_tuned_json_path_is_a_spec_when_the_core_parser_reads_json(tmp_path, one_thread):  # noqa: F811
     model = tiny_model("llama")
     stub_run(model, candidates="selfextend", scorer=StubScorer(), out_dir=tmp_path)
-    try:
-        patch = ctxpatch.apply(model, str(tmp_path / "tuned.json"))
-    except ctxpatch.UnknownMethodError:
-        pytest.skip("this ctxpatch's spec parser does not read .json paths yet (another branch adds it)")
-    assert patch.to_dict()["methods"][0]["params"] == {"window": 8, "group": 3}
+    tuned = json.loads((tmp_path / "tuned.json").read_text())
+    patch = ctxpatch.apply(model, str(tmp_path / "tuned.json"))
+    assert patch.target_len == tuned["target_len"] == 2 * 32
+    assert patch.to_dict()["methods"][0]["params"] == tuned["methods"][0]["params"]
+    assert set(tuned["methods"][0]["params"]) == {"window", "group"}
     patch.remove()
 
 
@@ -339,7 +339,7 @@ def no_model_load(monkeypatch):
 
 @pytest.mark.parametrize("extra, message", [
     (["--target-len", "192"], "not above the model's trained length 192"),
-    (["--budget", "0.001"], "cannot pay for the unpatched baseline once: it needs about"),
+    (["--budget", "0.000000001"], "cannot pay for the unpatched baseline once: it needs about"),  # below any machine's estimate
     (["--budget", "soon"], "not a duration"),
     (["--candidates", "selfextnd"], "Did you mean 'selfextend'?"),
     (["--tasks", "ppl,pxl"], "choose from ppl, passkey, niah"),

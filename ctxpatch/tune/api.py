@@ -204,7 +204,7 @@ def tune(model: Any, tokenizer: Any = None, *, target_len: int | str, texts: Seq
 
 def read_text(texts: Sequence[str] | None, files: Sequence[str | Path] | None) -> tuple[str, str]:
     """(the text, what to call it in messages)."""
-    from ..models import play_files, read_texts
+    from ..loading.assets import play_files, read_texts
 
     if texts:
         return "\n\n".join(texts), "given text"
@@ -226,7 +226,8 @@ def estimate_cost(model: Any, scorer: Any, train_len: int) -> CostModel:
 
 def tuned_record(model, cands, schedule, found, info, target_len, backend, budget, tasks, seed, name, fingerprint):
     """tuned.json: `Patch.to_dict()` of the winner (every parameter resolved) plus what it was chosen on."""
-    from .. import __version__
+    from .._version import __version__
+    from .._compat import transformers as hf
     from ..compose import build_plan
     from ..patch import Patch
 
@@ -237,7 +238,7 @@ def tuned_record(model, cands, schedule, found, info, target_len, backend, budge
         "format": FORMAT,
         "candidate": found.winner.label,
         "ctxpatch_version": __version__,
-        "model": {"name": name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "model": {"name": name or hf.model_source(model.config) or type(model).__name__,
                   "fingerprint": fingerprint},
         "train_len": info.train_len,
         "objective": OBJECTIVE,

@@ -25,6 +25,7 @@ from typing import Any, Iterable, Sequence
 from ..compose import build_plan
 from ..errors import CompositionError, CtxpatchError, UnknownMethodError
 from ..registry import Method, ModelInfo, method, method_class, registered
+from ..spec import parse_params, split_top_level
 
 PRIMARY_KINDS = ("position",)  # measured alone
 COMPANION_KINDS = ("scale",)  # measured on top of each primary
@@ -90,45 +91,17 @@ class CandidateSet:
 # ---- parsing --candidates ---------------------------------------------------------------------------------------
 
 
-def split_top_level(text: str, sep: str) -> list[str]:
-    """Split on `sep` outside [...]."""
-    parts, depth, current = [], 0, []
-    for char in text:
-        depth += char == "["
-        depth -= char == "]"
-        if depth < 0:
-            raise TuneError(f"unbalanced ']' in {text!r}")
-        if char == sep and depth == 0:
-            parts.append("".join(current).strip())
-            current = []
-        else:
-            current.append(char)
-    if depth:
-        raise TuneError(f"unbalanced '[' in {text!r}")
-    parts.append("".join(current).strip())
-    return parts
-
-
 PART = re.compile(r"^(?P<name>[A-Za-z0-9_]+)\s*(?:\[(?P<params>[^\[\]]*)\])?$")
 
 
 def parse_part(text: str) -> tuple[str, dict[str, Any] | None]:
-    """"yarn[factor=4]" -> ("yarn", {"factor": 4}); "yarn" -> ("yarn", None) (None: expand the grid)."""
-    from ..eval.options import parse_value
-
+    """"yarn[factor=4]" -> ("yarn", {"factor": 4}); "yarn" -> ("yarn", None) (None: expand the grid).
+    Brackets are read by the core spec grammar (`ctxpatch.spec`)."""
     match = PART.match(text)
     if not match:
         raise TuneError(f"candidate part {text!r} is not of the form name or name[key=value,...]")
     name, inner = match.group("name"), match.group("params")
-    if inner is None:
-        return name, None
-    params = {}
-    for item in split_top_level(inner, ","):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise TuneError(f"parameter {item!r} of {text!r} is not key=value, e.g. selfextend[group=16]")
-        params[key.strip()] = parse_value(value.strip())
-    return name, params
+    return name, None if inner is None else parse_params(inner, where=name)
 
 
 def parse_candidates(text: str | Iterable[str] | None) -> list[str | list[tuple[str, dict[str, Any] | None]]]:

@@ -126,9 +126,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check_model(name: str) -> None:
-    from ..eval.loading import carries_patch, check_exists
+    from ..loading import carries_patch
+    from ..preflight import check_model as check_loadable_model
 
-    check_exists(name)
+    check_loadable_model(name)
     if carries_patch(name):
         from .candidates import TuneError
 
@@ -138,15 +139,11 @@ def check_model(name: str) -> None:
 def model_config(name: str) -> Any:
     """The model's config (a dict for a ChatGLM folder), read without loading weights."""
     from ..loading import CHATGLM_PREFIX
+    from ..preflight import model_config as transformers_config
 
     if name.startswith(CHATGLM_PREFIX):
         return json.loads((Path(name[len(CHATGLM_PREFIX):]) / "config.json").read_text(encoding="utf-8"))
-    from transformers import AutoConfig
-
-    from ..models import resolve_model
-
-    source, extra = resolve_model(name)
-    return AutoConfig.from_pretrained(source, **extra)
+    return transformers_config(name)
 
 
 def info_from_config(config: Any, train_len: int):
