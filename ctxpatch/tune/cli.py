@@ -149,13 +149,10 @@ def model_config(name: str) -> Any:
 def info_from_config(config: Any, train_len: int):
     """The `ModelInfo` an adapter would report, from the config (candidates are checked before loading)."""
     from ..registry import ModelInfo
+    from .schedule import config_value
 
     def get(*names: str, default: Any = None) -> Any:
-        for n in names:
-            value = config.get(n) if isinstance(config, dict) else getattr(config, n, None)
-            if value is not None:
-                return value
-        return default
+        return config_value(config, *names, default=default)
 
     heads = get("num_attention_heads")
     head_dim = get("head_dim", "kv_channels", default=get("hidden_size") // heads)

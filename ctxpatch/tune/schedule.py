@@ -64,14 +64,19 @@ class CostModel:
         return asdict(self)
 
 
+def config_value(config: Any, *names: str, default: Any = None) -> Any:
+    """The first of `names` a config (a transformers config, or a ChatGLM config.json as a dict) sets."""
+    for name in names:
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
 def config_flops(config: Any) -> tuple[float, float]:
     """(FLOPs per token, FLOPs per token^2) of one forward, from a transformers (or ChatGLM) config."""
     def get(*names: str, default: Any = None) -> Any:
-        for name in names:
-            value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-            if value is not None:
-                return value
-        return default
+        return config_value(config, *names, default=default)
 
     hidden = get("hidden_size")
     layers = get("num_hidden_layers", "num_layers")
