@@ -211,7 +211,7 @@ def load_and_patch(name: str, patch: str | None, params: dict[str, Any], *, targ
     """(model, tokenizer, state label) for lm-eval's "ctxpatch" model: loaded as `ctxpatch eval` loads it, and
     patched with `patch` at `target_len`."""
     from .. import patch as patching
-    from .loading import carries_patch, load_for_eval
+    from ..loading import carries_patch, load_for_eval
     from .options import parse_spec
 
     spec = parse_spec(patch or "none", params)
