@@ -46,9 +46,10 @@ def check_native(folder: Path) -> dict:
     config = json.loads((folder / "config.json").read_text())
     record = config.get("ctxpatch")
     if record is not None and not is_native(record):  # recorded only: a patch transformers does not compute
-        sys.exit(f"{folder}: the patch {record['patch']['spec']!r} is not a rope scaler transformers computes; "
-                 f"plain transformers (and vLLM, TGI) would load this model WITHOUT it. "
-                 f"Use: model, tokenizer = ctxpatch.load({str(folder)!r})")
+        print(f"serve_merged.py: error: {folder}: the patch {record['patch']['spec']!r} is not a rope scaler "
+              f"transformers computes; plain transformers (and vLLM, TGI) would load this model WITHOUT it. "
+              f"Use: model, tokenizer = ctxpatch.load({str(folder)!r})", file=sys.stderr)
+        sys.exit(2)
     return config.get("rope_parameters")
 
 
