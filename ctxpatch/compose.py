@@ -14,16 +14,10 @@ from typing import Any
 from .errors import CompositionError, ParameterTypeError, ParameterValueError
 from .kinds import Bias, CachePolicy, Mask, PositionRule, Scale
 from .plan import LayerPlan
+from .spec import parse_spec
 from .registry import Method, ModelInfo
 
 LAYOUT_PARAMS = {"full_layers": 1}
-
-
-def parse_spec(spec: Any) -> list[Method]:
-    """Method objects for a spec (every form `ctxpatch.parse_spec` reads; "none" gives [])."""
-    from .spec import parse_spec as parse
-
-    return parse(spec).methods
 
 
 def _layout_applies(methods: list[Method], layers: Any) -> bool:
@@ -137,7 +131,7 @@ def build_plan(
     out, plan every layer."""
     if target_len is not None and (isinstance(target_len, bool) or not isinstance(target_len, int) or target_len <= 0):
         raise ParameterValueError(f"target_len={target_len!r} must be a positive number of tokens, e.g. 32768")
-    methods, layout = distribute(parse_spec(spec), dict(params))
+    methods, layout = distribute(parse_spec(spec).methods, dict(params))
     methods = [m.resolve(info, target_len) for m in methods]
     for m in methods:
         m.layers = None if m.layers is None else _normalise_layers(m, info.num_layers)

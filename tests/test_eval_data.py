@@ -7,7 +7,7 @@ import pytest
 import ctxpatch
 from ctxpatch.eval import data
 from ctxpatch.eval.errors import EvalError
-from ctxpatch.eval.options import parse_depths, parse_length, parse_lengths, parse_specs, parse_tasks, resolve_task
+from ctxpatch.eval.options import parse_depths, parse_length, parse_lengths, eval_specs, parse_tasks, resolve_task
 from test_eval_fixtures import TRAIN_LEN, generated_text, one_thread, tiny_tokenizer  # noqa: F401  (fixture)
 
 
@@ -147,15 +147,15 @@ def test_tasks_resolve_with_suggestions():
 
 
 def test_specs_parse_with_parameters():
-    specs = parse_specs("none, yarn[factor=4,attention_factor=1.0], logn+window", shared={"layers": [0]})
+    specs = eval_specs("none, yarn[factor=4,attention_factor=1.0], logn+window", shared={"layers": [0]})
     assert [s.spec for s in specs] == ["none", "yarn[factor=4,attention_factor=1.0]", "logn+window"]
     assert specs[0].params == {}  # shared parameters never reach 'none'
     assert specs[1].parsed.methods[0].values == {"factor": 4, "attention_factor": 1.0}
     assert [s.label for s in specs] == [
         "none", "yarn[factor=4,attention_factor=1.0,layers=[0]]", "logn[layers=[0]]+window[layers=[0]]"]
     with pytest.raises(TypeError, match="window not taken by yarn"):
-        parse_specs("window,yarn", shared={"window": 64})
+        eval_specs("window,yarn", shared={"window": 64})
     with pytest.raises(EvalError, match="listed twice"):
-        parse_specs("none,none")
+        eval_specs("none,none")
     with pytest.raises(ctxpatch.SpecError, match="unbalanced"):
-        parse_specs("yarn[factor=4")
+        eval_specs("yarn[factor=4")

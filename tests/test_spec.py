@@ -11,7 +11,7 @@ import torch
 
 import ctxpatch
 from conftest import token_ids
-from ctxpatch.eval.options import parse_spec as eval_spec
+from ctxpatch.eval.options import eval_spec
 from ctxpatch.finetune.recipe import RecipeError, load_recipe, patch_arguments
 from ctxpatch.registry import at_least, number_in, positive_number
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import ModelPathError
 from .errors import EvalError
-from .options import CTXPATCH_TASKS, RULER_OFFLINE, Spec, parse_params, parse_spec, parse_specs
+from .options import CTXPATCH_TASKS, RULER_OFFLINE, Spec, parse_params, eval_spec, eval_specs
 
 BACKENDS = ("blockwise", "dense", "flex")
 
@@ -37,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_common(p)
     p.set_defaults(func=run_compare)
     p = sub.add_parser("tasks", help="list ctxpatch's lm-eval tasks and the folder to pass to lm_eval --include_path")
-    p.set_defaults(func=run_tasks)
+    p.set_defaults(func=list_tasks)
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -75,14 +75,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     shared = parse_params(args.param)
-    spec = parse_spec(args.patch, shared)
+    spec = eval_spec(args.patch, shared)
     if shared and spec.is_none:
         raise EvalError(f"--param {', '.join(shared)} is given without a patch: add --patch SPEC (or drop --param)")
     return run(args, [spec])
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    return run(args, parse_specs(args.patches, parse_params(args.param)))
+    return run(args, eval_specs(args.patches, parse_params(args.param)))
 
 
 def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
@@ -167,7 +167,7 @@ def fresh_run_folder(verb: str, root: Path = Path("runs")) -> Path:
     return folder
 
 
-def run_tasks(args: argparse.Namespace) -> int:
+def list_tasks(args: argparse.Namespace) -> int:
     from .tasks import TASKS_DIR
 
     print(f"lm-eval include path: {TASKS_DIR}")

@@ -212,9 +212,9 @@ def load_and_patch(name: str, patch: str | None, params: dict[str, Any], *, targ
     patched with `patch` at `target_len`."""
     from .. import patch as patching
     from ..loading import carries_patch, load_for_eval
-    from .options import parse_spec
+    from .options import eval_spec
 
-    spec = parse_spec(patch or "none", params)
+    spec = eval_spec(patch or "none", params)
     if carries_patch(name) and not spec.is_none:
         raise EvalError(f"{name!r} carries its own patch (a ctxpatch run folder): drop patch= to evaluate it as loaded")
     if spec.is_none and params:

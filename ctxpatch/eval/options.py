@@ -144,7 +144,7 @@ def split_top_level(text: str) -> list[str]:
     return [p for p in core_spec.split_top_level(text, ",") if p]
 
 
-def parse_spec(text: str, shared: dict[str, Any] | None = None) -> Spec:
+def eval_spec(text: str, shared: dict[str, Any] | None = None) -> Spec:
     """A spec in the core grammar (`ctxpatch.parse_spec`), checked now: names, brackets, values, and that every
     `shared` parameter (--param) is taken by some method of it. 'none' takes no parameters."""
     text = text.strip()
@@ -158,9 +158,9 @@ def parse_spec(text: str, shared: dict[str, Any] | None = None) -> Spec:
     return Spec(text, shared)
 
 
-def parse_specs(text: str, shared: dict[str, Any] | None = None) -> list[Spec]:
+def eval_specs(text: str, shared: dict[str, Any] | None = None) -> list[Spec]:
     """"none,yarn[factor=4],logn+window" -> three `Spec`s, in order, labels unique."""
-    specs = [parse_spec(part, shared) for part in split_top_level(text)]
+    specs = [eval_spec(part, shared) for part in split_top_level(text)]
     if not specs:
         raise EvalError('no patch given: pass e.g. --patches "none,dynamic,logn+window"')
     if shared and all(s.is_none for s in specs):

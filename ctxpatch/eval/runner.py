@@ -37,7 +37,7 @@ from ..adapters.base import train_len as config_train_len
 from . import distributed, ruler, sources
 from .errors import EvalError
 from .lm import CtxpatchLM
-from .options import RULER_OFFLINE, Spec, parse_depths, parse_length, parse_lengths, parse_spec, parse_tasks
+from .options import RULER_OFFLINE, Spec, parse_depths, parse_length, parse_lengths, eval_spec, parse_tasks
 from .report import Leaderboard, Record
 from .tasks import TASKS_DIR
 
@@ -128,7 +128,7 @@ def parse_target_len(value: int | str | None) -> int | str | None:
 def evaluate(model: Any, tokenizer: Any, spec: str | Spec = "none", *, params: dict[str, Any] | None = None,
              **kwargs: Any) -> Leaderboard:
     """Evaluate one spec ("none" = the model as given) with `params`; other keywords as for `compare`."""
-    spec = spec if isinstance(spec, Spec) else parse_spec(spec, params)
+    spec = spec if isinstance(spec, Spec) else eval_spec(spec, params)
     return compare(model, tokenizer, [spec], **kwargs)
 
 
@@ -141,7 +141,7 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
     whole leaderboard, and rank 0 alone writes it."""
     cfg = config.pop("config", None) or EvalConfig(**config)
     launch = launch or distributed.launch_from_env()
-    specs = [s if isinstance(s, Spec) else parse_spec(s) for s in specs]
+    specs = [s if isinstance(s, Spec) else eval_spec(s) for s in specs]
     train_len = config_train_len(model.config)
     cfg = cfg.with_defaults(train_len)
     carried = patching.current_patch(model)
