@@ -15,7 +15,10 @@ from typing import Any
 import formulas as f
 import torch
 from torch.testing import assert_close
+from transformers import GlmConfig, LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ctxpatch.backends import get_backend
 from ctxpatch.compose import build_plan
@@ -157,3 +160,17 @@ class Geometry:
             pair_weights=pairs.weights,
         )
         return f.attention(q, k, v, scores * self.head_dim**-0.5 * pairs.kappa + pairs.bias, pairs.visible)
+
+
+# The two attention geometries every backend suite uses: Llama's half-split rotary over the whole head, and GLM's
+# interleaved rotary over half of it (partial_rotary_factor 0.5); 16 trained positions, 22-key inputs.
+LLAMA_GEOMETRY = Geometry(
+    heads=4, kv_heads=2, head_dim=8, rotary_dim=8, interleaved=False, train_len=16, length=22,
+    config=LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16),
+    rotary_class=LlamaRotaryEmbedding,
+)
+GLM_GEOMETRY = Geometry(
+    heads=4, kv_heads=2, head_dim=16, rotary_dim=8, interleaved=True, train_len=16, length=22,
+    config=GlmConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=16),
+    rotary_class=GlmRotaryEmbedding,
+)

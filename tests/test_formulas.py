@@ -10,19 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import LlamaConfig
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import ctxpatch
 import formulas as f
 from ctxpatch.backends import blockwise
-from harness import METHOD_CASES, Geometry
+from harness import LLAMA_GEOMETRY, METHOD_CASES
 
-G = Geometry(
-    heads=4, kv_heads=2, head_dim=8, rotary_dim=8, interleaved=False, train_len=16, length=22,
-    config=LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16),
-    rotary_class=LlamaRotaryEmbedding,
-)
+G = LLAMA_GEOMETRY
 T, D = G.length, G.head_dim
 make_call, inputs, runtime_for, run, reference, real_rows = G.make_call, G.inputs, G.runtime_for, G.run, G.reference, G.real_rows
 

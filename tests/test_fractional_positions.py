@@ -13,40 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import GlmConfig, LlamaConfig
-from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import ctxpatch
 import formulas as f
 from conftest import tiny_model, token_ids
 from ctxpatch.backends import blockwise
-from harness import METHOD_CASES, Geometry
+from harness import GLM_GEOMETRY, LLAMA_GEOMETRY, METHOD_CASES
 
-LLAMA = Geometry(
-    heads=4,
-    kv_heads=2,
-    head_dim=8,
-    rotary_dim=8,
-    interleaved=False,
-    train_len=16,
-    length=22,
-    config=LlamaConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16),
-    rotary_class=LlamaRotaryEmbedding,
-)
-GLM = Geometry(
-    heads=4,
-    kv_heads=2,
-    head_dim=16,
-    rotary_dim=8,
-    interleaved=True,
-    train_len=16,
-    length=22,
-    config=GlmConfig(
-        hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=16
-    ),
-    rotary_class=GlmRotaryEmbedding,
-)
+LLAMA, GLM = LLAMA_GEOMETRY, GLM_GEOMETRY
 T = LLAMA.length
 
 CASES = METHOD_CASES + [

@@ -18,23 +18,18 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.testing import assert_close
-from transformers import AutoConfig, AutoModelForCausalLM, GlmConfig
-from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import ctxpatch
 import formulas as f
 from conftest import TRAIN_LEN, tiny_model, token_ids
 from ctxpatch.adapters import find_adapter
 from ctxpatch.backends import blockwise
-from harness import METHOD_CASES, Geometry
+from harness import GLM_GEOMETRY, METHOD_CASES
 
 # ---- the backends at GLM's geometry: d = 16, d_r = 8 (four interleaved pairs), 4 heads, 2 KV groups
 
-G = Geometry(
-    heads=4, kv_heads=2, head_dim=16, rotary_dim=8, interleaved=True, train_len=16, length=22,
-    config=GlmConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=16),
-    rotary_class=GlmRotaryEmbedding,
-)
+G = GLM_GEOMETRY
 H, HK, D, D_R, T = G.heads, G.kv_heads, G.head_dim, G.rotary_dim, G.length
 make_call, inputs, runtime_for, run, reference, real_rows = G.make_call, G.inputs, G.runtime_for, G.run, G.reference, G.real_rows
 
