@@ -55,9 +55,9 @@ def test_every_example_is_tested_and_listed():
     assert all(f"[`{name}`]({name})" in listed for name in scripts)
 
 
-def test_quickstart_generates_past_the_trained_length_and_removes_the_patch(model_folder, tmp_path):
+def test_quickstart_generates_past_the_trained_length_and_removes_the_patch(model_folder, text_file, tmp_path):
     out = example("quickstart.py", "--model", str(model_folder), "--target-len", "512", "--length", "300",
-                  "--new-tokens", "4", cwd=tmp_path)
+                  "--new-tokens", "4", "--text", str(text_file), cwd=tmp_path)
     assert "Patch('selfextend', backend='blockwise', target_len=512, active)" in out
     assert "group from target_len" in out  # the parameter target_len chose is shown
     assert f"prompt: 300 tokens (trained length {TRAIN_LEN})" in out

@@ -131,9 +131,9 @@ def run(args: argparse.Namespace, specs: list[Spec]) -> int:
         seed=args.seed, text_files=text_files, max_length=args.max_length, backend=args.backend,
         target_len=args.target_len,
     )
-    check_before_loading(args, specs, config)
     launch = distributed.launch_from_env()
     device = distributed.resolve_device(args.device, launch, args.device_map)
+    check_before_loading(args, specs, config)
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     started = time.perf_counter()
     try:
