@@ -172,6 +172,16 @@ class TwoViewRule(PositionRule):
     def views_needed(self, i_lo: Tensor, i_hi: Tensor, j_lo: Tensor, j_hi: Tensor) -> list[Tensor]:
         return [i_lo - j_hi < self.threshold, i_hi - j_lo >= self.threshold]
 
+    def smallest_slowdown(self, info: ModelInfo, widest: Callable[[int], float]) -> int:
+        """The smallest whole k >= 1 with widest(k) < L: how much the far view must shrink distances (SelfExtend's
+        group, leaky ReRoPE's leak) for a target length. Needs the near window below L."""
+        if self.window >= info.train_len:
+            raise ValueError(f"{self.name}: window={self.window} must be below L = {info.train_len} to reach further")
+        k = 1
+        while widest(k) >= info.train_len:
+            k += 1
+        return k
+
 
 class PositionModifier(PositionRule):
     """A per-pair factor on q and k applied in every view (xpos): combines with any rule."""

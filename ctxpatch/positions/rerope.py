@@ -71,12 +71,7 @@ class LeakyReRoPE(TwoViewRule):
         return self.window + (target_len - 1 - self.window) / leak
 
     def target_values(self, info: ModelInfo, target_len: int) -> dict:
-        if self.window >= info.train_len:
-            raise ValueError(f"leaky_rerope: window={self.window} must be below L = {info.train_len} to reach further")
-        leak = 1
-        while self.widest(target_len, leak) >= info.train_len:
-            leak += 1
-        return {"leak": float(leak)}
+        return {"leak": float(self.smallest_slowdown(info, lambda leak: self.widest(target_len, leak)))}
 
     def target_problem(self, info: ModelInfo, target_len: int) -> str | None:
         widest = self.widest(target_len, self.leak)

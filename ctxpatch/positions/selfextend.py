@@ -35,12 +35,7 @@ class SelfExtend(TwoViewRule):
         return (target_len - 1) // group + self.window - self.window // group
 
     def target_values(self, info: ModelInfo, target_len: int) -> dict:
-        if self.window >= info.train_len:
-            raise ValueError(f"selfextend: window={self.window} must be below L = {info.train_len} to reach further")
-        group = 1
-        while self.widest(target_len, group) >= info.train_len:
-            group += 1
-        return {"group": group}
+        return {"group": self.smallest_slowdown(info, lambda group: self.widest(target_len, group))}
 
     @classmethod
     def candidate_grid(cls, info: ModelInfo, target_len: int) -> list[dict]:
