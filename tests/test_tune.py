@@ -22,7 +22,7 @@ from ctxpatch.kinds import PositionRule
 from ctxpatch.registry import ModelInfo, Param, positive_int
 from ctxpatch.tune.candidates import TuneError, build_candidates, parse_candidates
 from ctxpatch.tune.schedule import CostModel, Item, depth, parse_budget, plan, round_sizes
-from ctxpatch.tune.search import SHORT_LIMIT
+from ctxpatch.tune.search import SHORT_LIMIT, Progress, leader_so_far
 
 INFO = ModelInfo(train_len=32, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, rotary_dim=8)
 COST = CostModel(a=0.01, b=0.0)  # one second per 100 tokens, patched or not (x1.3)
@@ -179,6 +179,29 @@ def test_a_tight_budget_starts_cheap_and_keeps_the_target_for_the_finalists():
     assert tight.estimated_s <= 3 * 3600 and tight.notes
     with pytest.raises(ValueError, match="one perplexity window each"):
         plan(52, 8192, 32768, ["ppl", "passkey", "niah"], cpu, 3600)
+
+
+def test_the_progress_bar_charges_each_measurement_what_the_schedule_charged():
+    """Its time left comes from these charges: a baseline measurement runs unpatched at the trained length."""
+    cost = CostModel(1e-4, 1e-9)
+    schedule = plan(12, 8192, 32768, ["ppl", "passkey"], cost, 3 * 3600)
+    bar = Progress(schedule, {}, None, enabled=False)
+    charged = sum(bar.estimate(i, baseline=True) for i in schedule.baseline)
+    charged += sum(r.size * sum(bar.estimate(i, baseline=False) for i in r.items) for r in schedule.rounds)
+    assert math.isclose(charged, schedule.estimated_s)
+    native = Item("native", 32768, 0)
+    assert bar.estimate(native, baseline=True) == cost.seconds(8192, patched=False) < cost.seconds(32768)
+
+
+def test_the_leader_mid_round_is_the_best_fully_measured_candidate():
+    items = {Item("ppl", 64, 0)}
+    results = {("none", "native", 64, 0): {"value": 10.0}, ("a", "ppl", 64, 0): {"value": 12.0},
+               ("b", "ppl", 64, 0): {"value": 11.0}}
+    costs = {"a": 1.0, "b": 1.0, "c": 1.0}
+    assert leader_so_far(["a", "b", "c"], items, 64, results, 32, costs)() == "b"  # c: not measured yet
+    assert leader_so_far(["c"], items, 64, results, 32, costs)() is None
+    results[("c", "ppl", 64, 0)] = {"value": 10.5}
+    assert leader_so_far(["a", "b", "c"], items, 64, results, 32, costs)() == "c"
 
 
 def test_depths_spread_and_budgets_parse():

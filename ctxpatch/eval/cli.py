@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import ModelPathError
 from .errors import EvalError
-from .options import CTXPATCH_TASKS, RULER_OFFLINE, Spec, parse_params, eval_spec, eval_specs
+from .options import CTXPATCH_TASKS, RULER_OFFLINE, Spec, eval_spec, eval_specs, parse_params
 
 BACKENDS = ("blockwise", "dense", "flex")
 
@@ -70,7 +70,12 @@ def add_common(p: argparse.ArgumentParser) -> None:
                    help="tokens the patch should reach, passed to ctxpatch.apply: parameters not given follow each "
                    "method's rule for it (e.g. 32k); auto: each measured length is its own target")
     p.add_argument("--out", default=None,
-                   help="folder for leaderboard.md/.json and the plots (default: a new runs/VERB-YYYYmmdd-HHMMSS)")
+                   help="folder for leaderboard.md/.json, the plots and scores.jsonl (every score as computed) "
+                   "(default: a new runs/VERB-YYYYmmdd-HHMMSS)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out: scores already in its scores.jsonl are not computed again")
+    again.add_argument("--overwrite", action="store_true", help="start again in an --out that holds scores")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -88,10 +93,13 @@ def run_compare(args: argparse.Namespace) -> int:
 def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
     """Everything the config alone settles: the model path, the plan of every spec on this model's layers,
     the lengths against max_length, the perplexity tail against the trained length."""
-    from ..preflight import check_model, check_plan, info_from_config, model_config
     from ..loading import carries_patch
+    from ..preflight import check_model, check_plan, info_from_config, model_config
+    from .runner import check_out
 
     check_model(args.model)
+    if args.out:
+        check_out(args.out, args.resume, args.overwrite)
     if carries_patch(args.model):
         if any(not s.is_none for s in specs):
             raise EvalError(
@@ -124,6 +132,8 @@ def run(args: argparse.Namespace, specs: list[Spec]) -> int:
 
     if args.max_length is not None and args.max_length <= 0:
         raise EvalError(f"--max-length {args.max_length} must be a positive number of tokens")
+    if args.resume and not args.out:
+        raise EvalError("--resume continues a run: name its folder with --out FOLDER")
 
     text_files = args.text or held_apart_text(args.model)  # a run folder: the text its fine-tune never read
     config = EvalConfig(
@@ -145,7 +155,8 @@ def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     say(f"loaded {args.model} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     out = Path(args.out) if args.out else fresh_run_folder(args.verb)
     try:
-        board = compare(model, tokenizer, specs, config=config, out_dir=out, name=display_name(args.model), launch=launch)
+        board = compare(model, tokenizer, specs, config=config, out_dir=out, name=display_name(args.model),
+                        launch=launch, resume=args.resume, overwrite=args.overwrite)
     finally:
         distributed.finish(launch)
     say(board.markdown())

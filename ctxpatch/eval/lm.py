@@ -21,7 +21,9 @@ What it changes in HFLM, and why (each measured on lm-eval 0.4.x):
     (`logits_to_keep`, when the model's forward takes it): a 32k-token forward with a 49k vocabulary would
     otherwise materialise 6 GB of logits.
   * Results are cached per model state (`state`, e.g. the patch spec): the same tokens scored under the same
-    state are computed once, so the unpatched native-context reference is shared between specs.
+    state are computed once, so the unpatched native-context reference is shared between specs. With
+    `score_log` (a `JsonLog`) each score is also written as it is computed and read back at start: a comparison
+    killed after hours resumes without repeating a forward.
   * Under torchrun / accelerate launch the requests are split over the processes and every result gathered to
     every process (`distributed`): lm-eval sees one process, and every process the same results.
 The lm-eval hooks this overrides are named in `ctxpatch._compat.lm_eval`.
@@ -38,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._compat.lm_eval import HFLMHooks, register_model, stopping_criteria
+from ..jsonlog import JsonLog
 from . import distributed
 from .errors import EvalError, TruncationError
 from .ruler import LENGTH_MARGIN  # max_length past target_len when only target_len is given
@@ -58,7 +61,7 @@ class CtxpatchLM(HFLMHooks):
                  *, patch: str | None = "none", target_len: int | None = None, backend: str = "blockwise",
                  dtype: str | None = None, device: str | None = None, device_map: str | None = None,
                  launch: distributed.Launch | None = None, batch_size: int | str | None = 1,
-                 max_batch_size: int | None = None, **params: Any):
+                 max_batch_size: int | None = None, score_log: JsonLog | None = None, **params: Any):
         self.launch = launch or distributed.launch_from_env()
         if max_length is None and (target_len is None or not isinstance(pretrained, str)):
             raise EvalError("pass max_length=N (tokens), or target_len=N (max_length = N + 256): ctxpatch never "
@@ -81,6 +84,9 @@ class CtxpatchLM(HFLMHooks):
         self.state = state or "model"
         self.forwards = 0  # forward passes run, over all processes (cache hits excluded)
         self._scores: dict[tuple[str, str], tuple[float, bool]] = {}
+        self.score_log = score_log
+        for row in score_log.rows() if score_log is not None else ():  # read before any process writes (join)
+            self._scores[(row["state"], row["key"])] = (row["logprob"], row["greedy"])
         self._logits_to_keep = takes_logits_to_keep(self.model)
         distributed.join(self.launch, self.device)
 
@@ -103,6 +109,7 @@ class CtxpatchLM(HFLMHooks):
             for key in tqdm(mine, desc=f"loglikelihood [{self.state}]", disable=quiet):
                 _, context_ids, continuation_ids = requests[todo[key]]
                 computed[key] = self._score(context_ids, continuation_ids)
+                self.log_score(key, computed[key])
             return computed
 
         self._scores.update(distributed.merged(self.launch, compute))
@@ -115,8 +122,14 @@ class CtxpatchLM(HFLMHooks):
         key = (self.state, token_key(context_ids, continuation_ids))
         if key not in self._scores:
             self._scores[key] = self._score(context_ids, continuation_ids)
+            self.log_score(key, self._scores[key])
             self.forwards += 1
         return self._scores[key]
+
+    def log_score(self, key: tuple[str, str], score: tuple[float, bool]) -> None:
+        """Write a score as soon as it is computed: a resumed comparison reads it instead of a forward."""
+        if self.score_log is not None:
+            self.score_log.append([{"state": key[0], "key": key[1], "logprob": score[0], "greedy": score[1]}])
 
     def _score(self, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
         ids = torch.tensor([(context_ids + continuation_ids)[:-1]], device=self.device)  # (1, T)

@@ -22,28 +22,32 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from .. import patch as patching
 from .._compat import transformers as hf
 from ..adapters.base import train_len as config_train_len
+from ..jsonlog import JsonLog
 from . import distributed, ruler, sources
 from .errors import EvalError
 from .lm import CtxpatchLM
-from .options import RULER_OFFLINE, Spec, parse_depths, parse_length, parse_lengths, eval_spec, parse_tasks
+from .options import RULER_OFFLINE, Spec, eval_spec, parse_depths, parse_length, parse_lengths, parse_tasks
 from .report import Leaderboard, Record
 from .tasks import TASKS_DIR
 
 log = logging.getLogger(__name__)
 
 PPL_FULL, PPL_NATIVE = "ctxpatch_ppl_full", "ctxpatch_ppl_native"
+SCORES, RUN = "scores.jsonl", "run.json"  # in out_dir: every score as computed; the model setup they belong to
 TEXT_TASKS = ("ctxpatch_ppl", "ctxpatch_niah", "ctxpatch_niah_gen")  # the tasks that read --text
 AUTO = "auto"
 
@@ -82,7 +86,7 @@ class EvalConfig:
                 raise EvalError(f"text file {path!r} does not exist: pass text files to read (--text FILE ...), "
                                 "or held-out / train for Shakespeare's plays")
 
-    def with_defaults(self, train_len: int) -> "EvalConfig":
+    def with_defaults(self, train_len: int) -> EvalConfig:
         """This config with the defaults that depend on the model filled in (the perplexity tail)."""
         if self.tail is not None:
             return self
@@ -133,12 +137,15 @@ def evaluate(model: Any, tokenizer: Any, spec: str | Spec = "none", *, params: d
 
 
 def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir: str | Path | None = None,
-            name: str | None = None, launch: distributed.Launch | None = None, **config: Any) -> Leaderboard:
+            name: str | None = None, launch: distributed.Launch | None = None, resume: bool = False,
+            overwrite: bool = False, **config: Any) -> Leaderboard:
     """Evaluate every spec on the same data; returns (and, with `out_dir`, writes) the leaderboard.
 
     Keyword arguments are `EvalConfig` fields (or `config=EvalConfig(...)`); `name` labels the model. Under a
     launcher (`launch`, default: from the environment) the work is split over the processes; each returns the
-    whole leaderboard, and rank 0 alone writes it."""
+    whole leaderboard, and rank 0 alone writes it. With `out_dir` every score is written to `scores.jsonl` as it
+    is computed; `resume=True` reuses the scores there (same model, dtype and backend), `overwrite=True` drops
+    them; a folder holding scores with neither is refused."""
     cfg = config.pop("config", None) or EvalConfig(**config)
     launch = launch or distributed.launch_from_env()
     specs = [s if isinstance(s, Spec) else eval_spec(s) for s in specs]
@@ -151,11 +158,14 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
     placed = {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
     board = Leaderboard(model_name=name or model_name(model), train_len=train_len,
                         config={**describe(cfg), **placed}, reference=reference)
+    setup = {"model": board.model_name, "dtype": placed["dtype"], "backend": cfg.backend, "reference": reference}
+    scores = score_log(out_dir, setup, resume, overwrite, launch)
     for (label, length), reason in refused.items():
         board.refused.setdefault(label, {})[length] = reason
     with tempfile.TemporaryDirectory(prefix="ctxpatch-eval-") as scratch:
         tasks = load_tasks(cfg, tokenizer, train_len, Path(scratch))
-        lm = CtxpatchLM(model, tokenizer, max_length=cfg.context_length, state=reference, launch=launch)
+        lm = CtxpatchLM(model, tokenizer, max_length=cfg.context_length, state=reference, launch=launch,
+                        score_log=scores)
         if launch.is_main:
             announce(cfg, specs, train_len, tasks)
         if PPL_NATIVE in tasks["native"]["tasks"]:
@@ -176,6 +186,35 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
     if out_dir is not None and launch.is_main:
         board.write(Path(out_dir))
     return board
+
+
+def score_log(out_dir: str | Path | None, identity: dict[str, Any], resume: bool, overwrite: bool,
+              launch: distributed.Launch) -> JsonLog | None:
+    """The scores of `out_dir` (None: none kept), checked against what this run measures with."""
+    if out_dir is None:
+        return None
+    folder = Path(out_dir)
+    log, run_file = JsonLog(folder / SCORES), folder / RUN
+    check_out(folder, resume, overwrite)
+    earlier = json.loads(run_file.read_text(encoding="utf-8")) if resume and log and run_file.is_file() else None
+    if earlier is not None and earlier != identity:
+        changed = ", ".join(f"{k} {earlier.get(k)!r} -> {v!r}" for k, v in identity.items() if earlier.get(k) != v)
+        raise EvalError(f"{folder} was measured with another model setup ({changed}): resume with the same "
+                        "--model, --dtype and --backend, or pass a new --out")
+    if overwrite and not resume:
+        log.read = False
+        if launch.is_main and log:
+            log.path.unlink()
+    if launch.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(json.dumps(identity, indent=1), encoding="utf-8")
+    return log
+
+
+def check_out(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    if JsonLog(Path(out_dir) / SCORES) and not (resume or overwrite):
+        raise EvalError(f"{out_dir} holds the scores of an earlier run: pass --resume to continue it (finished "
+                        "forwards are kept), --overwrite to start again, or a new --out")
 
 
 def state_label(spec: Spec, target: int | None) -> str:

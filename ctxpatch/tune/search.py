@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
+from ..jsonlog import JsonLog
 from .candidates import BASELINE, Candidate, CandidateSet
-from .schedule import RETRIEVAL, Item, Schedule, format_seconds
+from .schedule import RETRIEVAL, Item, Schedule, baseline_seconds, format_seconds
 
 SHORT_LIMIT = 1.02
 MEASUREMENTS = "measurements.jsonl"
@@ -95,32 +96,16 @@ def current_comm() -> Comm:
 
 
 class MeasurementLog:
-    """Append-only jsonl of measurements; a last line cut short by a kill is ignored on reading."""
+    """The measurements as they complete (`JsonLog`), keyed by (candidate, kind, length, index)."""
 
     def __init__(self, folder: Path | None, write: bool):
-        self.path = None if folder is None else Path(folder) / MEASUREMENTS
-        self.write = write and self.path is not None
+        self.log = JsonLog(None if folder is None else Path(folder) / MEASUREMENTS, write)
 
     def read(self) -> dict[Key, dict[str, Any]]:
-        if self.path is None or not self.path.is_file():
-            return {}
-        out = {}
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # the line a kill cut short: measured again
-            out[(row["candidate"], row["kind"], row["length"], row["index"])] = row
-        return out
+        return {(row["candidate"], row["kind"], row["length"], row["index"]): row for row in self.log.rows()}
 
     def append(self, rows: Iterable[dict[str, Any]]) -> None:
-        if not self.write:
-            return
-        with open(self.path, "a", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        self.log.append(rows)
 
 
 # ---- scores -----------------------------------------------------------------------------------------------------
@@ -207,6 +192,8 @@ def search(cands: CandidateSet, schedule: Schedule, scorer: Scorer, *, out_dir: 
     final: list[Score] = []
     for spec in schedule.rounds:
         todo = [(by_label[label], item) for label in alive for item in spec.items]
+        bar.provisional = leader_so_far(alive, known | set(spec.items), spec.length, results, schedule.train_len,
+                                        cands.cost)
         measure_share(todo, results, scorer, comm, log, bar, round_index=spec.index, owner=alive)
         known |= set(spec.items)
         scores = sorted((score(label, results, known, spec.length, schedule.train_len, cands.cost[label])
@@ -225,8 +212,21 @@ def search(cands: CandidateSet, schedule: Schedule, scorer: Scorer, *, out_dir: 
                         time.perf_counter() - started)
 
 
+def leader_so_far(alive: list[str], items: set[Item], length: int, results: dict[Key, dict], train_len: int,
+                  costs: dict[str, float]):
+    """The best of the candidates that have every one of `items` so far: the progress bar's leader mid-round."""
+    def leader() -> str | None:
+        done = [label for label in alive if all((label, i.kind, i.length, i.index) in results for i in items)]
+        if not done:
+            return None
+        return min((score(label, results, items, length, train_len, costs[label]) for label in done),
+                   key=Score.key).label
+
+    return leader
+
+
 def measure_share(todo: list[tuple[Candidate, Item]], results: dict[Key, dict], scorer: Scorer, comm: Comm,
-                  log: MeasurementLog, bar: "Progress", round_index: int, owner: list[str] | None = None) -> None:
+                  log: MeasurementLog, bar: Progress, round_index: int, owner: list[str] | None = None) -> None:
     """Measure what is missing of `todo`: this rank's share (by candidate position in `owner`, or by item),
     then gather every rank's rows so all ranks hold the same results."""
     missing = [(c, item) for c, item in todo if (c.label, item.kind, item.length, item.index) not in results]
@@ -245,14 +245,15 @@ def measure_share(todo: list[tuple[Candidate, Item]], results: dict[Key, dict], 
         rows.append(row)
         results[(row["candidate"], item.kind, item.length, item.index)] = row
         log.append([row])  # rank 0's own rows, as they complete
-        bar.done(item, row["seconds"])
+        bar.done(item, row["seconds"], candidate.label == BASELINE.label)
     if comm.world > 1:
         for rank, gathered in enumerate(comm.all_gather(rows)):
             if rank == comm.rank:
                 continue
             for row in gathered:
                 results[(row["candidate"], row["kind"], row["length"], row["index"])] = row
-                bar.done(Item(row["kind"], row["length"], row["index"]), row["seconds"])
+                bar.done(Item(row["kind"], row["length"], row["index"]), row["seconds"],
+                         row["candidate"] == BASELINE.label)
             log.append(gathered)
 
 
@@ -263,10 +264,12 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.schedule, self.leader, self.enabled = schedule, "-", enabled
+        self.provisional = lambda: None  # the round's best so far, while it runs
         self.estimated_done_s = self.took_s = 0.0
         done = len(results)
         self.left_s = max(0.0, schedule.estimated_s - sum(
-            schedule.cost.seconds(r["length"], patched=r["candidate"] != "none") for r in results.values()))
+            self.estimate(Item(r["kind"], r["length"], r["index"]), r["candidate"] == BASELINE.label)
+            for r in results.values()))
         self.bar = tqdm(total=schedule.measurements, initial=min(done, schedule.measurements), desc="tune",
                         disable=not enabled, unit="fwd")
 
@@ -275,10 +278,17 @@ class Progress:
             # the estimate's error so far corrects what is left (per-measurement overheads, a busy machine)
             pace = self.took_s / self.estimated_done_s if self.estimated_done_s > 0 else 1.0
             left = format_seconds(self.left_s * pace)
-            self.bar.set_postfix_str(f"{label} | leader {self.leader} | ~{left} left")
+            leader = self.provisional() or self.leader
+            self.bar.set_postfix_str(f"{label} | leader {leader} | ~{left} left")
 
-    def done(self, item: Item, seconds: float) -> None:
-        estimate = self.schedule.cost.seconds(item.length)
+    def estimate(self, item: Item, baseline: bool) -> float:
+        """What the schedule charged for a measurement (a baseline one runs at most the trained length, unpatched)."""
+        if baseline:
+            return baseline_seconds(item, self.schedule.cost, self.schedule.train_len)
+        return self.schedule.cost.seconds(item.length)
+
+    def done(self, item: Item, seconds: float, baseline: bool) -> None:
+        estimate = self.estimate(item, baseline)
         self.left_s = max(0.0, self.left_s - estimate)
         self.estimated_done_s += estimate
         self.took_s += seconds
