@@ -117,23 +117,40 @@ def model_config(name: str) -> Any | None:
         raise ModelPathError(f"cannot read the config of model {name!r} ({first}): {WHAT_TO_GIVE}") from None
 
 
-def info_from_config(config: Any) -> ModelInfo | None:
-    """The `ModelInfo` an adapter would find, read off the config (no weights); None when the config does not
-    say (a layout only the loaded model tells: the adapter judges it then)."""
-    from .adapters.base import train_len
+def config_value(config: Any, *names: str, default: Any = None) -> Any:
+    """The first of `names` a config (a transformers config, or a ChatGLM config.json as a dict) sets."""
+    for name in names:
+        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
 
-    needed = ("num_attention_heads", "num_hidden_layers", "hidden_size", "max_position_embeddings")
-    if config is None or not all(isinstance(getattr(config, name, None), int) for name in needed):
+
+def info_from_config(config: Any, train_len: int | None = None) -> ModelInfo | None:
+    """The `ModelInfo` an adapter would find, read off the config (no weights); None when the config does not
+    say (a layout only the loaded model tells: the adapter judges it then). A ChatGLM config.json (a dict)
+    is read when the caller knows `train_len`."""
+    from .adapters.base import train_len as config_train_len
+
+    def get(*names: str) -> Any:
+        return config_value(config, *names)
+
+    heads, layers, hidden = get("num_attention_heads"), get("num_hidden_layers", "num_layers"), get("hidden_size")
+    if config is None or not all(isinstance(v, int) for v in (heads, layers, hidden)):
         return None
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    factor = getattr(config, "partial_rotary_factor", None) or rope.get("partial_rotary_factor") or 1.0
+    if train_len is None:
+        if isinstance(config, dict) or not isinstance(get("max_position_embeddings"), int):
+            return None
+        train_len = config_train_len(config)
+    head_dim = get("head_dim", "kv_channels") or hidden // heads
+    rope = get("rope_parameters") or {}
+    half = isinstance(config, dict)  # ChatGLM2/3 rotate half of each head
+    factor = get("partial_rotary_factor") or rope.get("partial_rotary_factor") or (0.5 if half else 1.0)
     return ModelInfo(
-        train_len=train_len(config),
-        num_layers=config.num_hidden_layers,
+        train_len=train_len,
+        num_layers=layers,
         num_heads=heads,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        num_kv_heads=get("num_key_value_heads", "multi_query_group_num") or heads,
         head_dim=head_dim,
         rotary_dim=2 * (int(head_dim * factor) // 2),
     )

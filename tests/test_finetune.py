@@ -483,6 +483,8 @@ def test_dca_with_stretched_positions_trains_saves_loads_and_records_the_held_ou
 
     model, _ = ctxpatch.load(out)
     assert ctxpatch.current_patch(model).spec == "dca"
+    loaded = ctxpatch.current_patch(model).to_dict()
+    assert loaded["target_len"] == 128 and loaded["methods"] == record["patch"]["methods"]
     assert torch.equal(logits_of(model), logits_of(result.model))
 
     from ctxpatch.cli import main

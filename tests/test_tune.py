@@ -451,3 +451,13 @@ def test_ctxpatch_tune_is_the_function_after_the_cli_imports_the_package():
     assert callable(ctxpatch.tune) and ctxpatch.tune.TuneResult.__name__ == "TuneResult"
     with pytest.raises(TuneError, match="not above"):
         ctxpatch.tune(tiny_model("llama"), target_len=16, scorer=StubScorer(), cost=COST, progress=False)
+
+
+def test_info_from_a_chatglm_config_json_reads_its_own_names():
+    from ctxpatch.preflight import info_from_config
+
+    glm = {"num_attention_heads": 32, "num_layers": 28, "hidden_size": 4096, "kv_channels": 128,
+           "multi_query_group_num": 2, "seq_length": 8192}
+    assert info_from_config(glm, 8192) == ModelInfo(train_len=8192, num_layers=28, num_heads=32, num_kv_heads=2,
+                                                    head_dim=128, rotary_dim=64)  # half of each head rotates
+    assert info_from_config(glm) is None  # its trained length is the loaded model's to say

@@ -141,10 +141,12 @@ def _check_fingerprint(record: dict[str, Any], net: nn.Module) -> None:
 
 
 def apply_record(model: nn.Module, record: dict[str, Any]):
-    """Apply the patch a record describes, with its resolved parameters and layers."""
+    """Apply the patch a record describes, with its resolved parameters, layers and target length."""
     from ..patch import apply, spec_from_dict
 
-    return apply(model, spec_from_dict(record["patch"]), backend=record["patch"].get("backend", "blockwise"))
+    saved = record["patch"]
+    return apply(model, spec_from_dict(saved), backend=saved.get("backend", "blockwise"),
+                 target_len=saved.get("target_len"))
 
 
 def load(path: str | Path, *, dtype: str | torch.dtype | None = None, merge: bool = False, **model_kwargs: Any):

@@ -57,6 +57,7 @@ def run_tune(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..loading import base_train_len, load_base_tokenizer
+    from ..preflight import info_from_config
     from .api import (
         check_budget,
         check_target,
@@ -144,24 +145,6 @@ def model_config(name: str) -> Any:
     if name.startswith(CHATGLM_PREFIX):
         return json.loads((Path(name[len(CHATGLM_PREFIX):]) / "config.json").read_text(encoding="utf-8"))
     return transformers_config(name)
-
-
-def info_from_config(config: Any, train_len: int):
-    """The `ModelInfo` an adapter would report, from the config (candidates are checked before loading)."""
-    from ..registry import ModelInfo
-    from .schedule import config_value
-
-    def get(*names: str, default: Any = None) -> Any:
-        return config_value(config, *names, default=default)
-
-    heads = get("num_attention_heads")
-    head_dim = get("head_dim", "kv_channels", default=get("hidden_size") // heads)
-    rope = get("rope_parameters", default={}) or {}
-    partial = get("partial_rotary_factor", default=rope.get("partial_rotary_factor", 0.5 if isinstance(config, dict) else 1.0))
-    rotary_dim = int(head_dim * partial) // 2 * 2
-    return ModelInfo(train_len=train_len, num_layers=get("num_hidden_layers", "num_layers"), num_heads=heads,
-                     num_kv_heads=get("num_key_value_heads", "multi_query_group_num", default=heads),
-                     head_dim=head_dim, rotary_dim=rotary_dim)
 
 
 def text_windows(tokenizer: Any, files: list[str] | None, seed: int, most: int):

@@ -25,6 +25,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
+from ..preflight import config_value
+
 RETRIEVAL = ("passkey", "niah")
 TASKS = ("ppl", *RETRIEVAL)
 
@@ -62,15 +64,6 @@ class CostModel:
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
-
-
-def config_value(config: Any, *names: str, default: Any = None) -> Any:
-    """The first of `names` a config (a transformers config, or a ChatGLM config.json as a dict) sets."""
-    for name in names:
-        value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
 
 
 def config_flops(config: Any) -> tuple[float, float]:
