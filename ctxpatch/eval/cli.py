@@ -72,6 +72,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None,
                    help="folder for leaderboard.md/.json, the plots and scores.jsonl (every score as computed) "
                    "(default: a new runs/VERB-YYYYmmdd-HHMMSS)")
+    p.add_argument("--reference", default="model", choices=["model", "base"],
+                   help="what scores the perplexity's native-context reference: the model as evaluated, or base: "
+                   "the unpatched base of a ctxpatch run folder (a fine-tune's yardstick)")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue the run in --out: scores already in its scores.jsonl are not computed again")
@@ -100,6 +103,9 @@ def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
     check_model(args.model)
     if args.out:
         check_out(args.out, args.resume, args.overwrite)
+    if args.reference == "base" and not carries_patch(args.model):
+        raise EvalError(f"--reference base needs a ctxpatch run folder as --model ({args.model!r} is not one): the "
+                        "base of a plain model is the model itself, its reference by default")
     if carries_patch(args.model):
         if any(not s.is_none for s in specs):
             raise EvalError(
@@ -125,7 +131,7 @@ def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
 
 
 def run(args: argparse.Namespace, specs: list[Spec]) -> int:
-    from ..loading import display_name, held_apart_text, load_for_eval
+    from ..loading import display_name, held_apart_text, load_base_for_eval, load_for_eval
     from ..preflight import WHAT_TO_GIVE
     from . import distributed
     from .runner import EvalConfig, compare
@@ -148,6 +154,9 @@ def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     started = time.perf_counter()
     try:
         model, tokenizer = load_for_eval(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
+        base = None
+        if args.reference == "base":
+            base, _ = load_base_for_eval(args.model, dtype=args.dtype, device=device, device_map=args.device_map)
     except OSError as error:  # transformers' word for a model it cannot find or read
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelPathError(f"cannot load model {args.model!r} ({first}): {WHAT_TO_GIVE}") from None
@@ -156,7 +165,7 @@ def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     out = Path(args.out) if args.out else fresh_run_folder(args.verb)
     try:
         board = compare(model, tokenizer, specs, config=config, out_dir=out, name=display_name(args.model),
-                        launch=launch, resume=args.resume, overwrite=args.overwrite)
+                        launch=launch, resume=args.resume, overwrite=args.overwrite, reference_model=base)
     finally:
         distributed.finish(launch)
     say(board.markdown())

@@ -6,7 +6,7 @@
 Every spec sees the same data: the tasks are loaded once (their data generated once, from the seed) and
 evaluated with `lm_eval.evaluator.evaluate` under each spec in turn, through `CtxpatchLM`. The perplexity
 task's native-context reference is evaluated once, on the model as given (unpatched, or with the patch it
-carries), and shared by every spec. Cost per spec and length: one forward per perplexity window and one per
+carries) or on `reference_model` (a fine-tune's unpatched base), and shared by every spec. Cost per spec and length: one forward per perplexity window and one per
 passkey/needle depth and sample; the reference adds one forward of min(n, train_len) tokens per window.
 
 `target_len` is passed to `ctxpatch.apply`: every parameter a spec leaves out comes from its method's rule for
@@ -138,14 +138,15 @@ def evaluate(model: Any, tokenizer: Any, spec: str | Spec = "none", *, params: d
 
 def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir: str | Path | None = None,
             name: str | None = None, launch: distributed.Launch | None = None, resume: bool = False,
-            overwrite: bool = False, **config: Any) -> Leaderboard:
+            overwrite: bool = False, reference_model: Any = None, **config: Any) -> Leaderboard:
     """Evaluate every spec on the same data; returns (and, with `out_dir`, writes) the leaderboard.
 
     Keyword arguments are `EvalConfig` fields (or `config=EvalConfig(...)`); `name` labels the model. Under a
     launcher (`launch`, default: from the environment) the work is split over the processes; each returns the
     whole leaderboard, and rank 0 alone writes it. With `out_dir` every score is written to `scores.jsonl` as it
     is computed; `resume=True` reuses the scores there (same model, dtype and backend), `overwrite=True` drops
-    them; a folder holding scores with neither is refused."""
+    them; a folder holding scores with neither is refused. `reference_model` (same tokenizer) scores the
+    perplexity's native-context reference instead of `model` as given: e.g. the unpatched base of a fine-tune."""
     cfg = config.pop("config", None) or EvalConfig(**config)
     launch = launch or distributed.launch_from_env()
     specs = [s if isinstance(s, Spec) else eval_spec(s) for s in specs]
@@ -154,7 +155,8 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
     carried = patching.current_patch(model)
     check_specs(specs, carried, cfg)
     refused = check_specs_apply(model, specs, cfg)
-    reference = f"{carried.spec} (carried)" if carried else "none"
+    as_given = f"{carried.spec} (carried)" if carried else "none"  # the model's state with no spec applied
+    reference = as_given if reference_model is None else f"{model_name(reference_model)} (unpatched base)"
     placed = {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
     board = Leaderboard(model_name=name or model_name(model), train_len=train_len,
                         config={**describe(cfg), **placed}, reference=reference)
@@ -164,25 +166,27 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
         board.refused.setdefault(label, {})[length] = reason
     with tempfile.TemporaryDirectory(prefix="ctxpatch-eval-") as scratch:
         tasks = load_tasks(cfg, tokenizer, train_len, Path(scratch))
-        lm = CtxpatchLM(model, tokenizer, max_length=cfg.context_length, state=reference, launch=launch,
+        lm = CtxpatchLM(model, tokenizer, max_length=cfg.context_length, state=as_given, launch=launch,
                         score_log=scores)
         if launch.is_main:
             announce(cfg, specs, train_len, tasks)
+        native_lm = lm if reference_model is None else CtxpatchLM(
+            reference_model, tokenizer, max_length=cfg.context_length, state=reference, launch=launch, score_log=scores)
         if PPL_NATIVE in tasks["native"]["tasks"]:
-            board.records += run_tasks(lm, tasks["native"], "reference", cfg)
+            board.records += run_tasks(native_lm, tasks["native"], "reference", cfg)
         for spec in tqdm(specs, desc="specs", disable=len(specs) < 2 or not launch.is_main):
             started = time.perf_counter()
             for target, lengths in cfg.targets(spec):
                 if (spec.label, lengths[0]) in refused:
                     continue
                 with applied(model, spec, cfg.backend, target) as patch:
-                    lm.state = reference if spec.is_none else state_label(spec, target)
+                    lm.state = as_given if spec.is_none else state_label(spec, target)
                     if patch is not None:
                         board.patches.setdefault(spec.label, {})[str(target)] = patch.to_dict()
                     measured = None if lengths == cfg.lengths else lengths
                     board.records += run_tasks(lm, tasks["main"], spec.label, cfg, measured)
             board.seconds[spec.label] = time.perf_counter() - started
-    board.forwards = lm.forwards
+    board.forwards = lm.forwards + (native_lm.forwards if native_lm is not lm else 0)
     if out_dir is not None and launch.is_main:
         board.write(Path(out_dir))
     return board

@@ -291,6 +291,17 @@ def load_for_eval(
     return model.eval(), tokenizer
 
 
+def load_base_for_eval(name: str, dtype: str | torch.dtype | None = None, device: str | None = None,
+                       device_map: str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of the base a ctxpatch run or merged folder was made from: unpatched, without its
+    adapter, in the dtype the run used unless `dtype` says otherwise (the yardstick of a fine-tune)."""
+    record = read_record(name)
+    if record is None:
+        raise NotACtxpatchModelError(f"{name!r} is not a ctxpatch run or merged folder: it has no base model to load")
+    base = record["base_model"]
+    return load_for_eval(recorded_base(base), dtype=dtype or base.get("dtype"), device=device, device_map=device_map)
+
+
 # ---- what other tools read in a run folder -----------------------------------------------------------
 
 
