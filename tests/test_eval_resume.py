@@ -39,6 +39,8 @@ def test_a_killed_comparison_resumes_without_repeating_a_forward(pair, text_file
     compare(model, tokenizer, SPECS, out_dir=out, **config(text_file))
     rows = (out / SCORES).read_text().splitlines()
     assert len(rows) == whole.forwards  # one line per forward, written as computed
+    assert {json.loads(r)["tokens"] for r in rows} >= {256}  # what each cost: its tokens and seconds
+    assert all(json.loads(r)["seconds"] > 0 for r in rows)
     # the kill: the last two scores never written, the one before cut in the middle of its line
     (out / SCORES).write_text("\n".join(rows[:-3] + [rows[-3][:20]]) + "\n")
     resumed = compare(model, tokenizer, SPECS, out_dir=out, resume=True, **config(text_file))

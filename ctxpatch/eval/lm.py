@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import time
 from typing import Any
 
 import torch
@@ -108,8 +109,7 @@ class CtxpatchLM(HFLMHooks):
             computed = {}
             for key in tqdm(mine, desc=f"loglikelihood [{self.state}]", disable=quiet):
                 _, context_ids, continuation_ids = requests[todo[key]]
-                computed[key] = self._score(context_ids, continuation_ids)
-                self.log_score(key, computed[key])
+                computed[key] = self._score_logged(key, context_ids, continuation_ids)
             return computed
 
         self._scores.update(distributed.merged(self.launch, compute))
@@ -121,15 +121,21 @@ class CtxpatchLM(HFLMHooks):
         in this process (cached per state)."""
         key = (self.state, token_key(context_ids, continuation_ids))
         if key not in self._scores:
-            self._scores[key] = self._score(context_ids, continuation_ids)
-            self.log_score(key, self._scores[key])
+            self._scores[key] = self._score_logged(key, context_ids, continuation_ids)
             self.forwards += 1
         return self._scores[key]
 
-    def log_score(self, key: tuple[str, str], score: tuple[float, bool]) -> None:
-        """Write a score as soon as it is computed: a resumed comparison reads it instead of a forward."""
+    def _score_logged(self, key: tuple[str, str], context_ids: list[int], continuation_ids: list[int]):
+        """`_score`, written to the score log as soon as it is computed: a resumed comparison reads it instead of
+        a forward (the seconds and tokens are the evidence of what the run cost, over all its sessions)."""
+        began = time.perf_counter()
+        logprob, greedy = self._score(context_ids, continuation_ids)
         if self.score_log is not None:
-            self.score_log.append([{"state": key[0], "key": key[1], "logprob": score[0], "greedy": score[1]}])
+            self.score_log.append([{
+                "state": key[0], "key": key[1], "logprob": logprob, "greedy": greedy,
+                "seconds": round(time.perf_counter() - began, 3), "tokens": len(context_ids) + len(continuation_ids),
+            }])
+        return logprob, greedy
 
     def _score(self, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
         ids = torch.tensor([(context_ids + continuation_ids)[:-1]], device=self.device)  # (1, T)
