@@ -51,6 +51,7 @@ def main() -> None:
         tail=args.tail,
         target_len=args.target_len,
         out_dir=args.out,
+        resume=True,  # every score lands in OUT/scores.jsonl: a re-run (or a run after a kill) reuses them
         name=args.model,
     )
     print(board.markdown())

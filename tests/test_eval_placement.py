@@ -165,7 +165,7 @@ def test_cli_passes_device_and_dtype_to_the_loader(model_folder, monkeypatch, wi
             "--out", str(tmp_path / "out")]
     assert main([*argv, "--device", "cuda", "--dtype", "bfloat16"]) == 0
     assert seen == {"dtype": "bfloat16", "device": "cuda", "device_map": None}
-    assert main([*argv, "--device-map", "auto"]) == 0
+    assert main([*argv, "--device-map", "auto", "--overwrite"]) == 0  # the same --out: its scores start again
     assert seen == {"dtype": None, "device": None, "device_map": "auto"}
 
 
