@@ -6,8 +6,9 @@
 Every spec sees the same data: the tasks are loaded once (their data generated once, from the seed) and
 evaluated with `lm_eval.evaluator.evaluate` under each spec in turn, through `CtxpatchLM`. The perplexity
 task's native-context reference is evaluated once, on the model as given (unpatched, or with the patch it
-carries) or on `reference_model` (a fine-tune's unpatched base), and shared by every spec. Cost per spec and length: one forward per perplexity window and one per
-passkey/needle depth and sample; the reference adds one forward of min(n, train_len) tokens per window.
+carries) or on `reference_model` (a fine-tune's unpatched base), and shared by every spec. Cost per spec and
+length: one forward per perplexity window and one per passkey/needle depth and sample; the reference adds one
+forward of min(n, train_len) tokens per window.
 
 `target_len` is passed to `ctxpatch.apply`: every parameter a spec leaves out comes from its method's rule for
 that length. `target_len="auto"` makes each measured length its own target: a spec is applied once per length
@@ -198,17 +199,16 @@ def score_log(out_dir: str | Path | None, identity: dict[str, Any], resume: bool
     if out_dir is None:
         return None
     folder = Path(out_dir)
-    log, run_file = JsonLog(folder / SCORES), folder / RUN
+    starting_again = overwrite and not resume
+    log, run_file = JsonLog(folder / SCORES, read=not starting_again), folder / RUN
     check_out(folder, resume, overwrite)
     earlier = json.loads(run_file.read_text(encoding="utf-8")) if resume and log and run_file.is_file() else None
     if earlier is not None and earlier != identity:
         changed = ", ".join(f"{k} {earlier.get(k)!r} -> {v!r}" for k, v in identity.items() if earlier.get(k) != v)
         raise EvalError(f"{folder} was measured with another model setup ({changed}): resume with the same "
                         "--model, --dtype and --backend, or pass a new --out")
-    if overwrite and not resume:
-        log.read = False
-        if launch.is_main and log:
-            log.path.unlink()
+    if starting_again and launch.is_main and log:
+        log.path.unlink()
     if launch.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(identity, indent=1), encoding="utf-8")
