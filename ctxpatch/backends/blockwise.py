@@ -20,9 +20,12 @@ from torch import Tensor
 
 from ..plan import AttentionCall, LayerRuntime
 from . import lse_views
-from .common import head_index
+from .common import as_slice, column_count, head_index
 
 BLOCK = 256  # rows of a query chunk and size of a key block
+# A multi-view rule makes a few fused calls per view and chunk, so its per-call overhead is paid once per view;
+# larger chunks and blocks pay it less often, and only the few blocks where views meet get dearer.
+MULTI_VIEW_SCALE = 2
 SCORE_BUDGET = 1 << 25  # elements of one chunk's float mask (128 MiB in fp32)
 _FAR = torch.iinfo(torch.long).max // 4
 
@@ -70,18 +73,6 @@ class KeyBlocks:
         return full[column_block], view[column_block]
 
 
-def _width(cols: Tensor | slice, total: int) -> int:
-    return len(range(total)[cols]) if isinstance(cols, slice) else cols.numel()
-
-
-def _as_slice(columns: Tensor) -> Tensor | slice:
-    """A slice when the columns are one contiguous run (a view, not a copy, when indexing)."""
-    if not columns.numel():
-        return columns
-    first, last = columns[[0, -1]].tolist()  # one transfer for both ends
-    return slice(first, last + 1) if last - first + 1 == columns.numel() else columns
-
-
 def _is_plain_causal(call: AttentionCall, layer: LayerRuntime, tq: int, tk: int) -> bool:
     return (
         len(layer.views()) == 1
@@ -103,7 +94,7 @@ def _chunk_rows(batch: int, heads: int, tk: int, layer: LayerRuntime, float_mask
 def blockwise_attention(
     q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, layer: LayerRuntime, block: int | None = None
 ) -> Tensor:
-    block = block or BLOCK
+    block = block or BLOCK * (MULTI_VIEW_SCALE if len(layer.views()) > 1 else 1)
     batch, heads, tq, _ = q.shape
     kv_heads, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
     layer.prepare(call)
@@ -162,7 +153,7 @@ class Chunk:
         if self.view is not None:
             self.whole = self.whole & (self.view >= 0)
         self.exact_index = (~self.whole).nonzero().flatten()  # (E,) columns checked pair by pair
-        self.exact = _as_slice(self.exact_index)
+        self.exact = as_slice(self.exact_index)
         self.shape = (self.i.shape[0], 1, self.i.shape[1], kj.numel())
         self.seen_exact = torch.ones(self.shape[:-1] + (0,), dtype=torch.bool, device=kj.device)  # (B, 1, Qc, E)
         if self.exact_index.numel():
@@ -181,7 +172,7 @@ class Chunk:
 
     def view_columns(self, layer: LayerRuntime, n: int) -> tuple[Tensor | slice, Tensor]:
         """Columns view n may own, and which pairs of them it does own (B, 1, Qc, those columns)."""
-        cols = _as_slice(((self.view == n) | (self.view < 0)).nonzero().flatten())
+        cols = as_slice(((self.view == n) | (self.view < 0)).nonzero().flatten())
         owned = self.seen[..., cols]
         mixed = (self.view[cols] < 0).nonzero().flatten()
         if mixed.numel():
@@ -192,18 +183,20 @@ class Chunk:
 
     def whole_columns(self, n: int) -> Tensor | slice:
         """Columns view n owns as whole blocks: every pair visible, no mask needed."""
-        return _as_slice((self.whole & (self.view == n)).nonzero().flatten())
+        return as_slice((self.whole & (self.view == n)).nonzero().flatten())
 
     def exact_columns(self, layer: LayerRuntime, n: int) -> tuple[Tensor | slice, Tensor]:
         """The other columns view n may own, and which of their pairs it does own (B, 1, Qc, those columns)."""
-        mine = ((self.view == n) | (self.view < 0))[self.exact_index].nonzero().flatten()  # among the exact columns
+        # slices where the runs are contiguous (the usual case): views of the pair grids, not gathered copies
+        mine = as_slice(((self.view == n) | (self.view < 0))[self.exact_index].nonzero().flatten())
         cols = self.exact_index[mine]
         owned = self.seen_exact[..., mine]
-        mixed = (self.view[cols] < 0).nonzero().flatten()
-        if mixed.numel():
+        mixed = as_slice((self.view[cols] < 0).nonzero().flatten())
+        if column_count(mixed, cols.numel()):
+            owned = owned.clone() if isinstance(mine, slice) else owned  # a slice would write into seen_exact
             picked = layer.select(self.pair_i, self.pair_j[..., cols[mixed]])
             owned[..., mixed] &= picked == n
-        return _as_slice(cols), owned
+        return as_slice(cols), owned
 
 
 def _fused_chunk(qs, ks, vc, chunk: Chunk, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:
@@ -220,7 +213,7 @@ def _fused_chunk(qs, ks, vc, chunk: Chunk, h, call: AttentionCall, layer: LayerR
     else:
         q_all = torch.cat(qs, dim=-1)  # (B, H, Qc, V*d): every view side by side
         parts = [chunk.view_columns(layer, n) for n in range(len(qs))]
-        widths = [_width(cols, ks[0].shape[2]) for cols, _ in parts]
+        widths = [column_count(cols, ks[0].shape[2]) for cols, _ in parts]
         k_all = ks[0].new_zeros(batch, kv_heads, sum(widths), len(qs) * dim)  # each key in its view's slot
         start = 0
         for n, ((cols, _), width) in enumerate(zip(parts, widths)):

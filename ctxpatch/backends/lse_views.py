@@ -7,7 +7,7 @@ also returns the log-sum-exp of every row; the partial results combine exactly,
 
 so a key block costs one product at the head width, and a second only where the views meet. The
 keys a view owns as whole blocks (every pair visible, no padding) go in a call with no mask at all;
-only the rest is masked, pair by pair.
+only the rest is masked, pair by pair, in row pieces that take only the columns they own a pair of.
 The kernel is the one SDPA itself dispatches to on CPU (ctxpatch._compat.torch), called directly
 because SDPA does not hand out the log-sum-exp. Where it is missing, or when gradients are needed
 (it does not differentiate through the log-sum-exp), the blockwise backend's single-call path
@@ -24,7 +24,9 @@ from torch import Tensor
 
 from .._compat.torch import cpu_flash_attention_available, cpu_flash_attention_with_lse
 from ..plan import AttentionCall, LayerRuntime
-from .common import compute_dtype
+from .common import as_slice, column_count, compute_dtype
+
+EXACT_PIECES = 4  # row pieces of a chunk's masked pairs (see _exact_rows)
 
 
 class ViewChunk(Protocol):
@@ -64,32 +66,53 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) 
 
 
 def views_chunk(
-    qs: list[Tensor], ks: list[Tensor], vc: Tensor, chunk: ViewChunk, h: Tensor, call: AttentionCall, layer: LayerRuntime
+    qs: list[Tensor], ks: list[Tensor], vc: Tensor, chunk: ViewChunk, h: Tensor, call: AttentionCall,
+    layer: LayerRuntime,
 ) -> Tensor:
-    """A chunk of a multi-view rule: per view, one unmasked call over the whole blocks it owns and one
-    masked call over the pairs it owns elsewhere, all merged exactly."""
+    """A chunk of a multi-view rule: per view, one unmasked call over the whole blocks it owns and masked
+    calls over the pairs it owns elsewhere, all merged exactly."""
     bias = layer.bias(h, chunk.pair_i, chunk.pair_j) if layer.plan.biases else None  # (B, H, Qc, Kr)
     outs, lses = [], []
     for n, (qv, kv) in enumerate(zip(qs, ks)):
         whole = chunk.whole_columns(n)
-        if _width(whole, vc.shape[2]):
-            out, lse = _attend(qv, kv[:, :, whole], vc[:, :, whole], None if bias is None else bias[..., whole].to(qv.dtype), call.scaling)
+        if column_count(whole, vc.shape[2]):
+            whole_bias = None if bias is None else bias[..., whole].to(qv.dtype)
+            out, lse = _attend(qv, kv[:, :, whole], vc[:, :, whole], whole_bias, call.scaling)
             outs.append(out)
             lses.append(lse.to(compute_dtype(qv)))
         cols, owned = chunk.exact_columns(layer, n)
-        if not bool(owned.any()):
-            continue
-        mask = owned.to(qv.dtype).log()  # 0 where the view owns the pair, -inf elsewhere
-        if bias is not None:
-            mask = mask + bias[..., cols].to(qv.dtype)
-        out, lse = _attend(qv, kv[:, :, cols], vc[:, :, cols], mask, call.scaling)
-        empty = ~owned.any(-1)  # (B, 1, Qc): rows with nothing here; the kernel reports lse 0 for them
-        outs.append(out)
-        lses.append(lse.to(compute_dtype(qv)).masked_fill(empty, float("-inf")))
+        if bool(owned.any()):
+            out, lse = _exact_rows(qv, kv, vc, cols, owned, bias, call.scaling)
+            outs.append(out)
+            lses.append(lse)
     total = torch.logsumexp(torch.stack(lses), dim=0)  # (B, H, Qc)
     merged = sum(o.to(total.dtype) * torch.exp(l - total).unsqueeze(-1) for o, l in zip(outs, lses))
     return merged.to(qs[0].dtype)
 
 
-def _width(cols: Tensor | slice, total: int) -> int:
-    return len(range(total)[cols]) if isinstance(cols, slice) else cols.numel()
+def _exact_rows(
+    qv: Tensor, kv: Tensor, vc: Tensor, cols: Tensor | slice, owned: Tensor, bias: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """One view's masked pairs, in row pieces that each take only the columns they own a pair of: where views
+    meet on a diagonal (|i - j| = W) or at the causal diagonal, a piece of r rows needs about r columns of the
+    chunk's band, so the work thrown away by the mask shrinks with the piece."""
+    batch, heads, rows, _ = qv.shape
+    if isinstance(cols, slice):
+        cols = torch.arange(vc.shape[2], device=vc.device)[cols]
+    out = qv.new_zeros(batch, heads, rows, vc.shape[-1])
+    lse = torch.full((batch, heads, rows), float("-inf"), dtype=compute_dtype(qv), device=qv.device)
+    step = -(-rows // EXACT_PIECES)
+    for r0 in range(0, rows, step):
+        piece = owned[..., r0 : r0 + step, :]  # (B, 1, r, E)
+        used = as_slice(piece.any(-2).any(0).flatten().nonzero().flatten())  # columns this piece owns a pair of
+        if not column_count(used, cols.numel()):
+            continue
+        mine, piece = as_slice(cols[used]), piece[..., used]
+        mask = torch.zeros(piece.shape, dtype=qv.dtype, device=qv.device).masked_fill_(~piece, float("-inf"))
+        if bias is not None:
+            mask = mask + bias[..., r0 : r0 + step, mine].to(qv.dtype)
+        o, l = _attend(qv[:, :, r0 : r0 + step], kv[:, :, mine], vc[:, :, mine], mask, scale)
+        out[:, :, r0 : r0 + step] = o
+        empty = ~piece.any(-1)  # (B, 1, r): rows with nothing here; the kernel reports lse 0 for them
+        lse[:, :, r0 : r0 + step] = l.to(lse.dtype).masked_fill(empty, float("-inf"))
+    return out, lse

@@ -342,12 +342,14 @@ def doc_length(doc: dict) -> int:
 
 
 def announce(cfg: EvalConfig, specs: list[Spec], train_len: int, tasks: dict) -> None:
-    """Say what will run: max_length against the trained length, and how many forwards per spec."""
+    """Say what will run: the longest length against the trained length, and how many forwards per spec
+    (max_length has a margin for the generated answer, so it is not what is compared)."""
     chosen = selected_samples(tasks["main"], cfg)
     per_spec = sum(len(v) for v in chosen.values())
+    longest = max(cfg.lengths)
     log.warning(
-        "ctxpatch: max_length=%d, %s the model's trained length %d; %d spec(s) x %d forward(s)%s",
-        cfg.context_length, "past" if cfg.context_length > train_len else "within", train_len,
+        "ctxpatch: longest length %d (max_length %d), %s the model's trained length %d; %d spec(s) x %d forward(s)%s",
+        longest, cfg.context_length, "past" if longest > train_len else "within", train_len,
         len(specs), per_spec,
         " + the native reference" if tasks["native"]["tasks"] else "",
     )
