@@ -150,3 +150,17 @@ def test_held_out_text_is_read_and_recorded(model_folder, text_file, tmp_path, m
 def test_a_missing_text_file_is_an_error():
     with pytest.raises(EvalError, match="or held-out / train"):
         EvalConfig(lengths=[160], tasks=["ppl"], text_files=["held_out"])
+
+
+@pytest.mark.parametrize("lengths,word", [([64], "within"), ([64, 96], "past")])
+def test_announce_compares_the_longest_length_not_max_length(lengths, word, caplog):
+    """max_length carries a margin for the answer: a run at the trained length is within it, not past it."""
+    from ctxpatch.eval.runner import announce
+
+    cfg = EvalConfig(lengths=lengths, tasks=["passkey"])
+    assert cfg.context_length > 64  # the margin alone would have said "past"
+    no_tasks = {"tasks": {}}
+    with caplog.at_level("WARNING"):
+        announce(cfg, [], 64, {"main": no_tasks, "native": no_tasks})
+    said = f"longest length {max(lengths)} (max_length {cfg.context_length}), {word} the model's trained length 64"
+    assert said in caplog.text
