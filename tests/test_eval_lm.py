@@ -123,6 +123,7 @@ def test_a_carried_patch_is_evaluated_as_loaded_only(pair, text_file):  # noqa: 
             compare(model, tokenizer, ["dynamic"], lengths=[192], tasks=["passkey"], depths=[1.0])
         board = compare(model, tokenizer, ["none"], lengths=[192], tasks=["passkey"], depths=[1.0])
         assert board.reference == "window (carried)"
+        assert {r.spec for r in board.records} == {"window (carried)"}  # the row names the carried patch
         assert ctxpatch.current_patch(model) is not None  # still carried
 
 

@@ -71,6 +71,44 @@ def test_prompt_in_pieces_through_the_cache_equals_one_forward(spec, params, mon
     assert_close(torch.cat([first.logits, second.logits, third.logits], dim=1), whole, rtol=1e-5, atol=1e-5)
 
 
+GRAD_CASES = [
+    ("dca", {"chunk_len": 7, "local_window": 3}),
+    ("selfextend", {"window": 6, "group": 3}),
+    ("string", {"offset": 9, "local_window": 3}),
+    ("dca+alibi", {"chunk_len": 7, "local_window": 3}),
+]
+
+
+@pytest.mark.parametrize("fractional", [False, True])
+@pytest.mark.parametrize("spec,params", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_gradients_through_the_merged_view_kernels_equal_dense(spec, params, fractional, monkeypatch):
+    """A fine-tune's backward on `blockwise` goes through each view's kernel backward against the merged
+    output and log-sum-exp (lse_views._MergedViews); in float64 it equals `dense`'s autograd, with chunk
+    boundaries inside and across key blocks, a left-padded row and fractional training positions."""
+    from ctxpatch.backends import lse_views
+
+    monkeypatch.setattr(blockwise, "BLOCK", 8)
+    ran = []
+    backward = lse_views._MergedViews.backward
+    monkeypatch.setattr(lse_views._MergedViews, "backward", staticmethod(lambda ctx, g: ran.append(1) or backward(ctx, g)))
+    ids, mask = token_ids(2, 37), torch.ones(2, 37, dtype=torch.long)
+    mask[1, :5] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0).double()
+    if fractional:
+        positions = positions * 1.7  # stretched-like: 1.7 positions between neighbours
+    grads = {}
+    for backend in ("dense", "blockwise"):
+        model = tiny_model("llama", dtype=torch.float64).train()
+        with ctxpatch.apply(model, spec, backend=backend, **params):
+            loss = model(ids, attention_mask=mask, position_ids=positions, labels=ids).loss
+            loss.backward()
+        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert ran, "the blockwise backward did not go through the merged view kernels"
+    assert any(n.endswith("k_proj.weight") for n in grads["dense"])
+    for name, grad in grads["dense"].items():
+        assert_close(grads["blockwise"][name], grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
 @pytest.mark.parametrize("spec", ["dca", "string", "selfextend"])
 def test_bf16_is_finite_and_close_past_131072(spec):
     """Positions past 2^17: bf16 cannot even hold them exactly, the rules must still give finite,

@@ -1,7 +1,7 @@
 """Several position views of a chunk as separate fused-attention calls, merged by their log-sum-exps.
 
-For inference on CPU: each view attends to the keys it owns with PyTorch's fused flash kernel, which
-also returns the log-sum-exp of every row; the partial results combine exactly,
+On CPU: each view attends to the keys it owns with PyTorch's fused flash kernel, which also returns
+the log-sum-exp of every row; the partial results combine exactly,
 
     out = sum_n out_n * exp(lse_n - lse),  lse = logsumexp_n lse_n,
 
@@ -9,20 +9,31 @@ so a key block costs one product at the head width, and a second only where the 
 keys a view owns as whole blocks (every pair visible, no padding) go in a call with no mask at all;
 only the rest is masked, pair by pair, in row pieces that take only the columns they own a pair of.
 The kernel is the one SDPA itself dispatches to on CPU (ctxpatch._compat.torch), called directly
-because SDPA does not hand out the log-sum-exp. Where it is missing, or when gradients are needed
-(it does not differentiate through the log-sum-exp), the blockwise backend's single-call path
-(views side by side) runs instead. (Not to be confused with ctxpatch.merge, which folds a
-fine-tune's adapter into the weights.)
+because SDPA does not hand out the log-sum-exp.
+
+Gradients (a fine-tune) go through the kernel's own backward, one call at a time, given the merged
+output and the merged log-sum-exp: the kernel then takes each call's probabilities against all views
+together, exp(s - lse), and its row term rowsum(dout * out) against the merged output, which is the
+exact gradient of the merge (the same split as ring / split-KV flash attention). Where the kernels are
+missing, the patch's own tensors train (KERPLE's r1, r2: the kernel has no gradient for a mask) or
+dropout is on, the blockwise backend's single-call path (views side by side) runs instead. (Not to be
+confused with ctxpatch.merge, which folds a fine-tune's adapter into the weights.)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from .._compat.torch import cpu_flash_attention_available, cpu_flash_attention_with_lse
+from .._compat.torch import (
+    cpu_flash_attention_available,
+    cpu_flash_attention_backward,
+    cpu_flash_attention_backward_available,
+    cpu_flash_attention_with_lse,
+)
 from ..plan import AttentionCall, LayerRuntime
 from .common import as_slice, column_count, compute_dtype
 
@@ -45,24 +56,29 @@ class ViewChunk(Protocol):
 
 
 def available(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, layer: LayerRuntime) -> bool:
+    grad = torch.is_grad_enabled()
     trainable = [] if layer.tensors is None else list(layer.tensors.parameters())
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *trainable))
-    return cpu_flash_attention_available() and q.device.type == "cpu" and not needs_grad and call.dropout == 0.0
+    if grad and any(t.requires_grad for t in trainable):
+        return False
+    needs_grad = grad and any(t.requires_grad for t in (q, k, v))
+    return (
+        cpu_flash_attention_available()
+        and q.device.type == "cpu"
+        and call.dropout == 0.0
+        and (not needs_grad or cpu_flash_attention_backward_available())
+    )
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    """(out (B, H, Qc, d), lse (B, H, Qc)) of one call; query heads sharing a kv head folded into rows."""
-    batch, heads, rows, dim = q.shape
-    kv_heads = k.shape[1]
-    groups = heads // kv_heads
-    folded = q.reshape(batch, kv_heads, groups * rows, dim)  # (B, Hk, G*Qc, d): rows of a group side by side
-    if mask is not None:
-        if mask.shape[1] == 1:  # one mask for every head: repeat it for each head of a group
-            mask = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * rows, -1)
-        else:  # (B, H, Qc, Kr) -> (B, Hk, G*Qc, Kr)
-            mask = mask.reshape(batch, kv_heads, groups * rows, -1)
-    out, lse = cpu_flash_attention_with_lse(folded, k, v, mask, scale)
-    return out.reshape(batch, heads, rows, -1), lse.reshape(batch, heads, rows)
+@dataclass
+class _Call:
+    """One fused call: view `view`'s queries `rows` against its key columns `cols`, under a float mask or none.
+    `empty` (B, 1, r): rows that own no pair here (the kernel reports lse 0 for them; they count as -inf)."""
+
+    view: int
+    rows: slice
+    cols: Tensor | slice
+    mask: Tensor | None
+    empty: Tensor | None
 
 
 def views_chunk(
@@ -72,47 +88,143 @@ def views_chunk(
     """A chunk of a multi-view rule: per view, one unmasked call over the whole blocks it owns and masked
     calls over the pairs it owns elsewhere, all merged exactly."""
     bias = layer.bias(h, chunk.pair_i, chunk.pair_j) if layer.plan.biases else None  # (B, H, Qc, Kr)
-    outs, lses = [], []
-    for n, (qv, kv) in enumerate(zip(qs, ks)):
+    calls = _plan(len(qs), qs[0], vc, chunk, layer, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (*qs, *ks, vc)):
+        return _MergedViews.apply(calls, call.scaling, vc, *qs, *ks)
+    return _merge(qs, ks, vc, calls, call.scaling)[0]
+
+
+def _plan(
+    views: int, q: Tensor, vc: Tensor, chunk: ViewChunk, layer: LayerRuntime, bias: Tensor | None
+) -> list[_Call]:
+    calls = []
+    for n in range(views):
         whole = chunk.whole_columns(n)
         if column_count(whole, vc.shape[2]):
-            whole_bias = None if bias is None else bias[..., whole].to(qv.dtype)
-            out, lse = _attend(qv, kv[:, :, whole], vc[:, :, whole], whole_bias, call.scaling)
-            outs.append(out)
-            lses.append(lse.to(compute_dtype(qv)))
+            whole_bias = None if bias is None else bias[..., whole].to(q.dtype)
+            calls.append(_Call(n, slice(0, q.shape[2]), whole, whole_bias, None))
         cols, owned = chunk.exact_columns(layer, n)
         if bool(owned.any()):
-            out, lse = _exact_rows(qv, kv, vc, cols, owned, bias, call.scaling)
-            outs.append(out)
-            lses.append(lse)
-    total = torch.logsumexp(torch.stack(lses), dim=0)  # (B, H, Qc)
-    merged = sum(o.to(total.dtype) * torch.exp(l - total).unsqueeze(-1) for o, l in zip(outs, lses))
-    return merged.to(qs[0].dtype)
+            calls.extend(_exact_pieces(n, q.dtype, vc.shape[2], cols, owned, bias))
+    return calls
 
 
-def _exact_rows(
-    qv: Tensor, kv: Tensor, vc: Tensor, cols: Tensor | slice, owned: Tensor, bias: Tensor | None, scale: float
-) -> tuple[Tensor, Tensor]:
+def _exact_pieces(
+    view: int, dtype: torch.dtype, keys: int, cols: Tensor | slice, owned: Tensor, bias: Tensor | None
+) -> list[_Call]:
     """One view's masked pairs, in row pieces that each take only the columns they own a pair of: where views
     meet on a diagonal (|i - j| = W) or at the causal diagonal, a piece of r rows needs about r columns of the
     chunk's band, so the work thrown away by the mask shrinks with the piece."""
-    batch, heads, rows, _ = qv.shape
     if isinstance(cols, slice):
-        cols = torch.arange(vc.shape[2], device=vc.device)[cols]
-    out = qv.new_zeros(batch, heads, rows, vc.shape[-1])
-    lse = torch.full((batch, heads, rows), float("-inf"), dtype=compute_dtype(qv), device=qv.device)
+        cols = torch.arange(keys, device=owned.device)[cols]
+    rows = owned.shape[-2]
     step = -(-rows // EXACT_PIECES)
+    pieces = []
     for r0 in range(0, rows, step):
         piece = owned[..., r0 : r0 + step, :]  # (B, 1, r, E)
         used = as_slice(piece.any(-2).any(0).flatten().nonzero().flatten())  # columns this piece owns a pair of
         if not column_count(used, cols.numel()):
             continue
         mine, piece = as_slice(cols[used]), piece[..., used]
-        mask = torch.zeros(piece.shape, dtype=qv.dtype, device=qv.device).masked_fill_(~piece, float("-inf"))
+        mask = torch.zeros(piece.shape, dtype=dtype, device=owned.device).masked_fill_(~piece, float("-inf"))
         if bias is not None:
-            mask = mask + bias[..., r0 : r0 + step, mine].to(qv.dtype)
-        o, l = _attend(qv[:, :, r0 : r0 + step], kv[:, :, mine], vc[:, :, mine], mask, scale)
-        out[:, :, r0 : r0 + step] = o
-        empty = ~piece.any(-1)  # (B, 1, r): rows with nothing here; the kernel reports lse 0 for them
-        lse[:, :, r0 : r0 + step] = l.to(lse.dtype).masked_fill(empty, float("-inf"))
-    return out, lse
+            mask = mask + bias[..., r0 : r0 + step, mine].to(dtype)
+        pieces.append(_Call(view, slice(r0, r0 + piece.shape[-2]), mine, mask, ~piece.any(-1)))
+    return pieces
+
+
+def _merge(
+    qs: list[Tensor], ks: list[Tensor], vc: Tensor, calls: list[_Call], scale: float
+) -> tuple[Tensor, Tensor]:
+    """(merged output (B, H, Qc, dv) in q's dtype, merged log-sum-exp (B, H, Qc)) of the calls."""
+    batch, heads, rows, _ = qs[0].shape
+    dtype = compute_dtype(qs[0])
+    lses = torch.full((len(calls), batch, heads, rows), float("-inf"), dtype=dtype, device=vc.device)
+    parts = []
+    for n, c in enumerate(calls):
+        out, lse = _attend(qs[c.view][:, :, c.rows], ks[c.view][:, :, c.cols], vc[:, :, c.cols], c.mask, scale)
+        lse = lse.to(dtype)
+        if c.empty is not None:
+            lse = lse.masked_fill(c.empty, float("-inf"))
+        lses[n, :, :, c.rows] = lse
+        parts.append((out, lse))
+    total = torch.logsumexp(lses, dim=0)  # (B, H, Qc)
+    merged = torch.zeros(batch, heads, rows, vc.shape[-1], dtype=dtype, device=vc.device)
+    for c, (out, lse) in zip(calls, parts):
+        merged[:, :, c.rows] += out.to(dtype) * torch.exp(lse - total[:, :, c.rows]).unsqueeze(-1)
+    return merged.to(qs[0].dtype), total
+
+
+class _MergedViews(torch.autograd.Function):
+    """The merge with its gradient: each call's kernel backward, against the merged output and lse."""
+
+    @staticmethod
+    def forward(ctx, calls: list[_Call], scale: float, vc: Tensor, *qks: Tensor) -> Tensor:
+        views = len(qks) // 2
+        merged, total = _merge(list(qks[:views]), list(qks[views:]), vc, calls, scale)
+        ctx.calls, ctx.scale = calls, scale
+        ctx.save_for_backward(vc, merged, total, *qks)
+        return merged
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        vc, merged, total, *qks = ctx.saved_tensors
+        views = len(qks) // 2
+        qs, ks = qks[:views], qks[views:]
+        dqs, dks, dv = [torch.zeros_like(q) for q in qs], [torch.zeros_like(k) for k in ks], torch.zeros_like(vc)
+        lse = total.masked_fill(torch.isinf(total), 0.0)  # a row that sees nothing: every probability is 0 anyway
+        grad = grad.to(merged.dtype)
+        for c in ctx.calls:
+            dq, dk, dvc = _attend_backward(
+                grad[:, :, c.rows], qs[c.view][:, :, c.rows], ks[c.view][:, :, c.cols], vc[:, :, c.cols],
+                merged[:, :, c.rows], lse[:, :, c.rows], c.mask, ctx.scale,
+            )
+            dqs[c.view][:, :, c.rows] += dq
+            _add_columns(dks[c.view], c.cols, dk)
+            _add_columns(dv, c.cols, dvc)
+        return (None, None, dv, *dqs, *dks)
+
+
+def _add_columns(target: Tensor, cols: Tensor | slice, values: Tensor) -> None:
+    if isinstance(cols, slice):
+        target[:, :, cols] += values
+    else:
+        target.index_add_(2, cols, values)
+
+
+def _fold(x: Tensor, kv_heads: int) -> Tensor:
+    """(B, H, r, ...) -> (B, Hk, G*r, ...): the rows of the query heads sharing a kv head side by side."""
+    batch, heads, rows = x.shape[:3]
+    return x.reshape(batch, kv_heads, (heads // kv_heads) * rows, *x.shape[3:])
+
+
+def _fold_mask(mask: Tensor | None, kv_heads: int, heads: int) -> Tensor | None:
+    if mask is None:
+        return None
+    batch, rows = mask.shape[0], mask.shape[2]
+    if mask.shape[1] == 1:  # one mask for every head: repeat it for each head of a group
+        groups = heads // kv_heads
+        return mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(batch, 1, groups * rows, -1)
+    return _fold(mask, kv_heads)  # (B, H, Qc, Kr) -> (B, Hk, G*Qc, Kr)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """(out (B, H, Qc, d), lse (B, H, Qc)) of one call; query heads sharing a kv head folded into rows."""
+    batch, heads, rows, _ = q.shape
+    kv_heads = k.shape[1]
+    out, lse = cpu_flash_attention_with_lse(_fold(q, kv_heads), k, v, _fold_mask(mask, kv_heads, heads), scale)
+    return out.reshape(batch, heads, rows, -1), lse.reshape(batch, heads, rows)
+
+
+def _attend_backward(
+    grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq (B, H, r, d), dk, dv (B, Hk, E, d)) of one call, its probabilities taken against the merged lse."""
+    kv_heads, heads = k.shape[1], q.shape[1]
+    lse = _fold(lse, kv_heads).to(compute_dtype(q))
+    dq, dk, dv = cpu_flash_attention_backward(
+        _fold(grad.contiguous(), kv_heads), _fold(q.contiguous(), kv_heads), k.contiguous(), v.contiguous(),
+        _fold(out.contiguous(), kv_heads), lse.contiguous(), _fold_mask(mask, kv_heads, heads), scale,
+    )
+    return dq.reshape(q.shape), dk, dv

@@ -176,6 +176,7 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
         if PPL_NATIVE in tasks["native"]["tasks"]:
             board.records += run_tasks(native_lm, tasks["native"], "reference", cfg)
         for spec in tqdm(specs, desc="specs", disable=len(specs) < 2 or not launch.is_main):
+            row = as_given if spec.is_none else spec.label  # a loaded run's row names the patch it carries
             started = time.perf_counter()
             for target, lengths in cfg.targets(spec):
                 if (spec.label, lengths[0]) in refused:
@@ -185,8 +186,8 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
                     if patch is not None:
                         board.patches.setdefault(spec.label, {})[str(target)] = patch.to_dict()
                     measured = None if lengths == cfg.lengths else lengths
-                    board.records += run_tasks(lm, tasks["main"], spec.label, cfg, measured)
-            board.seconds[spec.label] = time.perf_counter() - started
+                    board.records += run_tasks(lm, tasks["main"], row, cfg, measured)
+            board.seconds[row] = time.perf_counter() - started
     board.forwards = lm.forwards + (native_lm.forwards if native_lm is not lm else 0)
     if out_dir is not None and launch.is_main:
         board.write(Path(out_dir))
