@@ -55,17 +55,18 @@ class ViewChunk(Protocol):
         ...
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def available(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, layer: LayerRuntime) -> bool:
-    grad = torch.is_grad_enabled()
-    trainable = [] if layer.tensors is None else list(layer.tensors.parameters())
-    if grad and any(t.requires_grad for t in trainable):
-        return False
-    needs_grad = grad and any(t.requires_grad for t in (q, k, v))
+    if layer.tensors is not None and _needs_grad(*layer.tensors.parameters()):
+        return False  # the kernel has no gradient for a mask: the patch's own tensors train elsewhere
     return (
         cpu_flash_attention_available()
         and q.device.type == "cpu"
         and call.dropout == 0.0
-        and (not needs_grad or cpu_flash_attention_backward_available())
+        and (not _needs_grad(q, k, v) or cpu_flash_attention_backward_available())
     )
 
 
@@ -89,7 +90,7 @@ def views_chunk(
     calls over the pairs it owns elsewhere, all merged exactly."""
     bias = layer.bias(h, chunk.pair_i, chunk.pair_j) if layer.plan.biases else None  # (B, H, Qc, Kr)
     calls = _plan(len(qs), qs[0], vc, chunk, layer, bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (*qs, *ks, vc)):
+    if _needs_grad(*qs, *ks, vc):
         return _MergedViews.apply(calls, call.scaling, vc, *qs, *ks)
     return _merge(qs, ks, vc, calls, call.scaling)[0]
 
@@ -140,18 +141,16 @@ def _merge(
     batch, heads, rows, _ = qs[0].shape
     dtype = compute_dtype(qs[0])
     lses = torch.full((len(calls), batch, heads, rows), float("-inf"), dtype=dtype, device=vc.device)
-    parts = []
+    outs = []
     for n, c in enumerate(calls):
         out, lse = _attend(qs[c.view][:, :, c.rows], ks[c.view][:, :, c.cols], vc[:, :, c.cols], c.mask, scale)
-        lse = lse.to(dtype)
-        if c.empty is not None:
-            lse = lse.masked_fill(c.empty, float("-inf"))
-        lses[n, :, :, c.rows] = lse
-        parts.append((out, lse))
+        lses[n, :, :, c.rows] = lse if c.empty is None else lse.masked_fill(c.empty, float("-inf"))
+        outs.append(out)
     total = torch.logsumexp(lses, dim=0)  # (B, H, Qc)
     merged = torch.zeros(batch, heads, rows, vc.shape[-1], dtype=dtype, device=vc.device)
-    for c, (out, lse) in zip(calls, parts):
-        merged[:, :, c.rows] += out.to(dtype) * torch.exp(lse - total[:, :, c.rows]).unsqueeze(-1)
+    for n, (c, out) in enumerate(zip(calls, outs)):
+        weight = torch.exp(lses[n, :, :, c.rows] - total[:, :, c.rows]).unsqueeze(-1)  # (B, H, r, 1)
+        merged[:, :, c.rows] += out.to(dtype) * weight
     return merged.to(qs[0].dtype), total
 
 
@@ -174,7 +173,6 @@ class _MergedViews(torch.autograd.Function):
         qs, ks = qks[:views], qks[views:]
         dqs, dks, dv = [torch.zeros_like(q) for q in qs], [torch.zeros_like(k) for k in ks], torch.zeros_like(vc)
         lse = total.masked_fill(torch.isinf(total), 0.0)  # a row that sees nothing: every probability is 0 anyway
-        grad = grad.to(merged.dtype)
         for c in ctx.calls:
             dq, dk, dvc = _attend_backward(
                 grad[:, :, c.rows], qs[c.view][:, :, c.rows], ks[c.view][:, :, c.cols], vc[:, :, c.cols],
@@ -222,9 +220,8 @@ def _attend_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq (B, H, r, d), dk, dv (B, Hk, E, d)) of one call, its probabilities taken against the merged lse."""
     kv_heads, heads = k.shape[1], q.shape[1]
-    lse = _fold(lse, kv_heads).to(compute_dtype(q))
     dq, dk, dv = cpu_flash_attention_backward(
         _fold(grad.contiguous(), kv_heads), _fold(q.contiguous(), kv_heads), k.contiguous(), v.contiguous(),
-        _fold(out.contiguous(), kv_heads), lse.contiguous(), _fold_mask(mask, kv_heads, heads), scale,
+        _fold(out.contiguous(), kv_heads), _fold(lse.contiguous(), kv_heads), _fold_mask(mask, kv_heads, heads), scale,
     )
     return dq.reshape(q.shape), dk, dv
