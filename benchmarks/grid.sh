@@ -7,6 +7,7 @@
 #   bash benchmarks/grid.sh 16k              dca, dca+logn, selfextend, yarn, dynamic, string, none
 #   bash benchmarks/grid.sh 32k              dca, dca+logn, selfextend, yarn, dynamic
 #   bash benchmarks/grid.sh 64k SPEC...      the three best of 32k: ppl + passkey at 3 depths (~25 min a forward)
+#   REPORT=1 bash benchmarks/grid.sh STAGE ...   no forward: each part's leaderboard.md from the scores so far
 # Parts: `ppl` (perplexity + passkey at 5 depths) and `niah` (needle at 3 depths). On 2 idle cores a forward takes
 # ~30 s at 8k, ~2 min at 16k, ~6 min at 32k: 16k is ~2.5 h, 32k ~7 h, 64k ~5 h for three specs.
 set -euo pipefail
@@ -14,10 +15,15 @@ stage=${1:?usage: grid.sh ceiling | 16k | 32k | 64k SPEC...}
 shift || true
 root=benchmarks/grid
 common=(--tail 1024 --text held-out --resume)
+[ -n "${REPORT:-}" ] && common+=(--report)
 
 part() {  # part NAME LENGTH SPECS TASKS DEPTHS [extra...]
   local name=$1 length=$2 specs=$3 tasks=$4 depths=$5
   shift 5
+  if [ -n "${REPORT:-}" ] && [ ! -s "$root/$stage-$name/scores.jsonl" ]; then
+    echo "$root/$stage-$name: nothing scored yet" >&2
+    return 0
+  fi
   ctxpatch compare --patches "$specs" --lengths "$length" --tasks "$tasks" --depths "$depths" "${common[@]}" \
     --out "$root/$stage-$name" "$@"
 }

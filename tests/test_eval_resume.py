@@ -99,3 +99,55 @@ def test_cli_resume_and_its_mistakes(model_folder, text_file, tmp_path, capsys):
     assert "0 forward passes" in capsys.readouterr().err
     assert main(argv[:-2] + ["--resume"]) == 2
     assert "name its folder with --out" in capsys.readouterr().err
+
+
+def test_a_report_reads_the_scores_so_far_and_runs_nothing(pair, text_file, tmp_path):  # noqa: F811
+    """`report=True` on a run cut short: the scored samples exactly as the whole run has them, none of the others,
+    the count of forwards still to run, and not a line added to the log."""
+    model, tokenizer = pair
+    whole = compare(model, tokenizer, SPECS, **config(text_file))
+    out = tmp_path / "run"
+    compare(model, tokenizer, SPECS, out_dir=out, **config(text_file))
+    rows = (out / SCORES).read_text().splitlines()
+    (out / SCORES).write_text("\n".join(rows[:-4]) + "\n")
+    report = compare(model, tokenizer, SPECS, out_dir=out, report=True, **config(text_file))
+    assert report.forwards == 0 and report.unscored == 4
+    assert len((out / SCORES).read_text().splitlines()) == len(rows) - 4
+    assert set(summary(report)) < set(summary(whole))
+    assert len(summary(whole)) - len(summary(report)) == 4  # one record per forward of the cut-off specs
+    assert "4 forward(s) not scored yet" in report.markdown()
+    assert json.loads((out / "leaderboard.json").read_text())["unscored"] == 4
+    finished = compare(model, tokenizer, SPECS, out_dir=out, resume=True, **config(text_file))
+    assert finished.forwards == 4 and finished.unscored == 0 and summary(finished) == summary(whole)
+
+
+def test_a_report_needs_scores_and_logged_tasks(pair, text_file, tmp_path):  # noqa: F811
+    model, tokenizer = pair
+    with pytest.raises(EvalError, match="holds none"):
+        compare(model, tokenizer, ["none"], out_dir=tmp_path / "empty", report=True, **config(text_file))
+    out = tmp_path / "run"
+    compare(model, tokenizer, ["none"], out_dir=out, **config(text_file))
+    with pytest.raises(EvalError, match="drop it from --tasks"):
+        compare(model, tokenizer, ["none"], out_dir=out, report=True,
+                **{**config(text_file), "tasks": ["ctxpatch_ppl", "ctxpatch_passkey_gen"]})
+
+
+def test_cli_report(model_folder, text_file, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    argv = ["compare", "--model", str(model_folder), "--patches", "none,window[window=48]", "--lengths", "256",
+            "--tasks", "passkey", "--depths", "0,1", "--text", str(text_file), "--out", str(out)]
+    assert main(argv + ["--report"]) == 2
+    assert "holds none" in capsys.readouterr().err
+    assert main(argv + ["--report", "--overwrite"]) == 2
+    assert "pass one of them" in capsys.readouterr().err
+    assert main(argv) == 0
+    rows = (out / SCORES).read_text().splitlines()
+    (out / SCORES).write_text("\n".join(rows[:-1]) + "\n")
+    capsys.readouterr()
+    assert main(argv + ["--report", "--resume"]) == 0  # as a resumable script passes it
+    captured = capsys.readouterr()
+    assert "0 forward passes" in captured.err and "1 not scored yet" in captured.err
+    assert "1 forward(s) not scored yet" in captured.out
+    records = json.loads((out / "leaderboard.json").read_text())["records"]
+    assert sorted((r["spec"], r["depth"]) for r in records) == [("none", 0.0), ("none", 1.0),
+                                                                 ("window[window=48]", 0.0)]

@@ -79,6 +79,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     again.add_argument("--resume", action="store_true",
                        help="continue the run in --out: scores already in its scores.jsonl are not computed again")
     again.add_argument("--overwrite", action="store_true", help="start again in an --out that holds scores")
+    p.add_argument("--report", action="store_true",
+                   help="run no forward: the leaderboard of the scores --out holds so far (a run in progress or "
+                   "killed; same options as the run), '–' where a forward is still to run")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -98,11 +101,13 @@ def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
     the lengths against max_length, the perplexity tail against the trained length."""
     from ..loading import carries_patch
     from ..preflight import check_model, check_plan, info_from_config, model_config
-    from .runner import check_out
+    from .runner import check_out, check_report
 
     check_model(args.model)
+    if args.report:
+        check_report(config, args.out, args.overwrite)
     if args.out:
-        check_out(args.out, args.resume, args.overwrite)
+        check_out(args.out, args.resume or args.report, args.overwrite)
     if args.reference == "base" and not carries_patch(args.model):
         raise EvalError(f"--reference base needs a ctxpatch run folder as --model ({args.model!r} is not one): the "
                         "base of a plain model is the model itself, its reference by default")
@@ -165,14 +170,15 @@ def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     out = Path(args.out) if args.out else fresh_run_folder(args.verb)
     try:
         board = compare(model, tokenizer, specs, config=config, out_dir=out, name=display_name(args.model),
-                        launch=launch, resume=args.resume, overwrite=args.overwrite, reference_model=base)
+                        launch=launch, resume=args.resume, overwrite=args.overwrite, reference_model=base,
+                        report=args.report)
     finally:
         distributed.finish(launch)
     say(board.markdown())
     seconds = ", ".join(f"{k} {v:.0f}s" for k, v in board.seconds.items())
     processes = f" on {launch.world_size} processes" if launch.distributed else ""
-    say(f"{board.forwards} forward passes{processes} in {time.perf_counter() - started:.0f}s ({seconds})",
-        file=sys.stderr)
+    say(f"{board.forwards} forward passes{processes} in {time.perf_counter() - started:.0f}s ({seconds})"
+        + (f"; {board.unscored} not scored yet" if board.unscored else ""), file=sys.stderr)
     say(f"wrote {out / 'leaderboard.md'}, leaderboard.json and the plots", file=sys.stderr)
     return 0
 

@@ -23,7 +23,8 @@ What it changes in HFLM, and why (each measured on lm-eval 0.4.x):
   * Results are cached per model state (`state`, e.g. the patch spec): the same tokens scored under the same
     state are computed once, so the unpatched native-context reference is shared between specs. With
     `score_log` (a `JsonLog`) each score is also written as it is computed and read back at start: a comparison
-    killed after hours resumes without repeating a forward.
+    killed after hours resumes without repeating a forward. `scored_only=True` runs no forward at all: a score
+    not in the log is `UNSCORED` (NaN, and counted in `unscored`), so a run in progress can be reported.
   * Under torchrun / accelerate launch the requests are split over the processes and every result gathered to
     every process (`distributed`): lm-eval sees one process, and every process the same results.
 The lm-eval hooks this overrides are named in `ctxpatch._compat.lm_eval`.
@@ -34,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import math
 import time
 from typing import Any
 
@@ -48,6 +50,7 @@ from .ruler import LENGTH_MARGIN  # max_length past target_len when only target_
 
 log = logging.getLogger(__name__)
 
+UNSCORED = (math.nan, False)  # what `scored_only` answers for a sequence its score log does not hold
 
 
 @register_model("ctxpatch")
@@ -62,7 +65,8 @@ class CtxpatchLM(HFLMHooks):
                  *, patch: str | None = "none", target_len: int | None = None, backend: str = "blockwise",
                  dtype: str | None = None, device: str | None = None, device_map: str | None = None,
                  launch: distributed.Launch | None = None, batch_size: int | str | None = 1,
-                 max_batch_size: int | None = None, score_log: JsonLog | None = None, **params: Any):
+                 max_batch_size: int | None = None, score_log: JsonLog | None = None, scored_only: bool = False,
+                 **params: Any):
         self.launch = launch or distributed.launch_from_env()
         if max_length is None and (target_len is None or not isinstance(pretrained, str)):
             raise EvalError("pass max_length=N (tokens), or target_len=N (max_length = N + 256): ctxpatch never "
@@ -86,6 +90,8 @@ class CtxpatchLM(HFLMHooks):
         self.forwards = 0  # forward passes run, over all processes (cache hits excluded)
         self._scores: dict[tuple[str, str], tuple[float, bool]] = {}
         self.score_log = score_log
+        self.scored_only = scored_only
+        self.unscored = 0  # sequences `scored_only` found no score for
         for row in score_log.rows() if score_log is not None else ():  # read before any process writes (join)
             self._scores[(row["state"], row["key"])] = (row["logprob"], row["greedy"])
         self._logits_to_keep = takes_logits_to_keep(self.model)
@@ -101,6 +107,9 @@ class CtxpatchLM(HFLMHooks):
         for i, key in enumerate(keys):
             if key not in self._scores and key not in todo:
                 todo[key] = i
+        if self.scored_only:
+            self.unscored += len(todo)
+            return [self._scores.get(key, UNSCORED) for key in keys]
         order = sorted(todo, key=lambda k: -(len(requests[todo[k]][1]) + len(requests[todo[k]][2])))
         mine = self.launch.share(order)  # longest first, round robin: balanced between processes
         quiet = disable_tqdm or len(mine) < 2 or not self.launch.is_main
@@ -120,6 +129,9 @@ class CtxpatchLM(HFLMHooks):
         """(sum of log-probabilities of the continuation, whether every continuation token is the argmax), computed
         in this process (cached per state)."""
         key = (self.state, token_key(context_ids, continuation_ids))
+        if key not in self._scores and self.scored_only:
+            self.unscored += 1
+            return UNSCORED
         if key not in self._scores:
             self._scores[key] = self._score_logged(key, context_ids, continuation_ids)
             self.forwards += 1
@@ -158,6 +170,9 @@ class CtxpatchLM(HFLMHooks):
     # ---- generation: no cut prompt, an explicit budget, split over processes -----------------------------------
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        if self.scored_only:
+            raise EvalError("generated answers are not kept in the score log, so a generation task cannot be "
+                            "reported without running it: drop it from --tasks (or drop --report)")
         self.forwards += len(requests)  # one generation per request (batch size 1)
         if not self.launch.distributed:
             return super().generate_until(requests, disable_tqdm=disable_tqdm)

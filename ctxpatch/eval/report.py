@@ -48,6 +48,7 @@ class Leaderboard:
     records: list[Record] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     forwards: int = 0
+    unscored: int = 0  # a report of a run in progress: forwards still to run (their cells are "–")
     refused: dict[str, dict[int, str]] = field(default_factory=dict)  # spec -> length -> why it refused that target
     patches: dict[str, dict[str, Any]] = field(default_factory=dict)  # spec -> target_len -> Patch.to_dict()
 
@@ -115,6 +116,8 @@ class Leaderboard:
             + (f", depths {', '.join(f'{d:g}' for d in self.config.get('depths', []))}" if self.retrieval_tasks else "")
             + "."
         ]
+        if self.unscored:
+            parts.append(f"**A run in progress:** {self.unscored} forward(s) not scored yet; their cells are –.")
         if any(r.task == "ppl" for r in self.records):
             parts.append(
                 f"**Perplexity ratio** full / native context, same tokens (last {self.config.get('tail')} of each "
@@ -151,6 +154,7 @@ class Leaderboard:
         return {
             "model": self.model_name, "train_len": self.train_len, "reference": self.reference,
             "config": self.config, "seconds": self.seconds, "forwards": self.forwards,
+            "unscored": self.unscored,
             "summary": self.summary(), "refused": self.refused, "patches": self.patches,
             "records": [asdict(r) for r in self.records],
         }

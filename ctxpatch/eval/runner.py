@@ -15,6 +15,9 @@ that length. `target_len="auto"` makes each measured length its own target: a sp
 and measured at that length only, and a spec that refuses a target (`ValueError`, e.g. `string` past 2L - W)
 gets a "refused" cell for that length instead of stopping the comparison.
 
+`report=True` runs no forward: the leaderboard of the scores already in `out_dir`'s scores.jsonl (a run in
+progress, or killed), with "–" where a forward is still to run and the count of those in `Leaderboard.unscored`.
+
 Under torchrun / accelerate launch the requests are split over the processes (see `distributed`); every
 process ends with the same leaderboard and only rank 0 writes it.
 """
@@ -25,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -50,6 +54,7 @@ log = logging.getLogger(__name__)
 PPL_FULL, PPL_NATIVE = "ctxpatch_ppl_full", "ctxpatch_ppl_native"
 SCORES, RUN = "scores.jsonl", "run.json"  # in out_dir: every score as computed; the model setup they belong to
 TEXT_TASKS = ("ctxpatch_ppl", "ctxpatch_niah", "ctxpatch_niah_gen")  # the tasks that read --text
+LOGGED_TASKS = ("ctxpatch_ppl", "ctxpatch_passkey", "ctxpatch_niah")  # scored by log-likelihood: in scores.jsonl
 AUTO = "auto"
 
 
@@ -139,7 +144,7 @@ def evaluate(model: Any, tokenizer: Any, spec: str | Spec = "none", *, params: d
 
 def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir: str | Path | None = None,
             name: str | None = None, launch: distributed.Launch | None = None, resume: bool = False,
-            overwrite: bool = False, reference_model: Any = None, **config: Any) -> Leaderboard:
+            overwrite: bool = False, reference_model: Any = None, report: bool = False, **config: Any) -> Leaderboard:
     """Evaluate every spec on the same data; returns (and, with `out_dir`, writes) the leaderboard.
 
     Keyword arguments are `EvalConfig` fields (or `config=EvalConfig(...)`); `name` labels the model. Under a
@@ -147,8 +152,11 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
     whole leaderboard, and rank 0 alone writes it. With `out_dir` every score is written to `scores.jsonl` as it
     is computed; `resume=True` reuses the scores there (same model, dtype and backend), `overwrite=True` drops
     them; a folder holding scores with neither is refused. `reference_model` (same tokenizer) scores the
-    perplexity's native-context reference instead of `model` as given: e.g. the unpatched base of a fine-tune."""
+    perplexity's native-context reference instead of `model` as given: e.g. the unpatched base of a fine-tune.
+    `report=True` computes nothing: the leaderboard of the scores `out_dir` holds so far."""
     cfg = config.pop("config", None) or EvalConfig(**config)
+    if report:
+        check_report(cfg, out_dir, overwrite)
     launch = launch or distributed.launch_from_env()
     specs = [s if isinstance(s, Spec) else eval_spec(s) for s in specs]
     train_len = config_train_len(model.config)
@@ -162,17 +170,18 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
     board = Leaderboard(model_name=name or model_name(model), train_len=train_len,
                         config={**describe(cfg), **placed}, reference=reference)
     setup = {"model": board.model_name, "dtype": placed["dtype"], "backend": cfg.backend, "reference": reference}
-    scores = score_log(out_dir, setup, resume, overwrite, launch)
+    scores = score_log(out_dir, setup, resume or report, overwrite, launch)
     for (label, length), reason in refused.items():
         board.refused.setdefault(label, {})[length] = reason
     with tempfile.TemporaryDirectory(prefix="ctxpatch-eval-") as scratch:
         tasks = load_tasks(cfg, tokenizer, train_len, Path(scratch))
         lm = CtxpatchLM(model, tokenizer, max_length=cfg.context_length, state=as_given, launch=launch,
-                        score_log=scores)
+                        score_log=scores, scored_only=report)
         if launch.is_main:
             announce(cfg, specs, train_len, tasks)
         native_lm = lm if reference_model is None else CtxpatchLM(
-            reference_model, tokenizer, max_length=cfg.context_length, state=reference, launch=launch, score_log=scores)
+            reference_model, tokenizer, max_length=cfg.context_length, state=reference, launch=launch, score_log=scores,
+            scored_only=report)
         if PPL_NATIVE in tasks["native"]["tasks"]:
             board.records += run_tasks(native_lm, tasks["native"], "reference", cfg)
         for spec in tqdm(specs, desc="specs", disable=len(specs) < 2 or not launch.is_main):
@@ -189,6 +198,7 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
                     board.records += run_tasks(lm, tasks["main"], row, cfg, measured)
             board.seconds[row] = time.perf_counter() - started
     board.forwards = lm.forwards + (native_lm.forwards if native_lm is not lm else 0)
+    board.unscored = lm.unscored + (native_lm.unscored if native_lm is not lm else 0)
     if out_dir is not None and launch.is_main:
         board.write(Path(out_dir))
     return board
@@ -214,6 +224,19 @@ def score_log(out_dir: str | Path | None, identity: dict[str, Any], resume: bool
         folder.mkdir(parents=True, exist_ok=True)
         run_file.write_text(json.dumps(identity, indent=1), encoding="utf-8")
     return log
+
+
+def check_report(cfg: EvalConfig, out_dir: str | Path | None, overwrite: bool) -> None:
+    """A report reads the scores of a run: its folder must hold some, and every task must be one they record."""
+    generated = [t for t in cfg.tasks if t not in LOGGED_TASKS]
+    if generated:
+        raise EvalError(f"--report reads scores.jsonl, which keeps log-likelihood scores only, not the answers of "
+                        f"{', '.join(generated)}: drop {'it' if len(generated) == 1 else 'them'} from --tasks")
+    if overwrite:
+        raise EvalError("--report reads the scores --overwrite would drop: pass one of them")
+    if out_dir is None or not JsonLog(Path(out_dir) / SCORES):
+        raise EvalError(f"--report reads the scores of a run, and {out_dir or 'no --out'} holds none: name the run's "
+                        "folder with --out (the same options as the run), or run it first")
 
 
 def check_out(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
@@ -373,6 +396,8 @@ def run_tasks(lm: CtxpatchLM, tasks: dict, spec_label: str, cfg: EvalConfig,
     records = []
     for task_name, samples in results["samples"].items():
         for sample in samples:
+            if unscored(sample):
+                continue
             record = to_record(task_name, sample, spec_label)
             if record is not None:
                 records.append(record)
@@ -388,6 +413,12 @@ def quiet_lm_eval() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def unscored(sample: dict) -> bool:
+    """Whether a logged lm-eval sample holds a score `report` did not find (a NaN log-likelihood)."""
+    return any(isinstance(resp, tuple) and isinstance(resp[0], float) and math.isnan(resp[0])
+               for resps in sample.get("resps", []) for resp in resps)
 
 
 def to_record(task_name: str, sample: dict, spec_label: str) -> Record | None:
