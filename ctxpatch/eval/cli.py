@@ -136,7 +136,7 @@ def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
 
 
 def run(args: argparse.Namespace, specs: list[Spec]) -> int:
-    from ..loading import display_name, held_apart_text, load_base_for_eval, load_for_eval
+    from ..loading import base_name, display_name, held_apart_text, load_base_for_eval, load_for_eval
     from ..preflight import WHAT_TO_GIVE
     from . import distributed
     from .runner import EvalConfig, compare
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     try:
         board = compare(model, tokenizer, specs, config=config, out_dir=out, name=display_name(args.model),
                         launch=launch, resume=args.resume, overwrite=args.overwrite, reference_model=base,
-                        report=args.report)
+                        reference_name=base_name(args.model) if base is not None else None, report=args.report)
     finally:
         distributed.finish(launch)
     say(board.markdown())

@@ -144,7 +144,8 @@ def evaluate(model: Any, tokenizer: Any, spec: str | Spec = "none", *, params: d
 
 def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir: str | Path | None = None,
             name: str | None = None, launch: distributed.Launch | None = None, resume: bool = False,
-            overwrite: bool = False, reference_model: Any = None, report: bool = False, **config: Any) -> Leaderboard:
+            overwrite: bool = False, reference_model: Any = None, reference_name: str | None = None,
+            report: bool = False, **config: Any) -> Leaderboard:
     """Evaluate every spec on the same data; returns (and, with `out_dir`, writes) the leaderboard.
 
     Keyword arguments are `EvalConfig` fields (or `config=EvalConfig(...)`); `name` labels the model. Under a
@@ -152,7 +153,8 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
     whole leaderboard, and rank 0 alone writes it. With `out_dir` every score is written to `scores.jsonl` as it
     is computed; `resume=True` reuses the scores there (same model, dtype and backend), `overwrite=True` drops
     them; a folder holding scores with neither is refused. `reference_model` (same tokenizer) scores the
-    perplexity's native-context reference instead of `model` as given: e.g. the unpatched base of a fine-tune.
+    perplexity's native-context reference instead of `model` as given: e.g. the unpatched base of a fine-tune,
+    labelled `reference_name` (default: the folder it was loaded from).
     `report=True` computes nothing: the leaderboard of the scores `out_dir` holds so far."""
     cfg = config.pop("config", None) or EvalConfig(**config)
     if report:
@@ -165,7 +167,8 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
     check_specs(specs, carried, cfg)
     refused = check_specs_apply(model, specs, cfg)
     as_given = f"{carried.spec} (carried)" if carried else "none"  # the model's state with no spec applied
-    reference = as_given if reference_model is None else f"{model_name(reference_model)} (unpatched base)"
+    base = reference_name or (model_name(reference_model) if reference_model is not None else None)
+    reference = as_given if base is None else f"{base} (unpatched base)"
     placed = {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
     board = Leaderboard(model_name=name or model_name(model), train_len=train_len,
                         config={**describe(cfg), **placed}, reference=reference)

@@ -30,6 +30,7 @@ from .assets import DEFAULT_MODEL
 from .base import (
     CHATGLM_PREFIX,
     check_model,
+    display_name,
     fingerprint,
     load_base_model,
     load_base_tokenizer,
@@ -289,6 +290,16 @@ def load_for_eval(
     if device is not None and device_map is None and next(model.parameters()).device != torch.device(device):
         model = model.to(device)  # a loader that does not place weights itself
     return model.eval(), tokenizer
+
+
+def base_name(name: str) -> str:
+    """How reports name the base of a ctxpatch run or merged folder: as its ctxpatch.json names it ("default" is
+    the default model's display name), never the folder its files were found in, which differs between machines
+    (a resumed measurement is matched by this name)."""
+    record = read_record(name)
+    if record is None:
+        raise NotACtxpatchModelError(f"{name!r} is not a ctxpatch run or merged folder: it has no base model")
+    return display_name(record["base_model"]["model"])
 
 
 def load_base_for_eval(name: str, dtype: str | torch.dtype | None = None, device: str | None = None,
