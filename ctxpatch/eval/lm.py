@@ -129,10 +129,10 @@ class CtxpatchLM(HFLMHooks):
         """(sum of log-probabilities of the continuation, whether every continuation token is the argmax), computed
         in this process (cached per state)."""
         key = (self.state, token_key(context_ids, continuation_ids))
-        if key not in self._scores and self.scored_only:
-            self.unscored += 1
-            return UNSCORED
         if key not in self._scores:
+            if self.scored_only:
+                self.unscored += 1
+                return UNSCORED
             self._scores[key] = self._score_logged(key, context_ids, continuation_ids)
             self.forwards += 1
         return self._scores[key]

@@ -167,8 +167,9 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
     check_specs(specs, carried, cfg)
     refused = check_specs_apply(model, specs, cfg)
     as_given = f"{carried.spec} (carried)" if carried else "none"  # the model's state with no spec applied
-    base = reference_name or (model_name(reference_model) if reference_model is not None else None)
-    reference = as_given if base is None else f"{base} (unpatched base)"
+    reference = as_given
+    if reference_model is not None:
+        reference = f"{reference_name or model_name(reference_model)} (unpatched base)"
     placed = {"device": str(next(model.parameters()).device), "dtype": str(next(model.parameters()).dtype)}
     board = Leaderboard(model_name=name or model_name(model), train_len=train_len,
                         config={**describe(cfg), **placed}, reference=reference)
