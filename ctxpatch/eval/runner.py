@@ -110,11 +110,9 @@ class EvalConfig:
         """The text files the tasks read (None: no task reads text)."""
         if not any(t in TEXT_TASKS for t in self.tasks):
             return None
-        if self.text_files:
-            return list(self.text_files)
-        from ..loading.assets import play_files
+        from ..loading.assets import play_files, portable_name
 
-        return [str(p) for p in play_files()]
+        return [portable_name(p) for p in self.text_files or play_files()]
 
     @property
     def context_length(self) -> int:

