@@ -81,9 +81,13 @@ def test_resume_refuses_another_model_setup(pair, text_file, tmp_path):  # noqa:
     model, tokenizer = pair
     out = tmp_path / "run"
     compare(model, tokenizer, ["none"], out_dir=out, name="first", **config(text_file))
-    with pytest.raises(EvalError, match="model 'first' -> 'second'"):
+    with pytest.raises(EvalError, match="model 'first' -> 'second'.*the same --model as that run"):
         compare(model, tokenizer, ["none"], out_dir=out, name="second", resume=True, **config(text_file))
-    with pytest.raises(EvalError, match="backend 'blockwise' -> 'dense'"):
+    refused = r"reference 'none' -> 'base \(unpatched base\)'\): resume with the same --reference as that run"
+    with pytest.raises(EvalError, match=refused):
+        compare(model, tokenizer, ["none"], out_dir=out, name="first", resume=True, reference_model=model,
+                reference_name="base", **config(text_file))
+    with pytest.raises(EvalError, match="backend 'blockwise' -> 'dense'.*the same --backend as that run"):
         compare(model, tokenizer, ["none"], out_dir=out, name="first", resume=True, backend="dense",
                 **config(text_file))
 

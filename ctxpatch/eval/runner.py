@@ -206,6 +206,9 @@ def compare(model: Any, tokenizer: Any, specs: Sequence[str | Spec], *, out_dir:
     return board
 
 
+SETUP_OPTIONS = {"model": "--model", "dtype": "--dtype", "backend": "--backend", "reference": "--reference"}
+
+
 def score_log(out_dir: str | Path | None, identity: dict[str, Any], resume: bool, overwrite: bool,
               launch: distributed.Launch) -> JsonLog | None:
     """The scores of `out_dir` (None: none kept), checked against what this run measures with."""
@@ -217,9 +220,11 @@ def score_log(out_dir: str | Path | None, identity: dict[str, Any], resume: bool
     check_out(folder, resume, overwrite)
     earlier = json.loads(run_file.read_text(encoding="utf-8")) if resume and log and run_file.is_file() else None
     if earlier is not None and earlier != identity:
-        changed = ", ".join(f"{k} {earlier.get(k)!r} -> {v!r}" for k, v in identity.items() if earlier.get(k) != v)
+        keys = [k for k, v in identity.items() if earlier.get(k) != v]
+        changed = ", ".join(f"{k} {earlier.get(k)!r} -> {identity[k]!r}" for k in keys)
+        options = " and ".join(SETUP_OPTIONS.get(k, k) for k in keys)
         raise EvalError(f"{folder} was measured with another model setup ({changed}): resume with the same "
-                        "--model, --dtype and --backend, or pass a new --out")
+                        f"{options} as that run, or pass a new --out")
     if starting_again and launch.is_main and log:
         log.path.unlink()
     if launch.is_main:
