@@ -25,13 +25,13 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     model, tokenizer = ctxpatch.load(args.run)
-    spec = ctxpatch.current_patch(model).spec
-    ctxpatch.current_patch(model).remove()
+    patch = ctxpatch.current_patch(model)
+    patch.remove()
     base, _ = load_base_for_eval(args.run)
     board = compare(
         model.eval(), tokenizer, ["none"], lengths=[args.length], tasks=["ppl", "passkey"],
         depths=[0, 0.25, 0.5, 0.75, 1], tail=1024, text_files=held_apart_text(args.run), reference_model=base,
-        reference_name=base_name(args.run), name=f"{Path(args.run).name} LoRA, {spec} removed",
+        reference_name=base_name(args.run), name=f"{Path(args.run).name} LoRA, {patch.spec} removed",
         out_dir=args.out, resume=True,
     )
     print(board.markdown())
