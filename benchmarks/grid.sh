@@ -8,6 +8,7 @@
 #   bash benchmarks/grid.sh 32k              dca, dca+logn, selfextend, yarn, dynamic
 #   bash benchmarks/grid.sh 64k SPEC...      the three best of 32k: ppl + passkey at 3 depths (~25 min a forward)
 #   REPORT=1 bash benchmarks/grid.sh STAGE ...   no forward: each part's leaderboard.md from the scores so far
+#                                                (64k without specs: every spec it has scored)
 # Parts: `ppl` (perplexity + passkey at 5 depths) and `niah` (needle at 3 depths). On 2 idle cores a forward takes
 # ~30 s at 8k, ~2 min at 16k, ~6 min at 32k: 16k is ~2.5 h, 32k ~7 h, 64k ~5 h for three specs.
 set -euo pipefail
@@ -38,8 +39,19 @@ case "$stage" in
     part ppl "$stage" "$specs" ppl,passkey 0,0.25,0.5,0.75,1 --target-len auto
     part niah "$stage" "$specs" niah 0.25,0.5,0.75 --target-len auto ;;
   64k)
-    [ $# -gt 0 ] || { echo "name the three best specs of 32k: grid.sh 64k SPEC SPEC SPEC" >&2; exit 2; }
-    specs=$(IFS=,; echo "$*")
-    part ppl 64k "$specs" ppl,passkey 0.25,0.5,0.75 --target-len auto ;;
+    # every spec scored so far: the leaderboard lists them all, also after a run that named fewer
+    scored=$(sed -n 's/.*"state": "\([^"@]*\)@65536".*/\1/p' "$root/64k-ppl/scores.jsonl" 2>/dev/null | sort -u | paste -sd, -)
+    if [ $# -gt 0 ]; then
+      specs=$(IFS=,; echo "$*")
+    elif [ -n "${REPORT:-}" ] && [ -n "$scored" ]; then
+      specs=$scored
+    else
+      echo "name the three best specs of 32k: grid.sh 64k SPEC SPEC SPEC" >&2; exit 2
+    fi
+    part ppl 64k "$specs" ppl,passkey 0.25,0.5,0.75 --target-len auto
+    all=$(echo "$specs,$scored" | tr , '\n' | sed '/^$/d' | awk '!seen[$0]++' | paste -sd, -)
+    if [ -z "${REPORT:-}" ] && [ "$all" != "$specs" ]; then
+      part ppl 64k "$all" ppl,passkey 0.25,0.5,0.75 --target-len auto --report
+    fi ;;
   *) echo "unknown stage $stage: use ceiling, 16k, 32k or 64k" >&2; exit 2 ;;
 esac

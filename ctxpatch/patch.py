@@ -28,7 +28,7 @@ from .adapters import find_adapter
 from .backends import get_backend
 from .compose import build_plan
 from .errors import AlreadyPatchedError, CtxpatchError
-from .plan import AttentionCall, LayerPlan, LayerRuntime, make_runtime
+from .plan import AttentionCall, ForwardShare, LayerPlan, LayerRuntime, make_runtime
 from .registry import Method
 from .rotary import Rotary
 from .spec import parse_spec, spec_from_dict  # noqa: F401  (spec_from_dict: public here too)
@@ -102,6 +102,7 @@ class InstalledLayer:
     runtime: LayerRuntime
     backend: Callable[..., Tensor]
     key_record: KeyRecord
+    share: ForwardShare
 
 
 def ctxpatch_attention(
@@ -140,6 +141,7 @@ def ctxpatch_attention(
         scaling=hf.attention_scaling(module, scaling),
         dropout=dropout if module.training else 0.0,
         native_window=hf.native_sliding_window(kwargs),
+        share=installed.share,
     )
     out = installed.backend(query, key, value, call, runtime).contiguous()
     policy = runtime.plan.cache
@@ -166,12 +168,12 @@ class Patch:
 
     def _install(self, adapter) -> None:
         model, keyword = self.model, hf.cache_keyword(adapter.attentions[0])
-        backend, key_record = get_backend(self.backend), KeyRecord()
+        backend, key_record, share = get_backend(self.backend), KeyRecord(), ForwardShare()
         rotaries: dict[str, Rotary] = {}
         for attention, plan in zip(adapter.attentions, self.plans):
             device = attention.q_proj.weight.device
             runtime = make_runtime(plan, adapter.rotary, model.config, adapter.info, device, rotaries)
-            setattr(attention, RUNTIME, InstalledLayer(runtime, backend, key_record))
+            setattr(attention, RUNTIME, InstalledLayer(runtime, backend, key_record, share))
             self._undo.append(lambda a=attention: delattr(a, RUNTIME))
             if runtime.tensors is not None:
                 attention.add_module("ctxpatch", runtime.tensors)

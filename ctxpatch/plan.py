@@ -47,11 +47,44 @@ class AttentionCall:
     scaling: float
     dropout: float = 0.0
     native_window: int | None = None  # the model's own sliding window (Mistral), intersected
+    share: ForwardShare | None = None  # shared by the model's layers: position-only work made once per forward
 
     @property
     def q_offset(self) -> int:
         """Index of the first query among the keys (queries are the last Tq keys)."""
         return self.k_pos.shape[1] - self.q_pos.shape[1]
+
+
+class ForwardShare:
+    """Work that depends on positions only (the blockwise backend's chunk plans), made by one layer and reused by the
+    next layers of the same forward. One entry: a layer whose index is not above the last one served starts a new
+    forward (or a recompute under gradient checkpointing), so that layer makes the work again."""
+
+    def __init__(self) -> None:
+        self._key: tuple = ()
+        self._value: Any = None
+        self._last_layer = -1
+
+    def get(self, key: tuple, layer_index: int, make: Callable[[], Any]) -> Any:
+        """The value made for `key` earlier in this forward, else `make()`. Tensors in the key compare by value,
+        everything else by identity or equality."""
+        if self._value is None or layer_index <= self._last_layer or not _same_key(key, self._key):
+            self._key, self._value = key, make()
+        self._last_layer = layer_index
+        return self._value
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+def _same(x: Any, y: Any) -> bool:
+    if isinstance(x, Tensor) or isinstance(y, Tensor):
+        return (
+            isinstance(x, Tensor) and isinstance(y, Tensor) and x.shape == y.shape and x.dtype == y.dtype
+            and x.device == y.device and bool(torch.equal(x, y))
+        )
+    return x is y or x == y
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

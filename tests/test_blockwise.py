@@ -121,3 +121,50 @@ def test_hybrid_block_table_is_made_once_per_device_and_shared_by_the_layers(mon
         for device in ("cpu", "cuda", "cpu", "cuda"):
             mask.prepare(torch.arange(30, device=device))
         assert len(built) == 3
+
+
+@pytest.mark.parametrize("spec,params", [("string", {"offset": 20, "local_window": 6}), ("dca", {})])
+def test_multi_view_chunks_are_planned_once_per_forward_and_shared_by_the_layers(monkeypatch, spec, params):
+    """The chunk plans depend on positions only: the first layer makes them, the next layers of the same
+    forward reuse them, and every layer's output is the one it gets when it plans alone."""
+    import ctxpatch
+    from conftest import tiny_model, token_ids
+    from ctxpatch.plan import ForwardShare
+
+    monkeypatch.setattr(blockwise, "BLOCK", 8)  # chunks of 16 rows: 7 chunks at 100 tokens
+    planned = []
+    real = blockwise.ChunkPlanner.view_calls
+    monkeypatch.setattr(blockwise.ChunkPlanner, "view_calls", lambda self, q0, q1: planned.append(q0) or real(self, q0, q1))
+    model, ids = tiny_model("llama"), token_ids(2, 100)  # three layers
+    with torch.no_grad(), ctxpatch.apply(model, spec, **params):
+        shared = model(ids).logits
+        assert len(planned) == 7
+        model(ids)
+        assert len(planned) == 14  # a new forward plans again
+        monkeypatch.setattr(ForwardShare, "get", lambda self, key, layer, make: make())
+        alone = model(ids).logits
+    assert len(planned) == 14 + 3 * 7
+    torch.testing.assert_close(shared, alone, rtol=0, atol=0)
+
+
+def test_forward_share_keeps_one_entry_for_the_same_positions_within_a_forward():
+    from ctxpatch.plan import ForwardShare
+
+    share, made = ForwardShare(), []
+
+    def make():
+        made.append(object())
+        return made[-1]
+
+    rule, other = object(), object()
+    first = share.get((rule, torch.arange(5), None), 0, make)
+    assert share.get((rule, torch.arange(5), None), 2, make) is first  # a later layer of the same forward
+    assert share.get((rule, torch.arange(5), None), 2, make) is not first  # not above the last layer: a new forward
+    assert len(made) == 2
+    for layer, key in enumerate(
+        [(rule, torch.arange(5) + 1, None), (other, torch.arange(5) + 1, None), (other, torch.arange(5.0) + 1, None),
+         (other, torch.arange(5.0) + 1, torch.ones(5, dtype=torch.bool)), (other, torch.arange(6.0) + 1, None)],
+        start=3,
+    ):
+        share.get(key, layer, make)  # other positions, rule, dtype, padding or length: made anew
+    assert len(made) == 7

@@ -55,6 +55,20 @@ def test_dca_relative_positions_stay_below_chunk_plus_window():
     assert int(rel.min()) >= 0 and int(rel.max()) <= rule.chunk_len + rule.local_window < INFO.train_len
 
 
+@pytest.mark.parametrize("spec,key_rotations", [("string", 1), ("dca", 1), ("selfextend", 2)])
+def test_views_that_map_keys_alike_rotate_them_once(monkeypatch, spec, key_rotations):
+    from ctxpatch.rotary import Rotary
+
+    model = tiny_model("llama", num_hidden_layers=1)
+    rotated = []
+    real = Rotary.rotate
+    monkeypatch.setattr(Rotary, "rotate", lambda self, x, positions: rotated.append(x.shape[1]) or real(self, x, positions))
+    with torch.no_grad(), ctxpatch.apply(model, spec):
+        model(token_ids(1, 40))
+    kv_heads = model.config.num_key_value_heads
+    assert rotated.count(kv_heads) == key_rotations, rotated
+
+
 # ---- under the cache, in pieces, in bf16 ----------------------------------------------------------
 
 

@@ -8,10 +8,13 @@ measurement says about cost"). A position rule with several views (ReRoPE, SelfE
 the fused kernel too: q carries every view side by side, and each key block enters once per view
 it may need, zero outside its view's slot, masked to the pairs that view owns - so a key block
 costs one extra product only where both views meet. No tensor of size heads x n x n is allocated.
+Which keys a chunk takes and how its pairs are masked depends on positions only: the first layer of a
+forward plans each multi-view chunk and the next layers reuse the plan (`ChunkPlanner`, `plan.ForwardShare`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -113,24 +116,76 @@ def blockwise_attention(
     fold = layer.biases_fold and q.dtype in (torch.float32, torch.float64)
     float_mask = bool(layer.plan.biases) and not fold
     rows = _chunk_rows(batch, heads, tk, layer, float_mask, block)
-    keys = KeyBlocks(call, block)
     h = head_index(heads, q.device)
-    # the pair grids are a chunk's costliest elementwise work: int32 halves their traffic (one sync per call)
-    narrow = not call.k_pos.is_floating_point() and bool(call.k_pos.abs().max() < 2**30)
-    all_keys = torch.arange(tk, device=q.device)
-    outs = []
+    planner = ChunkPlanner(call, layer, block)
+    if len(q_views) > 1 and lse_views.available(q, k, v, call, layer):
+        outs = _view_chunks(q_views, k_views, v, call, layer, planner, rows, h)
+    else:
+        outs = []
+        for q0 in range(0, tq, rows):
+            chunk = planner.chunk(q0, min(tq, q0 + rows))
+            qs = [qv[:, :, q0 : q0 + rows] for qv in q_views]
+            qs, ks = _modified(layer, qs, [kv[:, :, chunk.cols] for kv in k_views], chunk.i, chunk.j)
+            outs.append(_fused_chunk(qs, ks, v[:, :, chunk.cols], chunk, h, call, layer, fold))
+    return torch.cat([out[..., :dv] for out in outs], dim=2).transpose(1, 2)
+
+
+def _view_chunks(q_views, k_views, v, call: AttentionCall, layer: LayerRuntime, planner, rows: int, h) -> list[Tensor]:
+    """Each chunk of a multi-view rule through its planned calls (lse_views), the plans shared between layers."""
+    plans, tq, outs = planner.shared_plans(rows), call.q_pos.shape[1], []
     for q0 in range(0, tq, rows):
-        q1 = min(tq, q0 + rows)
-        cols = keys.select(layer, call, q0, q1)
-        kj = all_keys[cols]
-        chunk = Chunk(call, layer, keys, q0, q1, cols, kj, narrow)
-        qs = [qv[:, :, q0:q1] for qv in q_views]
-        ks = [kv[:, :, cols] for kv in k_views]
-        if layer.plan.modifiers:
-            centre = chunk.i.amax(-1, keepdim=True)  # (B, 1): the chunk's last query keeps every factor <= ~1
-            qs, ks = layer.modify(qs, chunk.i, centre, 0), layer.modify(ks, chunk.j, centre, 1)
-        outs.append(_fused_chunk(qs, ks, v[:, :, cols], chunk, h, call, layer, fold)[..., :dv])
-    return torch.cat(outs, dim=2).transpose(1, 2)
+        if q0 not in plans:
+            plans[q0] = planner.view_calls(q0, min(tq, q0 + rows))
+        cols, calls = plans[q0]
+        i, j = call.q_pos[:, q0 : q0 + rows], call.k_pos[:, cols]  # (B, Qc), (B, Kr)
+        qs, ks = _modified(layer, [qv[:, :, q0 : q0 + rows] for qv in q_views], [kv[:, :, cols] for kv in k_views], i, j)
+        bias = layer.bias(h, i[:, None, :, None], j[:, None, None, :]) if layer.plan.biases else None
+        outs.append(lse_views.views_chunk(qs, ks, v[:, :, cols], calls, bias, call.scaling))
+    return outs
+
+
+def _modified(layer: LayerRuntime, qs: list[Tensor], ks: list[Tensor], i: Tensor, j: Tensor):
+    """A chunk's query and key views under the layer's modifiers (xpos); i (B, Qc), j (B, Kr) their positions."""
+    if not layer.plan.modifiers:
+        return qs, ks
+    centre = i.amax(-1, keepdim=True)  # (B, 1): the chunk's last query keeps every factor <= ~1
+    return layer.modify(qs, i, centre, 0), layer.modify(ks, j, centre, 1)
+
+
+class ChunkPlanner:
+    """Which keys each query chunk takes and how its pairs are masked: positions only, never q, k or v."""
+
+    def __init__(self, call: AttentionCall, layer: LayerRuntime, block: int):
+        self.call, self.layer, self.block = call, layer, block
+
+    @functools.cached_property
+    def keys(self) -> KeyBlocks:
+        return KeyBlocks(self.call, self.block)
+
+    @functools.cached_property
+    def narrow(self) -> bool:
+        """Every position fits int32? The pair grids are a chunk's costliest elementwise work: int32 halves their
+        traffic (one device sync per call)."""
+        return not self.call.k_pos.is_floating_point() and bool(self.call.k_pos.abs().max() < 2**30)
+
+    def chunk(self, q0: int, q1: int) -> Chunk:
+        cols = self.keys.select(self.layer, self.call, q0, q1)
+        return Chunk(self.call, self.layer, self.keys, q0, q1, cols, self.narrow)
+
+    def view_calls(self, q0: int, q1: int) -> tuple[Tensor | slice, list[lse_views.ViewCall]]:
+        """A multi-view chunk's key columns and its fused calls (lse_views.plan_calls)."""
+        chunk = self.chunk(q0, q1)
+        return chunk.cols, lse_views.plan_calls(len(self.layer.views()), q1 - q0, chunk.shape[-1], chunk, self.layer)
+
+    def shared_plans(self, rows: int) -> dict:
+        """Chunk start -> view_calls, shared by every layer of the forward that plans alike (same rule, mask,
+        positions, padding and chunking): the later layers skip the planning. A call without a share gets its own."""
+        call, layer = self.call, self.layer
+        if call.share is None:
+            return {}
+        key = (layer.plan.position, layer.plan.mask, call.native_window, call.q_pos, call.k_pos, call.key_padding,
+               self.block, rows)
+        return call.share.get(key, layer.plan.index, dict)
 
 
 class Chunk:
@@ -140,9 +195,9 @@ class Chunk:
     mask (`whole`); the others (`exact`) are checked pair by pair, and only they.
     """
 
-    def __init__(
-        self, call: AttentionCall, layer: LayerRuntime, keys: KeyBlocks, q0: int, q1: int, cols, kj: Tensor, narrow: bool
-    ):
+    def __init__(self, call: AttentionCall, layer: LayerRuntime, keys: KeyBlocks, q0: int, q1: int, cols, narrow: bool):
+        kj = torch.arange(call.k_pos.shape[1], device=call.k_pos.device)[cols]  # (Kr,) the selected keys' indices
+        self.cols = cols
         self.i, self.j = call.q_pos[:, q0:q1], call.k_pos[:, cols]  # (B, Qc), (B, Kr)
         if narrow:  # every position fits int32
             self.i, self.j = self.i.int(), self.j.int()
@@ -201,8 +256,6 @@ class Chunk:
 
 def _fused_chunk(qs, ks, vc, chunk: Chunk, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:
     """One chunk through SDPA: views side by side, biases folded in or as a float mask."""
-    if len(qs) > 1 and lse_views.available(qs[0], ks[0], vc, call, layer):
-        return lse_views.views_chunk(qs, ks, vc, chunk, h, call, layer)
     batch, kv_heads, _, dim = ks[0].shape
     bias = None
     if layer.plan.biases and not fold:

@@ -43,9 +43,6 @@ EXACT_PIECES = 4  # row pieces of a chunk's masked pairs (see _exact_rows)
 class ViewChunk(Protocol):
     """What a query chunk tells this module (the blockwise backend's `Chunk`)."""
 
-    pair_i: Tensor  # (B, 1, Qc, 1) query positions
-    pair_j: Tensor  # (B, 1, 1, Kr) positions of the chunk's selected keys
-
     def whole_columns(self, n: int) -> Tensor | slice:
         """Columns view n owns as whole blocks (every pair visible)."""
         ...
@@ -71,48 +68,51 @@ def available(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, layer: Layer
 
 
 @dataclass
-class _Call:
-    """One fused call: view `view`'s queries `rows` against its key columns `cols`, under a float mask or none.
-    `empty` (B, 1, r): rows that own no pair here (the kernel reports lse 0 for them; they count as -inf)."""
+class ViewCall:
+    """One fused call: view `view`'s queries `rows` against its key columns `cols`. `blocked` (B, 1, r, E): the
+    pairs it does not own (None: it owns all, no mask); `empty` (B, 1, r): rows that own no pair here (the kernel
+    reports lse 0 for them; they count as -inf). Positions only: the layers of a forward share a chunk's calls."""
 
     view: int
     rows: slice
     cols: Tensor | slice
-    mask: Tensor | None
+    blocked: Tensor | None
     empty: Tensor | None
+
+    def mask(self, dtype: torch.dtype, bias: Tensor | None) -> Tensor | None:
+        """The call's float mask: the chunk's bias (B, H, Qc, Kr) on its pairs, -inf on the pairs it does not own."""
+        part = None if bias is None else bias[..., self.rows, self.cols].to(dtype)
+        if self.blocked is None:
+            return part
+        if part is None:
+            part = torch.zeros(self.blocked.shape, dtype=dtype, device=self.blocked.device)
+        return part.masked_fill(self.blocked, float("-inf"))
 
 
 def views_chunk(
-    qs: list[Tensor], ks: list[Tensor], vc: Tensor, chunk: ViewChunk, h: Tensor, call: AttentionCall,
-    layer: LayerRuntime,
+    qs: list[Tensor], ks: list[Tensor], vc: Tensor, calls: list[ViewCall], bias: Tensor | None, scale: float
 ) -> Tensor:
-    """A chunk of a multi-view rule: per view, one unmasked call over the whole blocks it owns and masked
-    calls over the pairs it owns elsewhere, all merged exactly."""
-    bias = layer.bias(h, chunk.pair_i, chunk.pair_j) if layer.plan.biases else None  # (B, H, Qc, Kr)
-    calls = _plan(len(qs), qs[0], vc, chunk, layer, bias)
+    """A chunk of a multi-view rule through its planned calls (`plan_calls`), merged exactly; bias (B, H, Qc, Kr)."""
     if _needs_grad(*qs, *ks, vc):
-        return _MergedViews.apply(calls, call.scaling, vc, *qs, *ks)
-    return _merge(qs, ks, vc, calls, call.scaling)[0]
+        return _MergedViews.apply(calls, bias, scale, vc, *qs, *ks)
+    return _merge(qs, ks, vc, calls, bias, scale)[0]
 
 
-def _plan(
-    views: int, q: Tensor, vc: Tensor, chunk: ViewChunk, layer: LayerRuntime, bias: Tensor | None
-) -> list[_Call]:
+def plan_calls(views: int, rows: int, keys: int, chunk: ViewChunk, layer: LayerRuntime) -> list[ViewCall]:
+    """A chunk's calls: per view, one unmasked call over the whole blocks it owns and masked calls over the pairs
+    it owns elsewhere. `rows`, `keys`: the chunk's queries and selected keys."""
     calls = []
     for n in range(views):
         whole = chunk.whole_columns(n)
-        if column_count(whole, vc.shape[2]):
-            whole_bias = None if bias is None else bias[..., whole].to(q.dtype)
-            calls.append(_Call(n, slice(0, q.shape[2]), whole, whole_bias, None))
+        if column_count(whole, keys):
+            calls.append(ViewCall(n, slice(0, rows), whole, None, None))
         cols, owned = chunk.exact_columns(layer, n)
         if bool(owned.any()):
-            calls.extend(_exact_pieces(n, q.dtype, vc.shape[2], cols, owned, bias))
+            calls.extend(_exact_pieces(n, keys, cols, owned))
     return calls
 
 
-def _exact_pieces(
-    view: int, dtype: torch.dtype, keys: int, cols: Tensor | slice, owned: Tensor, bias: Tensor | None
-) -> list[_Call]:
+def _exact_pieces(view: int, keys: int, cols: Tensor | slice, owned: Tensor) -> list[ViewCall]:
     """One view's masked pairs, in row pieces that each take only the columns they own a pair of: where views
     meet on a diagonal (|i - j| = W) or at the causal diagonal, a piece of r rows needs about r columns of the
     chunk's band, so the work thrown away by the mask shrinks with the piece."""
@@ -126,16 +126,13 @@ def _exact_pieces(
         used = as_slice(piece.any(-2).any(0).flatten().nonzero().flatten())  # columns this piece owns a pair of
         if not column_count(used, cols.numel()):
             continue
-        mine, piece = as_slice(cols[used]), piece[..., used]
-        mask = torch.zeros(piece.shape, dtype=dtype, device=owned.device).masked_fill_(~piece, float("-inf"))
-        if bias is not None:
-            mask = mask + bias[..., r0 : r0 + step, mine].to(dtype)
-        pieces.append(_Call(view, slice(r0, r0 + piece.shape[-2]), mine, mask, ~piece.any(-1)))
+        piece = piece[..., used]
+        pieces.append(ViewCall(view, slice(r0, r0 + piece.shape[-2]), as_slice(cols[used]), ~piece, ~piece.any(-1)))
     return pieces
 
 
 def _merge(
-    qs: list[Tensor], ks: list[Tensor], vc: Tensor, calls: list[_Call], scale: float
+    qs: list[Tensor], ks: list[Tensor], vc: Tensor, calls: list[ViewCall], bias: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
     """(merged output (B, H, Qc, dv) in q's dtype, merged log-sum-exp (B, H, Qc)) of the calls."""
     batch, heads, rows, _ = qs[0].shape
@@ -143,7 +140,8 @@ def _merge(
     lses = torch.full((len(calls), batch, heads, rows), float("-inf"), dtype=dtype, device=vc.device)
     outs = []
     for n, c in enumerate(calls):
-        out, lse = _attend(qs[c.view][:, :, c.rows], ks[c.view][:, :, c.cols], vc[:, :, c.cols], c.mask, scale)
+        mask = c.mask(qs[0].dtype, bias)
+        out, lse = _attend(qs[c.view][:, :, c.rows], ks[c.view][:, :, c.cols], vc[:, :, c.cols], mask, scale)
         lses[n, :, :, c.rows] = lse if c.empty is None else lse.masked_fill(c.empty, float("-inf"))
         outs.append(out)
     total = torch.logsumexp(lses, dim=0)  # (B, H, Qc)
@@ -158,10 +156,10 @@ class _MergedViews(torch.autograd.Function):
     """The merge with its gradient: each call's kernel backward, against the merged output and lse."""
 
     @staticmethod
-    def forward(ctx, calls: list[_Call], scale: float, vc: Tensor, *qks: Tensor) -> Tensor:
+    def forward(ctx, calls: list[ViewCall], bias: Tensor | None, scale: float, vc: Tensor, *qks: Tensor) -> Tensor:
         views = len(qks) // 2
-        merged, total = _merge(list(qks[:views]), list(qks[views:]), vc, calls, scale)
-        ctx.calls, ctx.scale = calls, scale
+        merged, total = _merge(list(qks[:views]), list(qks[views:]), vc, calls, bias, scale)
+        ctx.calls, ctx.bias, ctx.scale = calls, bias, scale
         ctx.save_for_backward(vc, merged, total, *qks)
         return merged
 
@@ -176,12 +174,12 @@ class _MergedViews(torch.autograd.Function):
         for c in ctx.calls:
             dq, dk, dvc = _attend_backward(
                 grad[:, :, c.rows], qs[c.view][:, :, c.rows], ks[c.view][:, :, c.cols], vc[:, :, c.cols],
-                merged[:, :, c.rows], lse[:, :, c.rows], c.mask, ctx.scale,
+                merged[:, :, c.rows], lse[:, :, c.rows], c.mask(qs[0].dtype, ctx.bias), ctx.scale,
             )
             dqs[c.view][:, :, c.rows] += dq
             _add_columns(dks[c.view], c.cols, dk)
             _add_columns(dv, c.cols, dvc)
-        return (None, None, dv, *dqs, *dks)
+        return (None, None, None, dv, *dqs, *dks)
 
 
 def _add_columns(target: Tensor, cols: Tensor | slice, values: Tensor) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ..kinds import TwoViewRule
+from ..kinds import TwoViewRule, identity
 from ..registry import ModelInfo, Param, from_model, non_negative_int, positive_int, register
 
 
@@ -50,8 +50,7 @@ class String(TwoViewRule):
     def far_query(self, i: Tensor) -> Tensor:
         return i - (self.offset - self.local_window)
 
-    def far_key(self, j: Tensor) -> Tensor:
-        return j
+    far_key = staticmethod(identity)  # the near view's own map, so both views share one rotation of the keys
 
     def target_values(self, info: ModelInfo, target_len: int) -> dict:
         train_len, w = info.train_len, self.local_window
