@@ -25,6 +25,15 @@ class RotaryLayout:
     cos_interleaved: bool = False  # the module's cos/sin come as (c_0, c_0, c_1, c_1, ...)
 
 
+def rotate_pairs(x: Tensor, interleaved: bool) -> Tensor:
+    """The 90-degree turn of every pair: (a, b) -> (-b, a)."""
+    if interleaved:
+        pairs = x.unflatten(-1, (-1, 2))  # (..., d_r/2, 2)
+        return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 def expand_pairs(values: Tensor, layout: RotaryLayout, head_dim: int, fill: float = 1.0) -> Tensor:
     """Per-pair values (..., d_r/2) -> per-dim values (..., head_dim), `fill` on un-rotated dims."""
     per_dim = values.repeat_interleave(2, dim=-1) if layout.interleaved else torch.cat((values, values), dim=-1)
@@ -55,19 +64,12 @@ class Rotary:
         return per_pair.repeat_interleave(2, dim=-1) if layout.interleaved else torch.cat((per_pair, per_pair), dim=-1)
 
     def apply(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """x cos + turn(x) sin on the rotated dims, pair by pair: each half written once (a rotation runs per view,
-        layer and forward on the whole sequence, so its passes over memory count)."""
         d_r = self.layout.rotary_dim
         cos, sin = self.per_dim(cos), self.per_dim(sin)
-        half = d_r // 2
-        a, b = (slice(0, d_r, 2), slice(1, d_r, 2)) if self.layout.interleaved else (slice(0, half), slice(half, d_r))
-        first = torch.addcmul(x[..., a] * cos[..., a], x[..., b], sin[..., a], value=-1)  # a cos - b sin
-        second = torch.addcmul(x[..., b] * cos[..., b], x[..., a], sin[..., b])  # b cos + a sin
-        if self.layout.interleaved:
-            turned = torch.stack((first, second), dim=-1).flatten(-2)  # (..., d_r/2, 2) -> (..., d_r)
-        else:
-            turned = torch.cat((first, second), dim=-1)
-        return turned if d_r == x.shape[-1] else torch.cat((turned, x[..., d_r:]), dim=-1)
+        if d_r == x.shape[-1]:
+            return (x * cos) + (rotate_pairs(x, self.layout.interleaved) * sin)
+        rot, rest = x[..., :d_r], x[..., d_r:]
+        return torch.cat(((rot * cos) + (rotate_pairs(rot, self.layout.interleaved) * sin), rest), dim=-1)
 
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
         """R(p) x for x of shape (B, heads, T, d) and positions (B or 1, T)."""
