@@ -196,7 +196,9 @@ class Chunk:
     """
 
     def __init__(self, call: AttentionCall, layer: LayerRuntime, keys: KeyBlocks, q0: int, q1: int, cols, narrow: bool):
-        kj = torch.arange(call.k_pos.shape[1], device=call.k_pos.device)[cols]  # (Kr,) the selected keys' indices
+        # (Kr,) the selected keys' indices: an index tensor already is one; a slice spans only its own range
+        span = None if isinstance(cols, Tensor) else cols.indices(call.k_pos.shape[1])
+        kj = cols if span is None else torch.arange(*span, device=call.k_pos.device)
         self.cols = cols
         self.i, self.j = call.q_pos[:, q0:q1], call.k_pos[:, cols]  # (B, Qc), (B, Kr)
         if narrow:  # every position fits int32
