@@ -168,7 +168,8 @@ class Patch:
 
     def _install(self, adapter) -> None:
         model, keyword = self.model, hf.cache_keyword(adapter.attentions[0])
-        backend, key_record, share = get_backend(self.backend), KeyRecord(), ForwardShare()
+        backend, key_record = get_backend(self.backend), KeyRecord()
+        share = ForwardShare(final_layer=max(plan.index for plan in self.plans))
         rotaries: dict[str, Rotary] = {}
         for attention, plan in zip(adapter.attentions, self.plans):
             device = attention.q_proj.weight.device

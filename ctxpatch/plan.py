@@ -58,20 +58,24 @@ class AttentionCall:
 class ForwardShare:
     """Work that depends on positions only (the blockwise backend's chunk plans), made by one layer and reused by the
     next layers of the same forward. One entry: a layer whose index is not above the last one served starts a new
-    forward (or a recompute under gradient checkpointing), so that layer makes the work again."""
+    forward (or a recompute under gradient checkpointing), so that layer makes the work again. After the
+    `final_layer` has been served the entry is dropped, so no plan outlives its forward."""
 
-    def __init__(self) -> None:
+    def __init__(self, final_layer: int | None = None) -> None:
         self._key: tuple = ()
         self._value: Any = None
         self._last_layer = -1
+        self.final_layer = final_layer
 
     def get(self, key: tuple, layer_index: int, make: Callable[[], Any]) -> Any:
         """The value made for `key` earlier in this forward, else `make()`. Tensors in the key compare by value,
         everything else by identity or equality."""
         if self._value is None or layer_index <= self._last_layer or not _same_key(key, self._key):
             self._key, self._value = key, make()
-        self._last_layer = layer_index
-        return self._value
+        self._last_layer, value = layer_index, self._value
+        if layer_index == self.final_layer:
+            self._key, self._value = (), None
+        return value
 
 
 def _same_key(a: tuple, b: tuple) -> bool:

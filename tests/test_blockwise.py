@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ctxpatch.backends import blockwise
 from ctxpatch.compose import build_plan
+from ctxpatch.patch import RUNTIME
 from ctxpatch.registry import ModelInfo
 
 INFO = ModelInfo(train_len=64, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, rotary_dim=8)
@@ -139,6 +140,9 @@ def test_multi_view_chunks_are_planned_once_per_forward_and_shared_by_the_layers
     with torch.no_grad(), ctxpatch.apply(model, spec, **params):
         shared = model(ids).logits
         assert len(planned) == 7
+        shares = {id(getattr(layer.self_attn, RUNTIME).share): getattr(layer.self_attn, RUNTIME).share
+                  for layer in model.model.layers}
+        assert len(shares) == 1 and all(s._value is None for s in shares.values())  # no plan outlives the forward
         model(ids)
         assert len(planned) == 14  # a new forward plans again
         monkeypatch.setattr(ForwardShare, "get", lambda self, key, layer, make: make())
@@ -168,3 +172,15 @@ def test_forward_share_keeps_one_entry_for_the_same_positions_within_a_forward()
     ):
         share.get(key, layer, make)  # other positions, rule, dtype, padding or length: made anew
     assert len(made) == 7
+
+
+def test_forward_share_drops_its_entry_after_the_final_layer():
+    from ctxpatch.plan import ForwardShare
+
+    share, made = ForwardShare(final_layer=2), []
+    key = (object(), torch.arange(5))
+    first = share.get(key, 0, lambda: made.append(object()) or made[-1])
+    assert share.get(key, 2, lambda: made.append(object()) or made[-1]) is first  # the final layer still reuses it
+    assert share._value is None and share._key == ()  # and nothing outlives the forward
+    share.get(key, 0, lambda: made.append(object()) or made[-1])
+    assert len(made) == 2
