@@ -38,3 +38,13 @@ def test_with_table_replaces_only_between_the_markers():
     assert table_in(with_table(text, "new\n")) == "new\n"
     with pytest.raises(ValueError):
         with_table("no markers", "new\n")
+
+
+def test_changelog_sections_each_appear_once_per_release():
+    release, seen = None, set()
+    for line in (ROOT / "CHANGELOG.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("## "):
+            release, seen = line, set()
+        elif line.startswith("### "):
+            assert line not in seen, f"CHANGELOG.md: {release} has two '{line}' sections; merge them"
+            seen.add(line)
