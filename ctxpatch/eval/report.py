@@ -4,7 +4,8 @@ Perplexity is summarised as the ratio full / native: the perplexity of a window'
 whole window as context, over the perplexity of the same tokens given only the last train_len tokens, scored
 by the model as given (the reference). Below 1 the extra context helped; above 1 it hurt. Inside the trained
 length the two contexts are the same tokens, so the ratio is the patch's cost against the model as given.
-Retrieval tasks are summarised as accuracy over depths and samples. A spec that refused its target at a length
+Retrieval tasks are summarised as accuracy over depths and samples, with the number of prompts and a 95%
+Wilson score interval (`wilson_interval`): one prompt per depth makes "1/5 vs 3/5" a tie. A spec that refused its target at a length
 (`--target-len auto`) has a "refused: <reason>" cell there.
 """
 
@@ -37,6 +38,29 @@ def geometric_mean(values: list[float]) -> float:
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: a two-sided 95% interval
+
+
+def wilson_interval(found: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion `found / n` (Wilson 1927), (0, 1) for n = 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0/n or n/n, which is
+    where a few retrieval prompts per cell usually land.
+    """
+    if n == 0:
+        return 0.0, 1.0
+    p, z2 = found / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def count_cell(found: int, n: int) -> str:
+    """A retrieval cell as the docs and leaderboard.md show it: "found/n [low–high%]" (95% Wilson)."""
+    low, high = wilson_interval(found, n)
+    return f"{found}/{n} [{100 * low:.0f}–{100 * high:.0f}%]"
 
 
 @dataclass
@@ -89,6 +113,19 @@ class Leaderboard:
                   and (depth is None or r.depth == depth)]
         return mean(values) if values else None
 
+    def found(self, spec: str, task: str, length: int) -> tuple[int, int]:
+        """(prompts answered, prompts) of a retrieval cell; scores are 0 or 1, a fraction counts as found at >= 0.5."""
+        values = self._values(spec, task, length)
+        return sum(v >= 0.5 for v in values), len(values)
+
+    def interval(self, spec: str, task: str, length: int) -> dict[str, float | int] | None:
+        """The cell's count and 95% Wilson interval, as leaderboard.json holds it (None when unscored)."""
+        found, n = self.found(spec, task, length)
+        if n == 0:
+            return None
+        low, high = wilson_interval(found, n)
+        return {"found": found, "n": n, "low": low, "high": high}
+
     def depths(self, task: str) -> list[float]:
         return sorted({r.depth for r in self.records if r.task == task and r.depth is not None})
 
@@ -100,6 +137,7 @@ class Leaderboard:
             row["ratio"] = {n: self.ratio(spec, n) for n in self.lengths}
             for task in self.retrieval_tasks:
                 row[task] = {n: self.accuracy(spec, task, n) for n in self.lengths}
+                row[f"{task}_interval"] = {n: self.interval(spec, task, n) for n in self.lengths}
             if spec in self.refused:
                 row["refused"] = dict(self.refused[spec])
             out[spec] = row
@@ -129,7 +167,7 @@ class Leaderboard:
             )
         for task in self.retrieval_tasks:
             parts.append(
-                f"**{task}** accuracy (% over depths and samples)\n\n" + head
+                f"**{task}** prompts found / prompts over depths and samples [95% Wilson interval]\n\n" + head
                 + "".join(f"| `{spec}` | " + " | ".join(self._accuracy_cell(spec, task, n) for n in lengths)
                           + " |\n" for spec in self.specs)
             )
@@ -146,7 +184,8 @@ class Leaderboard:
     def _accuracy_cell(self, spec: str, task: str, length: int) -> str:
         if self.refusal(spec, length):
             return _refused(self.refusal(spec, length))
-        return _percent(self.accuracy(spec, task, length))
+        found, n = self.found(spec, task, length)
+        return count_cell(found, n) if n else "–"
 
     # ---- files -------------------------------------------------------------------------------------------------
 
@@ -178,8 +217,4 @@ def _number(value: float | None) -> str:
 
 def _refused(reason: str) -> str:
     return "refused: " + reason.replace("|", "\\|").replace("\n", " ")
-
-
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.0f}%"
 
