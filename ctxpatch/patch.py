@@ -16,6 +16,7 @@ Applying a second patch to a patched model is an `AlreadyPatchedError`: remove t
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -303,6 +304,7 @@ def apply(
     backend: str = "blockwise",
     replace: bool = False,
     target_len: int | None = None,
+    fine_tuned: bool = False,
     **params: Any,
 ) -> Patch:
     """Patch `model` in place with the methods of `spec` and return the `Patch` handle.
@@ -315,12 +317,18 @@ def apply(
 
     `target_len` (tokens): every parameter not given is chosen by its method's own rule so that what
     RoPE sees at that length stays inside the trained length (`repr(patch)` shows which).
+
+    `fine_tuned=True`: the model was (or is about to be) fine-tuned under this spec. Without it, a method
+    that is not training-free (`ctxpatch.methods()`) warns once per process; `ctxpatch.load(run)` and
+    `ctxpatch finetune` pass it, as a run folder's ctxpatch.json names the patch it was trained under.
     """
     parsed = parse_spec(spec)
     get_backend(backend)
     adapter = find_adapter(model)
     target_len = parsed.target_len if target_len is None else target_len  # a .json spec may carry one
     methods, plans = build_plan(parsed.methods, params, adapter.info, target_len)
+    if not fine_tuned:
+        warn_untrained(methods)
     existing = getattr(model, PATCH, None)
     if existing is not None:
         if not replace:
@@ -338,6 +346,23 @@ def apply(
         patch.remove()
         raise
     return patch
+
+
+_WARNED_UNTRAINED: set[str] = set()  # methods `warn_untrained` has warned about in this process
+
+
+def warn_untrained(methods: Sequence[Method]) -> None:
+    """Warn once per process and method when a method that needs training is applied to an untrained model."""
+    for name in dict.fromkeys(m.name for m in methods if not m.training_free):
+        if name not in _WARNED_UNTRAINED:
+            _WARNED_UNTRAINED.add(name)
+            warnings.warn(
+                f"{name} is not training-free: a pretrained model degrades under it until it is fine-tuned under "
+                f"it (`ctxpatch finetune RECIPE patch={name}`, then `ctxpatch.load(RUN)`); pass fine_tuned=True "
+                "if this model was trained under it",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def remove(model: nn.Module) -> bool:

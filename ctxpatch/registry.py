@@ -301,10 +301,12 @@ class MethodInfo:
     paper: str
     definition: str = ""
     kind_label: str = ""  # the kind as the method table says it ("position rule (combines with any other)")
+    training_free: bool = True  # False: a model must be fine-tuned under it (`Method.training_free`)
 
     def __str__(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.params.items()) or "-"
-        return f"{self.name:<14} {self.kind:<9} {params:<60} {self.summary}"
+        free = "yes" if self.training_free else "no"
+        return f"{self.name:<14} {self.kind:<9} {free:<13} {params:<60} {self.summary}"
 
 
 def methods() -> list[MethodInfo]:
@@ -316,15 +318,16 @@ def methods() -> list[MethodInfo]:
         summary = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         label = KIND_LABELS[cls.kind] + (" (combines with any other)" if getattr(cls, "modifier", False) else "")
         params = {p.name: p.describe_default() for p in cls.params}
-        rows.append(MethodInfo(name, cls.kind, params, summary, cls.paper, cls.definition, label))
+        rows.append(MethodInfo(name, cls.kind, params, summary, cls.paper, cls.definition, label, cls.training_free))
     return rows
 
 
 def methods_table() -> str:
     """The markdown table of every method (README.md and docs/DESIGN.md hold it between
     `<!-- methods:start -->` and `<!-- methods:end -->`; `python -m ctxpatch.docs` prints or writes it)."""
-    lines = ["| name | kind | definition | parameters (default) |", "|---|---|---|---|"]
+    lines = ["| name | kind | training-free | definition | parameters (default) |", "|---|---|---|---|---|"]
     for m in methods():
         params = ", ".join(f"`{name}` ({default})" for name, default in m.params.items()) or "—"
-        lines.append(f"| `{m.name}` | {m.kind_label} | {m.definition or m.summary} | {params} |")
+        free = "yes" if m.training_free else "no: fine-tune under it"
+        lines.append(f"| `{m.name}` | {m.kind_label} | {free} | {m.definition or m.summary} | {params} |")
     return "\n".join(lines) + "\n"

@@ -211,3 +211,31 @@ def test_unsupported_model_error_keeps_the_cause(llama):
         chain.append(str(error))
         error = error.__cause__
     assert any("boom in the rotary embedding" in text for text in chain), chain
+
+
+def test_a_method_that_needs_training_warns_once_per_process_unless_fine_tuned(monkeypatch, recwarn):
+    from ctxpatch import patch as patch_module
+
+    monkeypatch.setattr(patch_module, "_WARNED_UNTRAINED", set())
+    free = {m.name: m.training_free for m in ctxpatch.methods()}
+    assert [name for name, ok in free.items() if not ok] == ["alibi", "kerple_log", "kerple_power", "sandwich", "xpos"]
+    model = tiny_model()
+    with pytest.warns(UserWarning, match=r"alibi is not training-free: .*patch=alibi.*fine_tuned=True"):
+        ctxpatch.apply(model, "alibi+window").remove()
+    recwarn.clear()
+    ctxpatch.apply(model, "alibi").remove()  # once per process and method
+    ctxpatch.apply(model, "selfextend").remove()  # training-free: silent
+    ctxpatch.apply(model, "sandwich", fine_tuned=True).remove()  # trained under it (ctxpatch.load passes this)
+    assert not [w for w in recwarn if "training-free" in str(w.message)]
+    with pytest.warns(UserWarning, match="sandwich is not training-free"):
+        ctxpatch.apply(model, "sandwich").remove()
+
+
+def test_methods_cli_shows_training_free(capsys):
+    from ctxpatch.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "training-free" in out[0]
+    rows = {line.split()[0]: line.split()[2] for line in out[1:]}
+    assert rows["alibi"] == "no" and rows["dca"] == "yes" and rows["xpos"] == "no"

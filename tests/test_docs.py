@@ -25,11 +25,13 @@ def test_the_table_has_one_row_per_method_with_its_defaults():
     rows = methods_table().splitlines()[2:]
     assert [row.split("|")[1].strip() for row in rows] == [f"`{m.name}`" for m in ctxpatch.methods()]
     window = next(row for row in rows if row.startswith("| `window` "))
-    assert window == "| `window` | mask | visible iff 0 ≤ Δ < W | `window` (L) |"
+    assert window == "| `window` | mask | yes | visible iff 0 ≤ Δ < W | `window` (L) |"
+    for name in ("alibi", "kerple_log", "kerple_power", "sandwich", "xpos"):  # `training_free = False` in their files
+        assert next(row for row in rows if row.startswith(f"| `{name}` ")).split("|")[3].strip().startswith("no")
     sinks = next(row for row in rows if row.startswith("| `sinks` "))
     assert "`global_tokens` (4), `window` (L - S)" in sinks
     assert "combines with any other" in next(row for row in rows if row.startswith("| `xpos` "))
-    assert all(row.count("|") == 5 for row in rows)  # no cell breaks the table
+    assert all(row.count("|") == 6 for row in rows)  # no cell breaks the table
 
 
 def test_with_table_replaces_only_between_the_markers():

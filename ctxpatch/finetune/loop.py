@@ -128,7 +128,8 @@ def load_patched_model(recipe: Recipe, methods: list, apply_kwargs: dict[str, An
 
     model = loading.load_base_model(recipe.model, recipe.model_dtype)
     try:  # target_len: parameters not given come from each method's rule for that length
-        patch = apply(model, methods, backend=recipe.backend, target_len=recipe.target_len, **apply_kwargs)
+        patch = apply(model, methods, backend=recipe.backend, target_len=recipe.target_len, fine_tuned=True,
+                      **apply_kwargs)
     except (ValueError, TypeError, CtxpatchError) as error:
         raise RecipeError(
             f"the patch {recipe.patch!r} (patch_params {recipe.patch_params}) was refused: {error}"

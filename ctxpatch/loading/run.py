@@ -147,7 +147,7 @@ def apply_record(model: nn.Module, record: dict[str, Any]):
 
     saved = record["patch"]
     return apply(model, spec_from_dict(saved), backend=saved.get("backend", "blockwise"),
-                 target_len=saved.get("target_len"))
+                 target_len=saved.get("target_len"), fine_tuned=True)  # the record names the patch it was trained under
 
 
 def load(path: str | Path, *, dtype: str | torch.dtype | None = None, merge: bool = False, **model_kwargs: Any):
