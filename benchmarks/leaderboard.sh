@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's leaderboard on the default model (SmolLM2-135M, trained to 8k), in stages so that the costly
+# The first leaderboard (benchmarks/README.md, 2026-11-25) on the default model (SmolLM2-135M, trained to 8k), in stages so that the costly
 # 32k forwards (~6 min each on 2 CPU cores, full attention) are spent only on the specs that held up at 16k.
 #   bash benchmarks/leaderboard.sh 16k            7 specs x 8k,16k, 2 passkey depths: ~45 min on 2 idle cores
 #   bash benchmarks/leaderboard.sh 32k SPEC...    each spec alone at 32k (1 depth): ~12-18 min a spec

@@ -1,13 +1,19 @@
 """ctxpatch: make a pretrained Hugging Face causal LM read past its trained length.
 
-    patch = ctxpatch.apply(model, "logn+window")
+    patch = ctxpatch.apply(model, "dca", target_len=32768)
     ...
     patch.remove()
+
+Names are imported on first use (PEP 562), so `ctxpatch --help` and `import ctxpatch.errors` do not import torch
+or transformers; `ctxpatch.methods()` and every lookup by name import the method files first (`registry.discover`).
 """
 
-from . import registry
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from ._version import __version__
-from .chatglm import load_chatglm
 from .errors import (
     AlreadyPatchedError,
     CompositionError,
@@ -20,25 +26,43 @@ from .errors import (
     UnsupportedModelError,
     UserInputError,
 )
-from .loading import load, load_model, merge
-from .patch import Patch, apply, current_patch, remove, spec_from_dict
-from .registry import Method, MethodInfo, method, methods, register
-from .spec import ParsedSpec, parse_spec
 
-registry.discover()  # every method file registers its methods
+_LAZY = {  # name -> the module (relative to ctxpatch) that defines it
+    "load_chatglm": "chatglm",
+    "load": "loading",
+    "load_model": "loading",
+    "merge": "loading",
+    "Patch": "patch",
+    "apply": "patch",
+    "current_patch": "patch",
+    "remove": "patch",
+    "spec_from_dict": "patch",
+    "Method": "registry",
+    "MethodInfo": "registry",
+    "method": "registry",
+    "methods": "registry",
+    "register": "registry",
+    "ParsedSpec": "spec",
+    "parse_spec": "spec",
+    "evaluate": "eval",  # lm-eval is slow to import
+    "compare": "eval",
+}
 
 
-def __getattr__(name: str):
-    """`ctxpatch.evaluate` / `ctxpatch.compare` (ctxpatch.eval), `ctxpatch.tune`: imported on first use, as lm-eval is slow to import."""
-    if name in ("evaluate", "compare"):
-        from . import eval as evaluation
+def __getattr__(name: str) -> Any:
+    """Each public name from its module on first use; `ctxpatch.tune` is the package, callable as the function."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in ("tune", "registry"):
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'ctxpatch' has no attribute {name!r}")
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value
 
-        return getattr(evaluation, name)
-    if name == "tune":  # the package ctxpatch.tune, callable as the function
-        from . import tune
 
-        return tune
-    raise AttributeError(f"module 'ctxpatch' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, "tune", "registry"})
 
 
 __all__ = [

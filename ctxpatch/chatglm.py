@@ -20,7 +20,6 @@ ChatGLM3's rule; `rope_ratio_as=` overrides. Quantized (int4 / int8) checkpoints
 
 from __future__ import annotations
 
-import argparse
 import json
 import pickle
 import re
@@ -243,7 +242,7 @@ def rope_parameters(source: dict[str, Any], rule: str) -> dict[str, Any]:
 
 
 def glm_config(source: dict[str, Any], rule: str, dtype: torch.dtype):
-    """The GlmConfig equivalent to a ChatGLM2/3 config.json (the mapping the README states)."""
+    """The GlmConfig equivalent to a ChatGLM2/3 config.json (the mapping docs/chatglm.md states)."""
     heads = int(_get(source, "num_attention_heads"))
     hidden = int(_get(source, "hidden_size"))
     groups = int(_get(source, "multi_query_group_num")) if _get(source, "multi_query_attention") else heads
@@ -470,28 +469,3 @@ def copy_files(files: list[Path], dst: Path) -> list[Path]:
     for f in files:
         shutil.copy2(f, dst / f.name)
     return [dst / f.name for f in files]
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "convert-chatglm",
-        help="convert a ChatGLM2/3 checkpoint folder to a transformers Glm checkpoint (no remote code)",
-    )
-    p.add_argument("src", help="ChatGLM2/3 folder: config.json plus .safetensors or .bin weights")
-    p.add_argument("dst", help="output folder: safetensors weights and a fast tokenizer (tokenizer.json)")
-    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's torch_dtype), float32, float16 or bfloat16")
-    p.add_argument(
-        "--rope-ratio-as", choices=ROPE_RATIO_AS, default=None,
-        help="how rope_ratio is applied: base (ChatGLM3, GLM-4) or positions (ChatGLM2-6B-32k); default: read off SRC",
-    )
-    p.set_defaults(func=run_convert)
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    files = convert_chatglm(args.src, args.dst, dtype=args.dtype, rope_ratio_as=args.rope_ratio_as)
-    print(f"wrote a transformers Glm checkpoint to {args.dst}")
-    print(f"tokenizer files: {', '.join(p.name for p in files) or 'none found'}")
-    return 0

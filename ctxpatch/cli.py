@@ -15,7 +15,7 @@ from ._version import __version__
 from .errors import CtxpatchError
 
 # modules defining `add_parser(subparsers)`; each sets `func` on its parser
-VERBS = ["ctxpatch.cli_methods", "ctxpatch.chatglm", "ctxpatch.eval.cli", "ctxpatch.finetune.cli", "ctxpatch.tune.cli"]
+VERBS = ["ctxpatch.cli_methods", "ctxpatch.cli_chatglm", "ctxpatch.eval.cli", "ctxpatch.finetune.cli", "ctxpatch.tune.cli"]
 
 # what is reported as the user's mistake: ctxpatch's own errors, and files the user named that are not there
 USER_ERRORS: tuple[type[BaseException], ...] = (CtxpatchError, FileNotFoundError, FileExistsError, NotADirectoryError)

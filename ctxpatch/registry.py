@@ -282,6 +282,7 @@ def method_class(name: str) -> type[Method]:
 
 def registered() -> dict[str, type[Method]]:
     """Name -> class of every registered method (what `ctxpatch tune` draws its candidates from)."""
+    discover()
     return dict(_REGISTRY)
 
 
@@ -323,7 +324,7 @@ def methods() -> list[MethodInfo]:
 
 
 def methods_table() -> str:
-    """The markdown table of every method (README.md and docs/DESIGN.md hold it between
+    """The markdown table of every method (docs/methods.md and docs/DESIGN.md hold it between
     `<!-- methods:start -->` and `<!-- methods:end -->`; `python -m ctxpatch.docs` prints or writes it)."""
     lines = ["| name | kind | training-free | definition | parameters (default) |", "|---|---|---|---|---|"]
     for m in methods():

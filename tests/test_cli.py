@@ -261,3 +261,40 @@ def test_a_hub_name_not_in_the_cache_while_offline(monkeypatch, tmp_path, capsys
     assert "'someorg/not-cached' is neither a local path nor in the Hugging Face cache" in one_error_line(capsys, "eval")
     assert main(["eval", "--model", "bad name!!", "--lengths", "64", "--tail", "16"]) == 2
     assert "'bad name!!' is neither a local path nor a hub name" in one_error_line(capsys, "eval")
+
+
+HEAVY = ("torch", "transformers", "lm_eval", "peft", "accelerate")
+HELP_PROBE = """
+import sys, time
+began = time.perf_counter()
+from ctxpatch.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+seconds = time.perf_counter() - began
+heavy = sorted({m.split(".")[0] for m in sys.modules} & set(%r))
+print("HEAVY", ",".join(heavy), "SECONDS", round(seconds, 3), file=sys.stderr)
+""" % (HEAVY,)
+
+
+@pytest.mark.parametrize("argv", [["--help"], *[[verb, "--help"] for verb in
+                                  ("methods", "convert-chatglm", "eval", "compare", "tasks", "finetune", "merge", "tune")]],
+                         ids=lambda argv: " ".join(argv))
+def test_help_answers_without_importing_torch_or_transformers(argv):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", HELP_PROBE, *argv], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+    assert "usage: ctxpatch" in done.stdout
+    probe = re.search(r"HEAVY (\S*) SECONDS (\S+)", done.stderr)
+    assert probe, done.stderr
+    assert probe.group(1) == "", f"`ctxpatch {' '.join(argv)}` imported {probe.group(1)}"
+    assert float(probe.group(2)) < 1.0  # what is left is argparse and ctxpatch's own small modules
+
+
+def test_every_verb_is_in_the_parser_and_the_chatglm_choices_match_the_conversion():
+    from ctxpatch import chatglm, cli_chatglm
+
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    assert set(verbs) == {"methods", "convert-chatglm", "eval", "compare", "tasks", "finetune", "merge", "tune"}
+    assert cli_chatglm.ROPE_RATIO_AS == chatglm.ROPE_RATIO_AS

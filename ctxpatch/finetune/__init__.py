@@ -13,8 +13,25 @@ trainable parts), `checkpoints` (run folder, atomic checkpoints), `metrics` (JSO
 progress bar), `loop` (`train`, the loop). `ctxpatch.load` / `ctxpatch.merge` read what a run leaves.
 """
 
-from .data import TextTooShortError
-from .loop import TrainResult, train
-from .recipe import Recipe, RecipeError, RecipeNotFoundError, load_recipe
+from __future__ import annotations
 
-__all__ = ["Recipe", "RecipeError", "RecipeNotFoundError", "TextTooShortError", "TrainResult", "load_recipe", "train"]
+import importlib
+from typing import Any
+
+_LAZY = {  # imported on first use: `ctxpatch finetune --help` must not import torch
+    "Recipe": "recipe",
+    "RecipeError": "recipe",
+    "RecipeNotFoundError": "recipe",
+    "TextTooShortError": "data",
+    "TrainResult": "loop",
+    "load_recipe": "recipe",
+    "train": "loop",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

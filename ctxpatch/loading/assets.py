@@ -45,7 +45,7 @@ def default_gguf() -> Path:
     return _package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE)
 
 
-# Plays never trained or tuned on: the README's quality numbers are measured on these (the romances,
+# Plays never trained or tuned on: the docs' quality numbers are measured on these (the romances,
 # about 150k tokens). Fine-tune recipes and `ctxpatch tune` read the others by default.
 HELD_OUT_PLAYS = ("a-winter-s-tale", "cymbeline", "pericles", "the-tempest")
 SPLITS = ("all", "train", "held-out")

@@ -207,7 +207,7 @@ def build_candidates(requests: Sequence[Any] | str | None, info: ModelInfo, targ
 
 def forward_cost(methods: list[Method]) -> float:
     """A forward's estimated cost relative to the unpatched model (the objective's last tie-break): each extra
-    rotary view of a position rule ~ +35% (README's attention table), each other method +5%."""
+    rotary view of a position rule ~ +35% (benchmarks/README.md's attention table), each other method +5%."""
     cost = 1.0
     for m in methods:
         views = len(m.views()) if hasattr(m, "views") else 1

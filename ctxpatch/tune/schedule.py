@@ -54,7 +54,7 @@ class CostModel:
 
     a: float
     b: float
-    patched: float = 1.3  # README's attention table: patched layers cost 1.0-1.35x the unpatched ones
+    patched: float = 1.3  # benchmarks/README.md's attention table: patched layers cost 1.0-1.35x the unpatched ones
 
     def seconds(self, n: int, patched: bool = True) -> float:
         return (self.a * n + self.b * n * n) * (self.patched if patched else 1.0)
