@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import re
 import subprocess
 from pathlib import Path
@@ -90,6 +91,28 @@ def test_each_leaderboard_summary_is_what_its_records_give(path):
                 if accuracy is not None:
                     found, n = board.found(spec, task, int(length))
                     assert accuracy == pytest.approx(found / n)
+
+
+SCORED = sorted(p for p in BENCHMARKS.rglob("leaderboard.json") if (p.parent / "scores.jsonl").is_file())
+
+
+@pytest.mark.parametrize("path", SCORED, ids=lambda p: str(p.parent.relative_to(BENCHMARKS)))
+def test_each_leaderboard_holds_what_its_score_log_scored(path):
+    """Every perplexity record is exp(−logprob / tail) of a scored forward; the other forwards are the retrieval
+    prompts, one per retrieval record, found (greedy) exactly as often as the records say."""
+    data = json.loads(path.read_text())
+    tail = data["config"]["tail"]
+    scored = [json.loads(line) for line in (path.parent / "scores.jsonl").read_text().splitlines() if line.strip()]
+    ppl = [r["value"] for r in data["records"] if r["task"] == "ppl"]
+
+    def is_ppl(line):
+        return any(math.isclose(math.exp(-line["logprob"] / tail), v, rel_tol=1e-6) for v in ppl)
+
+    assert all(any(math.isclose(math.exp(-line["logprob"] / tail), v, rel_tol=1e-6) for line in scored) for v in ppl)
+    retrieval = [r for r in data["records"] if r["task"] != "ppl"]
+    prompts = [line for line in scored if not is_ppl(line)]
+    assert len(prompts) == len(retrieval)
+    assert sum(line["greedy"] for line in prompts) == sum(r["value"] == 1.0 for r in retrieval)
 
 
 def copy_of_the_results(tmp_path: Path) -> Path:
