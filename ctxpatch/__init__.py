@@ -11,7 +11,7 @@ or transformers; `ctxpatch.methods()` and every lookup by name import the method
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
 from .errors import (
@@ -47,6 +47,15 @@ _LAZY = {  # name -> the module (relative to ctxpatch) that defines it
     "evaluate": "eval",  # lm-eval is slow to import
     "compare": "eval",
 }
+
+
+if TYPE_CHECKING:  # what `_LAZY` provides, for type checkers, IDEs and the API reference (tests/test_cli.py)
+    from .chatglm import load_chatglm
+    from .eval import compare, evaluate
+    from .loading import load, load_model, merge
+    from .patch import Patch, apply, current_patch, remove, spec_from_dict
+    from .registry import Method, MethodInfo, method, methods, register
+    from .spec import ParsedSpec, parse_spec
 
 
 def __getattr__(name: str) -> Any:

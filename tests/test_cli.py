@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import os
 import re
 import subprocess
@@ -298,3 +299,14 @@ def test_every_verb_is_in_the_parser_and_the_chatglm_choices_match_the_conversio
     verbs = build_parser()._subparsers._group_actions[0].choices
     assert set(verbs) == {"methods", "convert-chatglm", "eval", "compare", "tasks", "finetune", "merge", "tune"}
     assert cli_chatglm.ROPE_RATIO_AS == chatglm.ROPE_RATIO_AS
+
+
+def test_the_lazy_package_names_are_the_ones_type_checkers_see():
+    """ctxpatch/__init__.py imports its public names on first use (`_LAZY`); its TYPE_CHECKING block must name the
+    same ones from the same modules, or IDEs and the API reference would show another API."""
+    tree = ast.parse((ROOT / "ctxpatch" / "__init__.py").read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
+    seen = {alias.name: node.module for node in block.body for alias in node.names}
+    assert seen == ctxpatch._LAZY
+    for name in ctxpatch._LAZY:
+        assert getattr(ctxpatch, name) is getattr(importlib.import_module(f"ctxpatch.{ctxpatch._LAZY[name]}"), name)
