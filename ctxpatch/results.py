@@ -90,7 +90,8 @@ def read_index(root: Path) -> Index:
 
 def leaderboard_from_json(data: dict[str, Any]) -> Leaderboard:
     """The Leaderboard a leaderboard.json was written from: its records, refusals and patches."""
-    refused = {spec: {int(n): why for n, why in by_length.items()} for spec, by_length in data.get("refused", {}).items()}
+    refused = {spec: {int(n): why for n, why in by_length.items()}
+               for spec, by_length in data.get("refused", {}).items()}
     return Leaderboard(
         data["model"], data["train_len"], data["config"], data.get("reference", "none"),
         records=[Record(**r) for r in data["records"]], seconds=data.get("seconds", {}),

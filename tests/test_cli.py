@@ -265,7 +265,7 @@ def test_a_hub_name_not_in_the_cache_while_offline(monkeypatch, tmp_path, capsys
 
 
 HEAVY = ("torch", "transformers", "lm_eval", "peft", "accelerate")
-HELP_PROBE = """
+HELP_PROBE = f"""
 import sys, time
 began = time.perf_counter()
 from ctxpatch.cli import main
@@ -274,14 +274,15 @@ try:
 except SystemExit:
     pass
 seconds = time.perf_counter() - began
-heavy = sorted({m.split(".")[0] for m in sys.modules} & set(%r))
+heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
 print("HEAVY", ",".join(heavy), "SECONDS", round(seconds, 3), file=sys.stderr)
-""" % (HEAVY,)
+"""
 
 
-@pytest.mark.parametrize("argv", [["--help"], *[[verb, "--help"] for verb in
-                                  ("methods", "convert-chatglm", "eval", "compare", "tasks", "finetune", "merge", "tune")]],
-                         ids=lambda argv: " ".join(argv))
+VERB_NAMES = ("methods", "convert-chatglm", "eval", "compare", "tasks", "finetune", "merge", "tune")
+
+
+@pytest.mark.parametrize("argv", [["--help"], *[[verb, "--help"] for verb in VERB_NAMES]], ids=" ".join)
 def test_help_answers_without_importing_torch_or_transformers(argv):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", HELP_PROBE, *argv], capture_output=True, text=True, env=env,
@@ -297,7 +298,7 @@ def test_every_verb_is_in_the_parser_and_the_chatglm_choices_match_the_conversio
     from ctxpatch import chatglm, cli_chatglm
 
     verbs = build_parser()._subparsers._group_actions[0].choices
-    assert set(verbs) == {"methods", "convert-chatglm", "eval", "compare", "tasks", "finetune", "merge", "tune"}
+    assert set(verbs) == set(VERB_NAMES)
     assert cli_chatglm.ROPE_RATIO_AS == chatglm.ROPE_RATIO_AS
 
 
@@ -305,7 +306,8 @@ def test_the_lazy_package_names_are_the_ones_type_checkers_see():
     """ctxpatch/__init__.py imports its public names on first use (`_LAZY`); its TYPE_CHECKING block must name the
     same ones from the same modules, or IDEs and the API reference would show another API."""
     tree = ast.parse((ROOT / "ctxpatch" / "__init__.py").read_text())
-    block = next(node for node in tree.body if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
+    block = next(node for node in tree.body
+                 if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING")
     seen = {alias.name: node.module for node in block.body for alias in node.names}
     assert seen == ctxpatch._LAZY
     for name in ctxpatch._LAZY:

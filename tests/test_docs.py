@@ -38,7 +38,8 @@ def test_the_generated_blocks_are_where_the_docs_promise():
     assert table_in((ROOT / "docs" / "DESIGN.md").read_text()) is not None
     assert table_in((ROOT / "docs" / "methods.md").read_text()) is not None
     results_page = (ROOT / "docs" / "results.md").read_text()
-    assert {"which", "results-training-free", "results-ceiling", "results-fine-tuned"} <= set(docs.known_blocks(results_page))
+    expected = {"which", "results-training-free", "results-ceiling", "results-fine-tuned"}
+    assert expected <= set(docs.known_blocks(results_page))
     assert {"runs", "runs-detail"} <= set(docs.known_blocks((BENCHMARKS / "README.md").read_text()))
 
 
@@ -77,7 +78,8 @@ def test_every_committed_run_is_indexed_and_every_indexed_path_exists():
     assert all(run.date and run.command and run.showed for run in index.runs)
 
 
-@pytest.mark.parametrize("path", sorted(BENCHMARKS.rglob("leaderboard.json")), ids=lambda p: str(p.parent.relative_to(BENCHMARKS)))
+@pytest.mark.parametrize("path", sorted(BENCHMARKS.rglob("leaderboard.json")),
+                         ids=lambda p: str(p.parent.relative_to(BENCHMARKS)))
 def test_each_leaderboard_summary_is_what_its_records_give(path):
     data = json.loads(path.read_text())
     board = results.leaderboard_from_json(data)
@@ -195,7 +197,7 @@ def test_readme_lists_every_cli_verb_and_leads_with_training_free_methods():
     from ctxpatch.cli import build_parser
 
     verbs = build_parser()._subparsers._group_actions[0].choices
-    listed = re.findall(r"^\* `ctxpatch ([a-z-]+)` — ", README, flags=re.M)
+    listed = re.findall(r"^\* `ctxpatch ([a-z-]+)` — ", README, flags=re.MULTILINE)
     assert sorted(listed) == sorted(verbs)
     quickstart = README.split("```python\n", 1)[1].split("```", 1)[0]
     specs = re.findall(r'ctxpatch\.apply\(model, "([^"]+)"', quickstart)

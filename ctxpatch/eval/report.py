@@ -5,8 +5,8 @@ whole window as context, over the perplexity of the same tokens given only the l
 by the model as given (the reference). Below 1 the extra context helped; above 1 it hurt. Inside the trained
 length the two contexts are the same tokens, so the ratio is the patch's cost against the model as given.
 Retrieval tasks are summarised as accuracy over depths and samples, with the number of prompts and a 95%
-Wilson score interval (`wilson_interval`): one prompt per depth makes "1/5 vs 3/5" a tie. A spec that refused its target at a length
-(`--target-len auto`) has a "refused: <reason>" cell there.
+Wilson score interval (`wilson_interval`): one prompt per depth makes "1/5 vs 3/5" a tie. A spec that refused
+its target at a length (`--target-len auto`) has a "refused: <reason>" cell there.
 """
 
 from __future__ import annotations
