@@ -17,12 +17,33 @@ from torch.testing import assert_close
 
 import ctxpatch
 from conftest import tiny_model, token_ids
-from ctxpatch.backends import blockwise
+from ctxpatch.backends import blockwise, selected
 from ctxpatch.errors import ParameterValueError
 from ctxpatch.registry import ModelInfo, method
 
 BACKENDS = ["dense", "blockwise", "flex"]
 SMALL = {"sinks": 2, "local_window": 4, "block_size": 3}
+
+
+@pytest.fixture(params=["union", "blocks"])
+def path(request, monkeypatch):
+    """The blockwise backend's two ways: every chosen block of a chunk at once, or block by block."""
+    monkeypatch.setattr(selected, "UNION_MAX", 10**9 if request.param == "union" else 0)
+    monkeypatch.setattr(selected, "ROWS", 8)  # several chunks at the tests' 22 queries
+    return request.param
+
+
+@pytest.mark.parametrize("kind", ["plain", "padded", "skips", "stretched"])
+@pytest.mark.parametrize("per", ["head", "kv_head", "layer"])
+@pytest.mark.parametrize("scorer", ["mean", "quest"])
+def test_blockwise_paths_match_the_formula(path, kind, per, scorer):
+    params = {**SMALL, "top_k": 2, "per": per, "scorer": scorer}
+    k_pos, padding = G.make_call(kind)
+    q, k, v = G.inputs(G.length)
+    runtime = G.runtime_for("retrieval", params)
+    got = G.run("blockwise", runtime, q, k, v, k_pos, padding, G.length)
+    expected = G.reference("retrieval", params, runtime, q, k, v, k_pos, padding, G.length)
+    assert_close(G.real_rows(got, padding, G.length), G.real_rows(expected, padding, G.length), rtol=1e-6, atol=1e-6)
 
 
 def _run(spec: str, params: dict, backend: str, kind: str = "padded"):
@@ -113,7 +134,7 @@ SCHEDULE = {"sinks": 2, "local_window": 6, "block_size": 4, "top_k": 2}
 
 @pytest.mark.parametrize("backend", ["dense", "blockwise"])
 @pytest.mark.parametrize("per", ["head", "kv_head", "layer"])
-def test_one_pass_pieces_and_generate_agree(backend, per, monkeypatch):
+def test_one_pass_pieces_and_generate_agree(backend, per, path, monkeypatch):
     """The selection a query makes does not depend on which other queries share its forward."""
     monkeypatch.setattr(blockwise, "BLOCK", 8)
     model = tiny_model("llama")
@@ -131,7 +152,7 @@ def test_one_pass_pieces_and_generate_agree(backend, per, monkeypatch):
     assert_close(pieces, whole, rtol=1e-4, atol=1e-4)
 
 
-def test_rows_of_a_batch_choose_their_own_blocks(monkeypatch):
+def test_rows_of_a_batch_choose_their_own_blocks(path, monkeypatch):
     monkeypatch.setattr(blockwise, "BLOCK", 8)
     model = tiny_model("llama")
     ids = token_ids(2, 60)

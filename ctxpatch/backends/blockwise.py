@@ -23,8 +23,8 @@ from torch import Tensor
 
 from ..plan import AttentionCall, LayerRuntime
 from . import lse_views
-from .common import as_slice, column_count, compute_dtype, head_index
-from .selected import BlockChoice, expand_heads
+from .common import as_slice, column_count, head_index
+from .selected import selected_attention
 
 BLOCK = 256  # rows of a query chunk and size of a key block
 # A multi-view rule makes a few fused calls per view and chunk, so its per-call overhead is paid once per view;
@@ -108,7 +108,7 @@ def blockwise_attention(
     if kappa is not None:
         q_views = [qv * kappa[:, None, :, None].to(qv.dtype) for qv in q_views]
     if layer.plan.selection is not None:
-        return _selected_chunks(q, k, v, q_views, k_views, call, layer)
+        return selected_attention(q, k, v, q_views, k_views, call, layer, functools.partial(_modified, layer))
     if _is_plain_causal(call, layer, tq, tk):
         out = F.scaled_dot_product_attention(
             q_views[0], k_views[0], v, is_causal=tq > 1, dropout_p=call.dropout, scale=call.scaling,
@@ -145,50 +145,6 @@ def _view_chunks(q_views, k_views, v, call: AttentionCall, layer: LayerRuntime, 
         bias = layer.bias(h, i[:, None, :, None], j[:, None, None, :]) if layer.plan.biases else None
         outs.append(lse_views.views_chunk(qs, ks, v[:, :, cols], calls, bias, call.scaling))
     return outs
-
-
-def _selected_chunks(q, k, v, q_views, k_views, call: AttentionCall, layer: LayerRuntime) -> Tensor:
-    """A selection layer (retrieval): per query chunk, only the keys some query of it may see - its window, the
-    sinks and the blocks its queries chose - then every pair checked: a query attends to S + W + k·B keys, not n."""
-    batch, heads, tq, _ = q.shape
-    kv_heads, groups = k.shape[1], heads // k.shape[1]
-    choice, selection, h = BlockChoice(layer.plan.selection, k, call), layer.plan.selection, head_index(heads, q.device)
-    per_query = getattr(selection, "sinks", 0) + getattr(selection, "local_window", 0) + 4 * selection.count * selection.block
-    rows = max(16, min(BLOCK, SCORE_BUDGET // max(1, batch * heads * min(k.shape[2], per_query + BLOCK))))
-    outs = []
-    for q0 in range(0, tq, rows):
-        q1 = min(tq, q0 + rows)
-        i = call.q_pos[:, q0:q1]  # (B, C)
-        chosen = choice.chosen(q[:, :, q0:q1], i)  # (B, Hs, C, nb)
-        cols = as_slice(choice.columns(chosen, i, call.q_offset + q1).nonzero().flatten())
-        kj = torch.arange(k.shape[2], device=q.device)[cols].view(1, 1, 1, -1)
-        pair_i, pair_j = i[:, None, :, None], call.k_pos[:, cols][:, None, None, :]  # (B, 1, C, 1), (B, 1, 1, K)
-        qi = torch.arange(q0, q1, device=q.device).view(1, 1, -1, 1) + call.q_offset
-        real = None if call.key_padding is None else call.key_padding[:, cols][:, None, None, :]
-        seen = layer.visible(call, pair_i, pair_j, qi, kj, real) & expand_heads(
-            choice.visible(chosen, pair_i, pair_j, choice.block_of[:, cols][:, None, None, :]), heads
-        )
-        qs, ks = _modified(layer, [qv[:, :, q0:q1] for qv in q_views], [kv[:, :, cols] for kv in k_views], i, pair_j[:, 0, 0])
-        outs.append(_scored_chunk(qs, ks, v[:, :, cols], seen, layer.select(pair_i, pair_j), pair_i, pair_j, h, call, layer))
-    return torch.cat(outs, dim=2).transpose(1, 2)
-
-
-def _scored_chunk(qs, ks, vc, seen, select, pair_i, pair_j, h, call: AttentionCall, layer: LayerRuntime) -> Tensor:
-    """(B, H, C, dv): one chunk's scores made explicitly, each pair in its view, softmax over what it sees."""
-    batch, heads, rows, dim = qs[0].shape
-    kv_heads, dtype = ks[0].shape[1], compute_dtype(qs[0])
-    scores = None
-    for n, (qv, kv) in enumerate(zip(qs, ks)):
-        grouped = qv.to(dtype).reshape(batch, kv_heads, -1, dim)  # (B, Hk, G*C, d): a group's heads share keys
-        view = (grouped @ kv.to(dtype).transpose(-1, -2)).view(batch, heads, rows, -1) * call.scaling  # (B, H, C, K)
-        scores = view if scores is None else torch.where(select == n, view, scores)
-    bias = layer.bias(h, pair_i, pair_j)
-    if bias is not None:
-        scores = scores + bias.to(dtype)
-    probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
-    probs = F.dropout(probs, p=call.dropout, training=call.dropout > 0)
-    out = probs.to(vc.dtype).reshape(batch, kv_heads, -1, probs.shape[-1]) @ vc  # (B, Hk, G*C, dv)
-    return out.view(batch, heads, rows, -1)
 
 
 def _modified(layer: LayerRuntime, qs: list[Tensor], ks: list[Tensor], i: Tensor, j: Tensor):

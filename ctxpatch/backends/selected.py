@@ -1,19 +1,35 @@
-"""A selection's choices for one attention call (DESIGN.md, "Selection"): per-block summaries of the keys made
-once per call, and per query chunk the blocks each query (or each head group) chooses. Every backend asks this
-module which pairs a selection lets through, so dense, blockwise and flex see the same choices."""
+"""A selection's choices for one attention call (DESIGN.md, "Selection"), and the blockwise backend's way of
+attending under them.
+
+`BlockChoice` makes per-block summaries of the keys once per call and, per query chunk, the blocks each query (or
+each head group) chooses; dense, blockwise and flex all ask it, so they see the same choices.
+
+The blockwise path computes a layer under a selection in time linear in the length: per query chunk, the pairs
+seen whatever the content (window, sinks) against only those keys; then, per chosen key block, the queries that
+chose it against only its keys, merged into the chunks' running softmax (max, sum, weighted values), so a query
+costs S + W + k·B products, not n. A call with a few queries (decoding, short pieces) takes every block its
+queries chose at once instead (`UNION_MAX`).
+"""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..kinds import Selection
-from ..plan import AttentionCall
-from .common import compute_dtype
+from ..plan import AttentionCall, LayerRuntime
+from .common import as_slice, compute_dtype, head_index
+
+UNION_MAX = 32  # calls with at most this many queries attend to the union of their chosen blocks in one go
+ROWS = 256  # queries of a chunk
+SCORE_BUDGET = 1 << 25  # elements of one chunk's score tensor
 
 
 class BlockChoice:
-    """The blocks of one call's keys and what each query chooses among them (`chosen`)."""
+    """The blocks of one call's keys and what each query chooses among them (`top`, `chosen`)."""
 
     def __init__(self, selection: Selection, k: Tensor, call: AttentionCall):
         self.selection, self.kv_heads, self.k_pos = selection, k.shape[1], call.k_pos
@@ -24,12 +40,11 @@ class BlockChoice:
         self.occupied = counts > 0  # (B, nb): blocks holding a real key
         self.summary = selection.summarize(k.to(compute_dtype(k)), self.block_of, real, self.blocks)
 
-    def chosen(self, q: Tensor, i: Tensor) -> Tensor:
-        """(B, Hs, C, nb) bool: the blocks each query chooses; q (B, H, C, d) un-rotated, i (B, C) its positions.
-        Hs is H, Hk or 1 as the selection's `per` says."""
+    def top(self, q: Tensor, i: Tensor) -> Tensor:
+        """(B, Hs, C, k) the blocks each query chooses, best first, -1 where it has fewer candidates; q (B, H, C, d)
+        un-rotated, i (B, C) its positions. Hs is H, Hk or 1 as the selection's `per` says."""
         batch, heads, rows, dim = q.shape
-        groups = heads // self.kv_heads
-        grouped = q.to(compute_dtype(q)).view(batch, self.kv_heads, groups, rows, dim)  # (B, Hk, G, C, d)
+        grouped = q.to(compute_dtype(q)).view(batch, self.kv_heads, heads // self.kv_heads, rows, dim)  # (B, Hk, G, C, d)
         scores = self.selection.score(grouped, self.summary)  # (B, Hk, G, C, nb)
         per = self.selection.per
         if per == "head":
@@ -39,27 +54,37 @@ class BlockChoice:
         blocks = torch.arange(self.blocks, device=q.device)
         allowed = self.selection.candidates(i[:, None, :, None], blocks) & self.occupied[:, None, None, :]
         scores = scores.masked_fill(~allowed, float("-inf"))
-        count = min(self.selection.count, self.blocks)
-        chosen = torch.zeros(scores.shape, dtype=torch.bool, device=q.device)
-        if count == 0:
-            return chosen
         # a stable sort: equal scores (identical blocks of repeated text) go to the earlier block, in every schedule
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :count]
-        return chosen.scatter_(-1, order, scores.gather(-1, order) > float("-inf"))
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : self.selection.count]
+        return order.masked_fill(scores.gather(-1, order) == float("-inf"), -1)
+
+    def chosen(self, q: Tensor, i: Tensor) -> Tensor:
+        """(B, Hs, C, nb) bool: the blocks each query chooses (see `top`)."""
+        top = self.top(q, i)
+        chosen = torch.zeros(*top.shape[:3], self.blocks + 1, dtype=torch.bool, device=q.device)
+        return chosen.scatter_(-1, top % (self.blocks + 1), True)[..., : self.blocks]  # -1 lands in the spare column
 
     def visible(self, chosen: Tensor, i: Tensor, j: Tensor, key_blocks: Tensor) -> Tensor:
         """(B, Hs, C, K): pairs the selection lets through; i (B, 1, C, 1), j and key_blocks (B, 1, 1, K)."""
-        shape = (*chosen.shape[:3], key_blocks.shape[-1])
-        picked = chosen.gather(-1, key_blocks.expand(shape))
+        picked = chosen.gather(-1, key_blocks.expand(*chosen.shape[:3], key_blocks.shape[-1]))
         return picked | self.selection.always_visible(i, j)
+
+    def reachable(self, i: Tensor, keys: int) -> Tensor:
+        """(keys,) bool: the first `keys` keys some query at positions i (B, C) sees whatever the content."""
+        j = self.k_pos[:, :keys]
+        return self.selection.reachable(i.amin(-1, keepdim=True), i.amax(-1, keepdim=True), j).any(0)
 
     def columns(self, chosen: Tensor, i: Tensor, keys: int) -> Tensor:
         """(keys,) bool: the first `keys` keys some query of the chunk may see (any row, any head); i (B, C)."""
-        picked = chosen.any(2).any(1)  # (B, nb)
-        hit = picked.gather(1, self.block_of[:, :keys])
-        j = self.k_pos[:, :keys]
-        reach = self.selection.reachable(i.amin(-1, keepdim=True), i.amax(-1, keepdim=True), j)  # (B, keys)
-        return (hit | reach).any(0)
+        hit = chosen.any(2).any(1).gather(1, self.block_of[:, :keys])  # (B, keys)
+        return hit.any(0) | self.reachable(i, keys)
+
+    def block_spans(self) -> Tensor | None:
+        """(B, nb + 1) index of each block's first key (keys sorted by block in every row), else None."""
+        if bool((self.block_of[:, 1:] < self.block_of[:, :-1]).any()):
+            return None
+        blocks = torch.arange(self.blocks + 1, device=self.block_of.device)
+        return torch.searchsorted(self.block_of, blocks.expand(self.block_of.shape[0], -1).contiguous())
 
 
 def expand_heads(seen: Tensor, heads: int) -> Tensor:
@@ -67,3 +92,162 @@ def expand_heads(seen: Tensor, heads: int) -> Tensor:
     if seen.shape[1] in (1, heads):
         return seen
     return seen.repeat_interleave(heads // seen.shape[1], dim=1)
+
+
+Modify = Callable[[list[Tensor], list[Tensor], Tensor, Tensor], tuple[list[Tensor], list[Tensor]]]
+
+
+def selected_attention(
+    q: Tensor, k: Tensor, v: Tensor, q_views: list[Tensor], k_views: list[Tensor], call: AttentionCall,
+    layer: LayerRuntime, modify: Modify,
+) -> Tensor:
+    """(B, Tq, H, dv): a selection layer on the blockwise backend; q, k un-rotated, the views rotated (and scaled)."""
+    choice = BlockChoice(layer.plan.selection, k, call)
+    spans = None if q.shape[2] <= UNION_MAX or layer.plan.modifiers or call.dropout else choice.block_spans()
+    if spans is None:
+        return _union_chunks(q, k, v, q_views, k_views, call, layer, modify, choice)
+    return _near_then_blocks(q, v, q_views, k_views, call, layer, choice, spans)
+
+
+def _rows(batch: int, heads: int, keys: int) -> int:
+    return max(16, min(ROWS, SCORE_BUDGET // max(1, batch * heads * keys)))
+
+
+def _pairs(call: AttentionCall, q0: int, q1: int, cols):
+    """A chunk's pair grids: i (B, 1, C, 1), j (B, 1, 1, K), query and key indices, key realness."""
+    i, j = call.q_pos[:, q0:q1][:, None, :, None], call.k_pos[:, cols][:, None, None, :]
+    qi = torch.arange(q0, q1, device=i.device).view(1, 1, -1, 1) + call.q_offset
+    kj = torch.arange(call.k_pos.shape[1], device=i.device)[cols].view(1, 1, 1, -1)
+    real = None if call.key_padding is None else call.key_padding[:, cols][:, None, None, :]
+    return i, j, qi, kj, real
+
+
+def _union_chunks(q, k, v, q_views, k_views, call: AttentionCall, layer: LayerRuntime, modify: Modify, choice) -> Tensor:
+    """Per chunk, every key some query of it may see (its window, the sinks and every block its queries chose)."""
+    batch, heads, tq, _ = q.shape
+    selection, h = layer.plan.selection, head_index(heads, q.device)
+    per_query = getattr(selection, "sinks", 0) + getattr(selection, "local_window", 0) + 4 * selection.count * selection.block
+    rows, outs = _rows(batch, heads, min(k.shape[2], per_query + ROWS)), []
+    for q0 in range(0, tq, rows):
+        q1 = min(tq, q0 + rows)
+        chosen = choice.chosen(q[:, :, q0:q1], call.q_pos[:, q0:q1])  # (B, Hs, C, nb)
+        cols = as_slice(choice.columns(chosen, call.q_pos[:, q0:q1], call.q_offset + q1).nonzero().flatten())
+        i, j, qi, kj, real = _pairs(call, q0, q1, cols)
+        seen = layer.visible(call, i, j, qi, kj, real) & expand_heads(
+            choice.visible(chosen, i, j, choice.block_of[:, cols][:, None, None, :]), heads
+        )
+        qs, ks = modify([qv[:, :, q0:q1] for qv in q_views], [kv[:, :, cols] for kv in k_views], i[:, 0, :, 0], j[:, 0, 0])
+        scores = _scores(qs, ks, layer.select(i, j), call.scaling, layer.bias(h, i, j))
+        probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
+        probs = F.dropout(probs, p=call.dropout, training=call.dropout > 0)
+        outs.append(_weighted(probs, v[:, :, cols]))
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def _scores(qs: list[Tensor], ks: list[Tensor], select: Tensor | None, scaling: float, bias: Tensor | None) -> Tensor:
+    """(..., H, C, K) scores, each pair in its view; qs (..., H, C, d), ks (..., Hk, K, d) per view."""
+    heads, rows, dim = qs[0].shape[-3:]
+    kv_heads, dtype = ks[0].shape[-3], compute_dtype(qs[0])
+    scores = None
+    for n, (qv, kv) in enumerate(zip(qs, ks)):
+        if select is not None and scores is not None and not bool((select == n).any()):
+            continue
+        grouped = qv.to(dtype).reshape(*qv.shape[:-3], kv_heads, -1, dim)  # (..., Hk, G*C, d): a group shares its keys
+        view = (grouped @ kv.to(dtype).transpose(-1, -2)).reshape(*qv.shape[:-3], heads, rows, -1) * scaling
+        scores = view if scores is None else torch.where(select == n, view, scores)
+    return scores if bias is None else scores + bias.to(dtype)
+
+
+def _weighted(probs: Tensor, values: Tensor) -> Tensor:
+    """(..., H, C, dv) = probs (..., H, C, K) @ values (..., Hk, K, dv), a group's heads sharing the values."""
+    heads, rows, keys = probs.shape[-3:]
+    kv_heads = values.shape[-3]
+    out = probs.to(values.dtype).reshape(*probs.shape[:-3], kv_heads, -1, keys) @ values  # (..., Hk, G*C, dv)
+    return out.reshape(*probs.shape[:-3], heads, rows, -1)
+
+
+def _near_then_blocks(q, v, q_views, k_views, call: AttentionCall, layer: LayerRuntime, choice, spans) -> Tensor:
+    """Window and sinks per chunk, then each chosen block with the queries that chose it; one softmax over both."""
+    batch, heads, tq, _ = q.shape
+    selection, h = layer.plan.selection, head_index(heads, q.device)
+    rows = _rows(batch, heads, getattr(selection, "sinks", 0) + getattr(selection, "local_window", 0) + ROWS)
+    maxes, sums, accs, tops = [], [], [], []
+    for q0 in range(0, tq, rows):
+        q1 = min(tq, q0 + rows)
+        tops.append(choice.top(q[:, :, q0:q1], call.q_pos[:, q0:q1]))  # (B, Hs, C, k)
+        cols = as_slice(choice.reachable(call.q_pos[:, q0:q1], call.q_offset + q1).nonzero().flatten())
+        i, j, qi, kj, real = _pairs(call, q0, q1, cols)
+        seen = layer.visible(call, i, j, qi, kj, real) & selection.always_visible(i, j)
+        scores = _scores([qv[:, :, q0:q1] for qv in q_views], [kv[:, :, cols] for kv in k_views], layer.select(i, j),
+                         call.scaling, layer.bias(h, i, j)).masked_fill(~seen, float("-inf"))
+        top = scores.amax(-1)  # (B, H, C): every row sees itself, so it is finite
+        weights = torch.exp(scores - top[..., None])
+        maxes.append(top)
+        sums.append(weights.sum(-1))
+        accs.append(_weighted(weights, v[:, :, cols]).to(weights.dtype))
+    state = _Softmax(torch.cat(maxes, 2), torch.cat(sums, 2), torch.cat(accs, 2))  # (B, H, Tq[, dv])
+    _add_chosen_blocks(state, torch.cat(tops, 2), q_views, k_views, v, call, layer, spans)
+    return (state.acc / state.sum[..., None]).to(q.dtype).transpose(1, 2)
+
+
+class _Softmax:
+    """A softmax being summed over parts: per row its running max, sum of exp(score - max) and weighted values."""
+
+    def __init__(self, top: Tensor, total: Tensor, acc: Tensor):
+        self.max, self.sum, self.acc = top, total, acc
+
+    def add(self, index: tuple, top: Tensor, total: Tensor, acc: Tensor) -> None:
+        """Merge a part's (max, sum, acc) into the rows at `index` (rows whose part is empty have max -inf)."""
+        old = self.max[index]
+        new = torch.maximum(old, top)
+        keep, take = torch.exp(old - new), torch.exp(top - new)
+        self.max[index] = new
+        self.sum[index] = self.sum[index] * keep + total * take
+        self.acc[index] = self.acc[index] * keep[..., None] + acc * take[..., None]
+
+
+def _add_chosen_blocks(state: _Softmax, top: Tensor, q_views, k_views, v, call: AttentionCall, layer, spans) -> None:
+    """Each chosen block against the queries that chose it: pairs outside what the window and sinks already gave."""
+    batch, heads, _, _ = q_views[0].shape
+    kv_heads, sharing = k_views[0].shape[1], top.shape[1]
+    share = heads // sharing  # query heads per choice
+    selection = layer.plan.selection
+    for b in range(batch):
+        for hs in range(sharing):
+            chosen = top[b, hs].flatten()  # (Tq * k,)
+            rows = torch.arange(top.shape[2], device=top.device).repeat_interleave(top.shape[3])
+            keep = chosen >= 0
+            chosen, rows = chosen[keep], rows[keep]
+            order = torch.argsort(chosen, stable=True)
+            counts = torch.bincount(chosen, minlength=choice_blocks(spans)).tolist()
+            heads_here = torch.arange(hs * share, (hs + 1) * share, device=top.device)
+            kvs = heads_here // (heads // kv_heads)
+            for block, rows_of_block in zip(
+                (n for n, c in enumerate(counts) if c), torch.split(rows[order], [c for c in counts if c])
+            ):
+                cols = slice(int(spans[b, block]), int(spans[b, block + 1]))
+                _add_block(state, b, heads_here, kvs, rows_of_block, cols, q_views, k_views, v, call, layer, selection)
+
+
+def choice_blocks(spans: Tensor) -> int:
+    return spans.shape[1] - 1
+
+
+def _add_block(state, b, heads_here, kvs, rows, cols, q_views, k_views, v, call, layer, selection) -> None:
+    """One block's keys against the rows (queries) of heads `heads_here` that chose it."""
+    i = call.q_pos[b, rows][:, None]  # (n, 1)
+    j = call.k_pos[b, cols][None, :]  # (1, Bk)
+    qi = rows[:, None] + call.q_offset
+    kj = torch.arange(cols.start, cols.stop, device=rows.device)[None, :]
+    real = None if call.key_padding is None else call.key_padding[b, cols][None, :]
+    seen = layer.visible(call, i, j, qi, kj, real) & ~selection.always_visible(i, j)  # (n, Bk)
+    if not bool(seen.any()):
+        return
+    qs = [qv[b, heads_here][:, rows] for qv in q_views]  # (share, n, d)
+    ks = [kv[b, kvs, cols] for kv in k_views]  # (share, Bk, d)
+    bias = layer.bias(heads_here.view(-1, 1, 1), i, j)
+    scores = _scores(qs, ks, layer.select(i, j), call.scaling, bias).masked_fill(~seen, float("-inf"))  # (share, n, Bk)
+    top = scores.amax(-1)
+    weights = torch.exp(scores - top.clamp(min=torch.finfo(scores.dtype).min)[..., None])
+    acc = (weights.to(v.dtype) @ v[b, kvs, cols]).to(weights.dtype)  # (share, n, dv)
+    state.add((b, heads_here[:, None], rows[None, :]), top, weights.sum(-1), acc)
