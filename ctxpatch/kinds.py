@@ -217,10 +217,14 @@ class Selection(Method):
     """
 
     kind = "selection"
-    per: str = "kv_head"  # who shares one choice: "head" (each query head), "kv_head" (a GQA group), "layer"
 
     @property
     def block(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def sharing(self) -> str:
+        """Who shares one choice: "head" (each query head), "kv_head" (a GQA group's heads), "layer" (all)."""
         raise NotImplementedError
 
     @property

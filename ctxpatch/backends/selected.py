@@ -46,7 +46,7 @@ class BlockChoice:
         batch, heads, rows, dim = q.shape
         grouped = q.to(compute_dtype(q)).view(batch, self.kv_heads, heads // self.kv_heads, rows, dim)  # (B, Hk, G, C, d)
         scores = self.selection.score(grouped, self.summary)  # (B, Hk, G, C, nb)
-        per = self.selection.per
+        per = self.selection.sharing
         if per == "head":
             scores = scores.reshape(batch, heads, rows, self.blocks)  # (B, H, C, nb)
         else:

@@ -68,6 +68,10 @@ class Retrieval(Selection):
     def count(self) -> int:
         return self.top_k
 
+    @property
+    def sharing(self) -> str:
+        return self.per
+
     def check_together(self, info: ModelInfo) -> None:
         if self.local_window >= info.train_len:
             raise ValueError(
