@@ -21,6 +21,8 @@ from torch import Tensor
 
 from ..kinds import Selection
 from ..plan import AttentionCall, LayerRuntime
+from .._compat.torch import cpu_flash_attention_available
+from . import lse_views
 from .common import as_slice, compute_dtype, head_index
 
 UNION_MAX = 32  # calls with at most this many queries attend to the union of their chosen blocks in one go
@@ -171,23 +173,55 @@ def _near_then_blocks(q, v, q_views, k_views, call: AttentionCall, layer: LayerR
     batch, heads, tq, _ = q.shape
     selection, h = layer.plan.selection, head_index(heads, q.device)
     rows = _rows(batch, heads, getattr(selection, "sinks", 0) + getattr(selection, "local_window", 0) + ROWS)
-    maxes, sums, accs, tops = [], [], [], []
+    parts, tops = [], []
     for q0 in range(0, tq, rows):
         q1 = min(tq, q0 + rows)
         tops.append(choice.top(q[:, :, q0:q1], call.q_pos[:, q0:q1]))  # (B, Hs, C, k)
         cols = as_slice(choice.reachable(call.q_pos[:, q0:q1], call.q_offset + q1).nonzero().flatten())
         i, j, qi, kj, real = _pairs(call, q0, q1, cols)
-        seen = layer.visible(call, i, j, qi, kj, real) & selection.always_visible(i, j)
-        scores = _scores([qv[:, :, q0:q1] for qv in q_views], [kv[:, :, cols] for kv in k_views], layer.select(i, j),
-                         call.scaling, layer.bias(h, i, j)).masked_fill(~seen, float("-inf"))
-        top = scores.amax(-1)  # (B, H, C): every row sees itself, so it is finite
-        weights = torch.exp(scores - top[..., None])
-        maxes.append(top)
-        sums.append(weights.sum(-1))
-        accs.append(_weighted(weights, v[:, :, cols]).to(weights.dtype))
-    state = _Softmax(torch.cat(maxes, 2), torch.cat(sums, 2), torch.cat(accs, 2))  # (B, H, Tq[, dv])
+        seen = layer.visible(call, i, j, qi, kj, real) & selection.always_visible(i, j)  # (B, 1, C, K)
+        qs, ks = [qv[:, :, q0:q1] for qv in q_views], [kv[:, :, cols] for kv in k_views]
+        parts.append(_part(qs, ks, v[:, :, cols], seen, layer.select(i, j), call.scaling, layer.bias(h, i, j)))
+    state = _Softmax(*(torch.cat(part, 2) for part in zip(*parts)))  # (B, H, Tq[, dv])
     _add_chosen_blocks(state, torch.cat(tops, 2), q_views, k_views, v, call, layer, spans)
     return (state.acc / state.sum[..., None]).to(q.dtype).transpose(1, 2)
+
+
+def _part(qs, ks, vc, seen, select, scaling: float, bias) -> tuple[Tensor, Tensor, Tensor]:
+    """A softmax over the pairs `seen` (B, 1, C, K), each in its view, as (max (B, H, C), sum of exp(score - max),
+    weighted values (B, H, C, dv)); rows that see nothing have max -inf and sums 0. On CPU without gradients the
+    fused kernel makes it (max = its log-sum-exp, sum = 1), else explicit scores."""
+    if bias is None and _fused_kernel_serves(*qs, *ks, vc):
+        return _fused_part(qs, ks, vc, seen, select, scaling)
+    scores = _scores(qs, ks, select, scaling, bias).masked_fill(~seen, float("-inf"))
+    top = scores.amax(-1)
+    weights = torch.exp(scores - top.clamp(min=torch.finfo(scores.dtype).min)[..., None])
+    return top, weights.sum(-1), _weighted(weights, vc).to(weights.dtype)
+
+
+def _fused_part(qs, ks, vc, seen, select, scaling: float) -> tuple[Tensor, Tensor, Tensor]:
+    """`_part` through the fused kernel: one call per view over the columns it owns a pair of, merged by their
+    log-sum-exps."""
+    lses, outs = [], []
+    for n, (qv, kv) in enumerate(zip(qs, ks)):
+        owned = seen if select is None else seen & (select == n)
+        cols = as_slice(owned.flatten(0, -2).any(0).nonzero().flatten())
+        owned = owned[..., cols]
+        if not owned.shape[-1]:
+            continue
+        mask = torch.zeros(owned.shape, dtype=qv.dtype, device=qv.device).masked_fill(~owned, float("-inf"))
+        out, lse = lse_views.attend(qv, kv[:, :, cols], vc[:, :, cols], mask, scaling)
+        lses.append(lse.to(compute_dtype(qv)).masked_fill(~owned.any(-1), float("-inf")))
+        outs.append(out.to(compute_dtype(qv)))
+    total = torch.logsumexp(torch.stack(lses), dim=0)  # (B, H, C)
+    merged = sum(torch.nan_to_num(out * torch.exp(lse - total)[..., None]) for out, lse in zip(outs, lses))
+    return total, torch.ones_like(total), merged
+
+
+def _fused_kernel_serves(*tensors: Tensor) -> bool:
+    """The CPU kernel that returns log-sum-exps, for inference (a fine-tune takes the explicit scores: autograd)."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return cpu_flash_attention_available() and tensors[0].device.type == "cpu" and not needs_grad
 
 
 class _Softmax:
@@ -197,7 +231,7 @@ class _Softmax:
         self.max, self.sum, self.acc = top, total, acc
 
     def add(self, index: tuple, top: Tensor, total: Tensor, acc: Tensor) -> None:
-        """Merge a part's (max, sum, acc) into the rows at `index` (rows whose part is empty have max -inf)."""
+        """Merge a part's (max, sum, acc) into the rows at `index` (a part's empty rows have max -inf)."""
         old = self.max[index]
         new = torch.maximum(old, top)
         keep, take = torch.exp(old - new), torch.exp(top - new)
@@ -208,46 +242,35 @@ class _Softmax:
 
 def _add_chosen_blocks(state: _Softmax, top: Tensor, q_views, k_views, v, call: AttentionCall, layer, spans) -> None:
     """Each chosen block against the queries that chose it: pairs outside what the window and sinks already gave."""
-    batch, heads, _, _ = q_views[0].shape
-    kv_heads, sharing = k_views[0].shape[1], top.shape[1]
-    share = heads // sharing  # query heads per choice
-    selection = layer.plan.selection
-    for b in range(batch):
+    heads, kv_heads, sharing = q_views[0].shape[1], k_views[0].shape[1], top.shape[1]
+    share, groups = heads // sharing, heads // kv_heads  # query heads per choice, per key-value head
+    positions = torch.arange(top.shape[2], device=top.device).repeat_interleave(top.shape[3])  # (Tq * k,)
+    for b in range(top.shape[0]):
         for hs in range(sharing):
-            chosen = top[b, hs].flatten()  # (Tq * k,)
-            rows = torch.arange(top.shape[2], device=top.device).repeat_interleave(top.shape[3])
+            chosen = top[b, hs].flatten()  # (Tq * k,) block ids, -1 for none
             keep = chosen >= 0
-            chosen, rows = chosen[keep], rows[keep]
+            chosen, rows = chosen[keep], positions[keep]
             order = torch.argsort(chosen, stable=True)
-            counts = torch.bincount(chosen, minlength=choice_blocks(spans)).tolist()
-            heads_here = torch.arange(hs * share, (hs + 1) * share, device=top.device)
-            kvs = heads_here // (heads // kv_heads)
-            for block, rows_of_block in zip(
-                (n for n, c in enumerate(counts) if c), torch.split(rows[order], [c for c in counts if c])
-            ):
+            counts = torch.bincount(chosen, minlength=spans.shape[1] - 1).tolist()
+            blocks = [n for n, c in enumerate(counts) if c]
+            heads_here = slice(hs * share, (hs + 1) * share)
+            kvs = slice(hs * share // groups, ((hs + 1) * share - 1) // groups + 1)
+            for block, rows_of_block in zip(blocks, torch.split(rows[order], [counts[n] for n in blocks])):
                 cols = slice(int(spans[b, block]), int(spans[b, block + 1]))
-                _add_block(state, b, heads_here, kvs, rows_of_block, cols, q_views, k_views, v, call, layer, selection)
+                _add_block(state, b, heads_here, kvs, rows_of_block, cols, q_views, k_views, v, call, layer)
 
 
-def choice_blocks(spans: Tensor) -> int:
-    return spans.shape[1] - 1
-
-
-def _add_block(state, b, heads_here, kvs, rows, cols, q_views, k_views, v, call, layer, selection) -> None:
-    """One block's keys against the rows (queries) of heads `heads_here` that chose it."""
-    i = call.q_pos[b, rows][:, None]  # (n, 1)
-    j = call.k_pos[b, cols][None, :]  # (1, Bk)
-    qi = rows[:, None] + call.q_offset
-    kj = torch.arange(cols.start, cols.stop, device=rows.device)[None, :]
-    real = None if call.key_padding is None else call.key_padding[b, cols][None, :]
-    seen = layer.visible(call, i, j, qi, kj, real) & ~selection.always_visible(i, j)  # (n, Bk)
+def _add_block(state, b: int, heads: slice, kvs: slice, rows: Tensor, cols: slice, q_views, k_views, v, call, layer):
+    """One block's keys (cols) against the queries (rows) of the heads that chose it."""
+    i = call.q_pos[b, rows].view(1, 1, -1, 1)  # (1, 1, n, 1)
+    j = call.k_pos[b, cols].view(1, 1, 1, -1)  # (1, 1, 1, Bk)
+    qi, kj = (rows + call.q_offset).view(1, 1, -1, 1), torch.arange(cols.start, cols.stop, device=rows.device).view(1, 1, 1, -1)
+    real = None if call.key_padding is None else call.key_padding[b, cols].view(1, 1, 1, -1)
+    seen = layer.visible(call, i, j, qi, kj, real) & ~layer.plan.selection.always_visible(i, j)  # (1, 1, n, Bk)
     if not bool(seen.any()):
         return
-    qs = [qv[b, heads_here][:, rows] for qv in q_views]  # (share, n, d)
-    ks = [kv[b, kvs, cols] for kv in k_views]  # (share, Bk, d)
-    bias = layer.bias(heads_here.view(-1, 1, 1), i, j)
-    scores = _scores(qs, ks, layer.select(i, j), call.scaling, bias).masked_fill(~seen, float("-inf"))  # (share, n, Bk)
-    top = scores.amax(-1)
-    weights = torch.exp(scores - top.clamp(min=torch.finfo(scores.dtype).min)[..., None])
-    acc = (weights.to(v.dtype) @ v[b, kvs, cols]).to(weights.dtype)  # (share, n, dv)
-    state.add((b, heads_here[:, None], rows[None, :]), top, weights.sum(-1), acc)
+    qs = [qv[b : b + 1, heads][:, :, rows] for qv in q_views]  # (1, share, n, d)
+    ks = [kv[b : b + 1, kvs, cols] for kv in k_views]  # (1, kv heads of those, Bk, d)
+    h = torch.arange(heads.start, heads.stop, device=rows.device).view(-1, 1, 1)
+    top, total, acc = _part(qs, ks, v[b : b + 1, kvs, cols], seen, layer.select(i, j), call.scaling, layer.bias(h, i, j))
+    state.add((b, heads, rows), top[0], total[0], acc[0])
