@@ -236,13 +236,12 @@ class Selection(Method):
         """The position rule a layer gets when the spec gives it none (None: the model's own positions)."""
         return None
 
-    def always_visible(self, i: Tensor, j: Tensor) -> Tensor:
-        """Pairs seen whatever the content (positions only)."""
+    def shown(self) -> MaskFunction:
+        """The pairs seen whatever the content (window, sinks), as a mask function of positions."""
         raise NotImplementedError
 
-    def reachable(self, i_lo: Tensor, i_hi: Tensor, j: Tensor) -> Tensor:
-        """May `always_visible` hold for some query in [i_lo, i_hi] and key j, with j <= i? (conservative)"""
-        raise NotImplementedError
+    def always_visible(self, i: Tensor, j: Tensor) -> Tensor:
+        return self.shown().visible(i, j)
 
     def candidates(self, i: Tensor, blocks: Tensor) -> Tensor:
         """May a query at i choose block b? i (..., Tq, 1), blocks (nb,) -> (..., Tq, nb)."""

@@ -29,15 +29,16 @@ SMALL = {"sinks": 2, "local_window": 4, "block_size": 3}
 def path(request, monkeypatch):
     """The blockwise backend's two ways: every chosen block of a chunk at once, or block by block."""
     monkeypatch.setattr(selected, "UNION_MAX", 10**9 if request.param == "union" else 0)
-    monkeypatch.setattr(selected, "ROWS", 8)  # several chunks at the tests' 22 queries
+    monkeypatch.setattr(selected, "ROWS", 4)  # several chunks at the tests' 22 queries, narrower than a window
     return request.param
 
 
 @pytest.mark.parametrize("kind", ["plain", "padded", "skips", "stretched"])
 @pytest.mark.parametrize("per", ["head", "kv_head", "layer"])
 @pytest.mark.parametrize("scorer", ["mean", "quest"])
-def test_blockwise_paths_match_the_formula(path, kind, per, scorer):
-    params = {**SMALL, "top_k": 2, "per": per, "scorer": scorer}
+@pytest.mark.parametrize("window", [4, 10])  # 10: a chunk sees the middle of its window whole (no mask)
+def test_blockwise_paths_match_the_formula(path, kind, per, scorer, window):
+    params = {**SMALL, "top_k": 2, "per": per, "scorer": scorer, "local_window": window}
     k_pos, padding = G.make_call(kind)
     q, k, v = G.inputs(G.length)
     runtime = G.runtime_for("retrieval", params)

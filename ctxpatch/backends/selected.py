@@ -74,7 +74,7 @@ class BlockChoice:
     def reachable(self, i: Tensor, keys: int) -> Tensor:
         """(keys,) bool: the first `keys` keys some query at positions i (B, C) sees whatever the content."""
         j = self.k_pos[:, :keys]
-        return self.selection.reachable(i.amin(-1, keepdim=True), i.amax(-1, keepdim=True), j).any(0)
+        return self.selection.shown().blocks_visible(i.amin(-1, keepdim=True), i.amax(-1, keepdim=True), j, j).any(0)
 
     def columns(self, chosen: Tensor, i: Tensor, keys: int) -> Tensor:
         """(keys,) bool: the first `keys` keys some query of the chunk may see (any row, any head); i (B, C)."""
@@ -112,7 +112,7 @@ def selected_attention(
 
 
 def _rows(batch: int, heads: int, keys: int) -> int:
-    return max(16, min(ROWS, SCORE_BUDGET // max(1, batch * heads * keys)))
+    return max(min(16, ROWS), min(ROWS, SCORE_BUDGET // max(1, batch * heads * keys)))
 
 
 def _pairs(call: AttentionCall, q0: int, q1: int, cols):
@@ -178,13 +178,68 @@ def _near_then_blocks(q, v, q_views, k_views, call: AttentionCall, layer: LayerR
         q1 = min(tq, q0 + rows)
         tops.append(choice.top(q[:, :, q0:q1], call.q_pos[:, q0:q1]))  # (B, Hs, C, k)
         cols = as_slice(choice.reachable(call.q_pos[:, q0:q1], call.q_offset + q1).nonzero().flatten())
-        i, j, qi, kj, real = _pairs(call, q0, q1, cols)
-        seen = layer.visible(call, i, j, qi, kj, real) & selection.always_visible(i, j)  # (B, 1, C, K)
-        qs, ks = [qv[:, :, q0:q1] for qv in q_views], [kv[:, :, cols] for kv in k_views]
-        parts.append(_part(qs, ks, v[:, :, cols], seen, layer.select(i, j), call.scaling, layer.bias(h, i, j)))
+        parts.append(_near_part(q_views, k_views, v, call, layer, q0, q1, cols, h))
     state = _Softmax(*(torch.cat(part, 2) for part in zip(*parts)))  # (B, H, Tq[, dv])
     _add_chosen_blocks(state, torch.cat(tops, 2), q_views, k_views, v, call, layer, spans)
     return (state.acc / state.sum[..., None]).to(q.dtype).transpose(1, 2)
+
+
+def _near_part(q_views, k_views, v, call: AttentionCall, layer: LayerRuntime, q0: int, q1: int, cols, h):
+    """A chunk's pairs shown whatever the content (window, sinks) as `_part` gives them. Through the fused kernel,
+    columns every query of the chunk sees in one view (the window's middle) go in a call with no mask; only the
+    window's two edges and the sinks are masked pair by pair."""
+    qs, ks, vc = [qv[:, :, q0:q1] for qv in q_views], [kv[:, :, cols] for kv in k_views], v[:, :, cols]
+    if layer.plan.biases or not _fused_kernel_serves(*qs, *ks, vc):
+        i, j, qi, kj, real = _pairs(call, q0, q1, cols)
+        seen = layer.visible(call, i, j, qi, kj, real) & layer.plan.selection.always_visible(i, j)  # (B, 1, C, K)
+        return _part(qs, ks, vc, seen, layer.select(i, j), call.scaling, layer.bias(h, i, j))
+    whole, view = _whole_columns(call, layer, q0, q1, cols)
+    exact = as_slice((~whole).nonzero().flatten())
+    kept = torch.arange(call.k_pos.shape[1], device=whole.device)[cols]  # (K,) the chunk's key indices
+    i, j, qi, kj, real = _pairs(call, q0, q1, kept[exact])
+    seen = layer.visible(call, i, j, qi, kj, real) & layer.plan.selection.always_visible(i, j)  # (B, 1, C, E)
+    select = layer.select(i, j)
+    lses, outs = [], []
+    for n, (qv, kv) in enumerate(zip(qs, ks)):
+        mine = as_slice((whole & (view == n)).nonzero().flatten())
+        if _width(mine, whole.numel()):
+            out, lse = lse_views.attend(qv, kv[:, :, mine], vc[:, :, mine], None, call.scaling)
+            lses.append(lse.to(compute_dtype(qv)))
+            outs.append(out.to(compute_dtype(qv)))
+        owned = seen if select is None else seen & (select == n)
+        some = as_slice(owned.flatten(0, -2).any(0).nonzero().flatten())
+        owned = owned[..., some]
+        if owned.shape[-1]:
+            where = as_slice(torch.arange(whole.numel(), device=whole.device)[exact][some])
+            mask = torch.zeros(owned.shape, dtype=qv.dtype, device=qv.device).masked_fill(~owned, float("-inf"))
+            out, lse = lse_views.attend(qv, kv[:, :, where], vc[:, :, where], mask, call.scaling)
+            lses.append(lse.to(compute_dtype(qv)).masked_fill(~owned.any(-1), float("-inf")))
+            outs.append(out.to(compute_dtype(qv)))
+    return _merged(lses, outs)
+
+
+def _width(cols, total: int) -> int:
+    return len(range(total)[cols]) if isinstance(cols, slice) else cols.numel()
+
+
+def _whole_columns(call: AttentionCall, layer: LayerRuntime, q0: int, q1: int, cols) -> tuple[Tensor, Tensor]:
+    """Per key column of a chunk: is every pair of it shown, real and in one view (K,) bool, and that view (K,)."""
+    i = call.q_pos[:, q0:q1]
+    i_lo, i_hi, j = i.amin(-1, keepdim=True), i.amax(-1, keepdim=True), call.k_pos[:, cols]  # (B, 1), (B, 1), (B, K)
+    kj = torch.arange(call.k_pos.shape[1], device=j.device)[cols]
+    whole = layer.blocks_all_visible(call, i_lo, i_hi, j, j) & layer.plan.selection.shown().blocks_all_visible(i_lo, i_hi, j, j)
+    if call.key_padding is not None:
+        whole = whole & call.key_padding[:, cols]
+    whole = whole.all(0) & (kj < call.q_offset + q0)  # before every query of the chunk: no diagonal
+    needs = torch.stack([need.any(0) for need in layer.view_needs(i_lo, i_hi, j, j)])  # (V, K)
+    return whole & (needs.sum(0) == 1), needs.int().argmax(0)
+
+
+def _merged(lses: list[Tensor], outs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Partial attentions merged by their log-sum-exps, as (lse, 1, output): `_part`'s (max, sum, acc)."""
+    total = torch.logsumexp(torch.stack(lses), dim=0)  # (B, H, C)
+    merged = sum(torch.nan_to_num(out * torch.exp(lse - total)[..., None]) for out, lse in zip(outs, lses))
+    return total, torch.ones_like(total), merged
 
 
 def _part(qs, ks, vc, seen, select, scaling: float, bias) -> tuple[Tensor, Tensor, Tensor]:
@@ -213,9 +268,7 @@ def _fused_part(qs, ks, vc, seen, select, scaling: float) -> tuple[Tensor, Tenso
         out, lse = lse_views.attend(qv, kv[:, :, cols], vc[:, :, cols], mask, scaling)
         lses.append(lse.to(compute_dtype(qv)).masked_fill(~owned.any(-1), float("-inf")))
         outs.append(out.to(compute_dtype(qv)))
-    total = torch.logsumexp(torch.stack(lses), dim=0)  # (B, H, C)
-    merged = sum(torch.nan_to_num(out * torch.exp(lse - total)[..., None]) for out, lse in zip(outs, lses))
-    return total, torch.ones_like(total), merged
+    return _merged(lses, outs)
 
 
 def _fused_kernel_serves(*tensors: Tensor) -> bool:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..kinds import PositionRule, Selection
+from ..masking import GlobalTokens, MaskFunction, SlidingWindow, or_masks
 from ..registry import ModelInfo, Param, from_model, method, non_negative_int, positive_int, register
 
 SCORERS = ("mean", "quest")
@@ -96,11 +97,8 @@ class Retrieval(Selection):
     def default_position(self, info: ModelInfo) -> PositionRule:
         return method("rerope", window=self.local_window).resolve(info)
 
-    def always_visible(self, i: Tensor, j: Tensor) -> Tensor:
-        return (i - j < self.local_window) | (j < self.sinks)
-
-    def reachable(self, i_lo: Tensor, i_hi: Tensor, j: Tensor) -> Tensor:
-        return (j < self.sinks) | ((j > i_lo - self.local_window) & (j <= i_hi))
+    def shown(self) -> MaskFunction:
+        return or_masks(SlidingWindow(self.local_window), GlobalTokens(self.sinks))
 
     def candidates(self, i: Tensor, blocks: Tensor) -> Tensor:
         start = blocks * self.block_size
