@@ -179,15 +179,15 @@ def _near_then_blocks(q, v, q_views, k_views, call: AttentionCall, layer: LayerR
         tops.append(choice.top(q[:, :, q0:q1], call.q_pos[:, q0:q1]))  # (B, Hs, C, k)
         cols = as_slice(choice.reachable(call.q_pos[:, q0:q1], call.q_offset + q1).nonzero().flatten())
         parts.append(_near_part(q_views, k_views, v, call, layer, q0, q1, cols, h))
-    state = _Softmax(*(torch.cat(part, 2) for part in zip(*parts)))  # (B, H, Tq[, dv])
+    state = _Softmax(*(torch.cat(part, 2) for part in zip(*parts)))  # (B, H, Tq), (B, H, Tq, dv)
     _add_chosen_blocks(state, torch.cat(tops, 2), q_views, k_views, v, call, layer, spans)
-    return (state.acc / state.sum[..., None]).to(q.dtype).transpose(1, 2)
+    return state.out.to(q.dtype).transpose(1, 2)
 
 
 def _near_part(q_views, k_views, v, call: AttentionCall, layer: LayerRuntime, q0: int, q1: int, cols, h):
-    """A chunk's pairs shown whatever the content (window, sinks) as `_part` gives them. Through the fused kernel,
-    columns every query of the chunk sees in one view (the window's middle) go in a call with no mask; only the
-    window's two edges and the sinks are masked pair by pair."""
+    """(lse (B, H, C), out (B, H, C, dv)) of a chunk's pairs shown whatever the content (window, sinks). Through the
+    fused kernel, columns every query of the chunk sees in one view (the window's middle) go in a call with no mask;
+    only the window's two edges and the sinks are masked pair by pair."""
     qs, ks, vc = [qv[:, :, q0:q1] for qv in q_views], [kv[:, :, cols] for kv in k_views], v[:, :, cols]
     if layer.plan.biases or not _fused_kernel_serves(*qs, *ks, vc):
         i, j, qi, kj, real = _pairs(call, q0, q1, cols)
@@ -203,19 +203,25 @@ def _near_part(q_views, k_views, v, call: AttentionCall, layer: LayerRuntime, q0
     for n, (qv, kv) in enumerate(zip(qs, ks)):
         mine = as_slice((whole & (view == n)).nonzero().flatten())
         if _width(mine, whole.numel()):
-            out, lse = lse_views.attend(qv, kv[:, :, mine], vc[:, :, mine], None, call.scaling)
-            lses.append(lse.to(compute_dtype(qv)))
-            outs.append(out.to(compute_dtype(qv)))
+            _attend_into(lses, outs, qv, kv[:, :, mine], vc[:, :, mine], None, call.scaling)
         owned = seen if select is None else seen & (select == n)
         some = as_slice(owned.flatten(0, -2).any(0).nonzero().flatten())
         owned = owned[..., some]
         if owned.shape[-1]:
             where = as_slice(torch.arange(whole.numel(), device=whole.device)[exact][some])
-            mask = torch.zeros(owned.shape, dtype=qv.dtype, device=qv.device).masked_fill(~owned, float("-inf"))
-            out, lse = lse_views.attend(qv, kv[:, :, where], vc[:, :, where], mask, call.scaling)
-            lses.append(lse.to(compute_dtype(qv)).masked_fill(~owned.any(-1), float("-inf")))
-            outs.append(out.to(compute_dtype(qv)))
+            _attend_into(lses, outs, qv, kv[:, :, where], vc[:, :, where], owned, call.scaling)
     return _merged(lses, outs)
+
+
+def _attend_into(lses: list, outs: list, q: Tensor, k: Tensor, v: Tensor, owned: Tensor | None, scale: float) -> None:
+    """One fused call (lse_views.attend) on the pairs `owned` (B, 1, C, K; None: all), appended to lses and outs."""
+    mask = None
+    if owned is not None:
+        mask = torch.zeros(owned.shape, dtype=q.dtype, device=q.device).masked_fill(~owned, float("-inf"))
+    out, lse = lse_views.attend(q, k, v, mask, scale)
+    lse = lse.to(compute_dtype(q))
+    lses.append(lse if owned is None else lse.masked_fill(~owned.any(-1), float("-inf")))
+    outs.append(out.to(compute_dtype(q)))
 
 
 def _width(cols, total: int) -> int:
@@ -227,7 +233,8 @@ def _whole_columns(call: AttentionCall, layer: LayerRuntime, q0: int, q1: int, c
     i = call.q_pos[:, q0:q1]
     i_lo, i_hi, j = i.amin(-1, keepdim=True), i.amax(-1, keepdim=True), call.k_pos[:, cols]  # (B, 1), (B, 1), (B, K)
     kj = torch.arange(call.k_pos.shape[1], device=j.device)[cols]
-    whole = layer.blocks_all_visible(call, i_lo, i_hi, j, j) & layer.plan.selection.shown().blocks_all_visible(i_lo, i_hi, j, j)
+    shown = layer.plan.selection.shown()
+    whole = layer.blocks_all_visible(call, i_lo, i_hi, j, j) & shown.blocks_all_visible(i_lo, i_hi, j, j)
     if call.key_padding is not None:
         whole = whole & call.key_padding[:, cols]
     whole = whole.all(0) & (kj < call.q_offset + q0)  # before every query of the chunk: no diagonal
@@ -235,40 +242,20 @@ def _whole_columns(call: AttentionCall, layer: LayerRuntime, q0: int, q1: int, c
     return whole & (needs.sum(0) == 1), needs.int().argmax(0)
 
 
-def _merged(lses: list[Tensor], outs: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Partial attentions merged by their log-sum-exps, as (lse, 1, output): `_part`'s (max, sum, acc)."""
+def _merged(lses: list[Tensor], outs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Partial attentions (lse, out) merged by their log-sum-exps."""
     total = torch.logsumexp(torch.stack(lses), dim=0)  # (B, H, C)
     merged = sum(torch.nan_to_num(out * torch.exp(lse - total)[..., None]) for out, lse in zip(outs, lses))
-    return total, torch.ones_like(total), merged
+    return total, merged
 
 
-def _part(qs, ks, vc, seen, select, scaling: float, bias) -> tuple[Tensor, Tensor, Tensor]:
-    """A softmax over the pairs `seen` (B, 1, C, K), each in its view, as (max (B, H, C), sum of exp(score - max),
-    weighted values (B, H, C, dv)); rows that see nothing have max -inf and sums 0. On CPU without gradients the
-    fused kernel makes it (max = its log-sum-exp, sum = 1), else explicit scores."""
-    if bias is None and _fused_kernel_serves(*qs, *ks, vc):
-        return _fused_part(qs, ks, vc, seen, select, scaling)
+def _part(qs, ks, vc, seen, select, scaling: float, bias) -> tuple[Tensor, Tensor]:
+    """(lse (B, H, C), out (B, H, C, dv)) of the pairs `seen` (B, 1, C, K), each in its view, from explicit scores
+    (autograd differentiates them); rows that see nothing have lse -inf and out 0."""
     scores = _scores(qs, ks, select, scaling, bias).masked_fill(~seen, float("-inf"))
-    top = scores.amax(-1)
-    weights = torch.exp(scores - top.clamp(min=torch.finfo(scores.dtype).min)[..., None])
-    return top, weights.sum(-1), _weighted(weights, vc).to(weights.dtype)
-
-
-def _fused_part(qs, ks, vc, seen, select, scaling: float) -> tuple[Tensor, Tensor, Tensor]:
-    """`_part` through the fused kernel: one call per view over the columns it owns a pair of, merged by their
-    log-sum-exps."""
-    lses, outs = [], []
-    for n, (qv, kv) in enumerate(zip(qs, ks)):
-        owned = seen if select is None else seen & (select == n)
-        cols = as_slice(owned.flatten(0, -2).any(0).nonzero().flatten())
-        owned = owned[..., cols]
-        if not owned.shape[-1]:
-            continue
-        mask = torch.zeros(owned.shape, dtype=qv.dtype, device=qv.device).masked_fill(~owned, float("-inf"))
-        out, lse = lse_views.attend(qv, kv[:, :, cols], vc[:, :, cols], mask, scaling)
-        lses.append(lse.to(compute_dtype(qv)).masked_fill(~owned.any(-1), float("-inf")))
-        outs.append(out.to(compute_dtype(qv)))
-    return _merged(lses, outs)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.nan_to_num(torch.exp(scores - lse[..., None]))
+    return lse, _weighted(probs, vc).to(probs.dtype)
 
 
 def _fused_kernel_serves(*tensors: Tensor) -> bool:
@@ -278,19 +265,17 @@ def _fused_kernel_serves(*tensors: Tensor) -> bool:
 
 
 class _Softmax:
-    """A softmax being summed over parts: per row its running max, sum of exp(score - max) and weighted values."""
+    """A softmax being summed over parts: per row the log-sum-exp so far and the output so far."""
 
-    def __init__(self, top: Tensor, total: Tensor, acc: Tensor):
-        self.max, self.sum, self.acc = top, total, acc
+    def __init__(self, lse: Tensor, out: Tensor):
+        self.lse, self.out = lse, out
 
-    def add(self, index: tuple, top: Tensor, total: Tensor, acc: Tensor) -> None:
-        """Merge a part's (max, sum, acc) into the rows at `index` (a part's empty rows have max -inf)."""
-        old = self.max[index]
-        new = torch.maximum(old, top)
-        keep, take = torch.exp(old - new), torch.exp(top - new)
-        self.max[index] = new
-        self.sum[index] = self.sum[index] * keep + total * take
-        self.acc[index] = self.acc[index] * keep[..., None] + acc * take[..., None]
+    def add(self, index: tuple, lse: Tensor, out: Tensor) -> None:
+        """Merge a part's (lse, out) into the rows at `index` (a part's empty rows have lse -inf)."""
+        old = self.lse[index]  # never -inf: every query sees itself in the window part
+        new = torch.logaddexp(old, lse)
+        self.out[index] = self.out[index] * torch.exp(old - new)[..., None] + out * torch.exp(lse - new)[..., None]
+        self.lse[index] = new
 
 
 def _add_chosen_blocks(state: _Softmax, top: Tensor, q_views, k_views, v, call: AttentionCall, layer, spans) -> None:
@@ -314,16 +299,45 @@ def _add_chosen_blocks(state: _Softmax, top: Tensor, q_views, k_views, v, call: 
 
 
 def _add_block(state, b: int, heads: slice, kvs: slice, rows: Tensor, cols: slice, q_views, k_views, v, call, layer):
-    """One block's keys (cols) against the queries (rows) of the heads that chose it."""
+    """One block's keys (cols) against the queries (rows) of the heads that chose it. Through the fused kernel, rows
+    that see every key of the block in one view (the block is wholly outside their window) go unmasked."""
+    qs = [qv[b : b + 1, heads][:, :, rows] for qv in q_views]  # (1, share, n, d)
+    ks, vc = [kv[b : b + 1, kvs, cols] for kv in k_views], v[b : b + 1, kvs, cols]  # (1, kv heads of those, Bk, d)
+    if not layer.plan.biases and _fused_kernel_serves(*qs, *ks, vc):
+        clean, view = _clean_rows(call, layer, b, rows, cols)
+        lses, outs = [], []
+        for n in range(len(qs)):
+            mine = (clean & (view == n)).nonzero().flatten()
+            if mine.numel():
+                out, lse = lse_views.attend(qs[n][:, :, mine], ks[n], vc, None, call.scaling)
+                state.add((b, heads, rows[mine]), lse[0].to(state.lse.dtype), out[0].to(state.out.dtype))
+        rest = (~clean).nonzero().flatten()
+        rows, qs = rows[rest], [qv[:, :, rest] for qv in qs]
+        if not rows.numel():
+            return
     i = call.q_pos[b, rows].view(1, 1, -1, 1)  # (1, 1, n, 1)
     j = call.k_pos[b, cols].view(1, 1, 1, -1)  # (1, 1, 1, Bk)
-    qi, kj = (rows + call.q_offset).view(1, 1, -1, 1), torch.arange(cols.start, cols.stop, device=rows.device).view(1, 1, 1, -1)
+    qi = (rows + call.q_offset).view(1, 1, -1, 1)
+    kj = torch.arange(cols.start, cols.stop, device=rows.device).view(1, 1, 1, -1)
     real = None if call.key_padding is None else call.key_padding[b, cols].view(1, 1, 1, -1)
     seen = layer.visible(call, i, j, qi, kj, real) & ~layer.plan.selection.always_visible(i, j)  # (1, 1, n, Bk)
     if not bool(seen.any()):
         return
-    qs = [qv[b : b + 1, heads][:, :, rows] for qv in q_views]  # (1, share, n, d)
-    ks = [kv[b : b + 1, kvs, cols] for kv in k_views]  # (1, kv heads of those, Bk, d)
     h = torch.arange(heads.start, heads.stop, device=rows.device).view(-1, 1, 1)
-    top, total, acc = _part(qs, ks, v[b : b + 1, kvs, cols], seen, layer.select(i, j), call.scaling, layer.bias(h, i, j))
-    state.add((b, heads, rows), top[0], total[0], acc[0])
+    lse, out = _part(qs, ks, vc, seen, layer.select(i, j), call.scaling, layer.bias(h, i, j))
+    state.add((b, heads, rows), lse[0], out[0])
+
+
+def _clean_rows(call: AttentionCall, layer: LayerRuntime, b: int, rows: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
+    """Per row (query) of a block's group: does it see every key of the block, none of them already shown (window,
+    sinks), all in one view (n,) bool, and that view (n,)."""
+    i = call.q_pos[b, rows][:, None]  # (n, 1)
+    j = call.k_pos[b, cols]
+    j_lo, j_hi = j.amin().view(1, 1), j.amax().view(1, 1)
+    shown = layer.plan.selection.shown()
+    clean = layer.blocks_all_visible(call, i, i, j_lo, j_hi) & ~shown.blocks_visible(i, i, j_lo, j_hi)
+    clean = clean[:, 0] & (cols.stop - 1 < rows + call.q_offset)  # every key before the query by index too
+    if call.key_padding is not None:
+        clean = clean & call.key_padding[b, cols].all()
+    needs = torch.stack([need[:, 0] for need in layer.view_needs(i, i, j_lo, j_hi)])  # (V, n)
+    return clean & (needs.sum(0) == 1), needs.int().argmax(0)
