@@ -1,8 +1,8 @@
 """From a spec ("logn+window", a list of method objects) to one plan per layer.
 
-Composition rules (DESIGN.md): biases add, scales multiply, at most one mask and one position rule
-per layer (a second is an error naming both; a rule marked `modifier`, like xpos, combines with
-any other), `layers=` picks layers, and a spec holding both `logn` and `window` with no `layers=`
+Composition rules (DESIGN.md): biases add, scales multiply, at most one mask, one position rule and one
+selection per layer (a second is an error naming both; a rule marked `modifier`, like xpos, combines with
+any other; a selection on a layer with no position rule brings its own: retrieval's is ReRoPE at W), `layers=` picks layers, and a spec holding both `logn` and `window` with no `layers=`
 anywhere gets the article's hybrid layout: `window` on every layer but the last `full_layers`,
 which get full causal attention with `logn`.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import CompositionError, ParameterTypeError, ParameterValueError
-from .kinds import Bias, CachePolicy, Mask, PositionRule, Scale
+from .kinds import Bias, CachePolicy, Mask, PositionRule, Scale, Selection
 from .plan import LayerPlan
 from .spec import parse_spec
 from .registry import Method, ModelInfo
@@ -91,16 +91,19 @@ def _slots(m: Method) -> list[str]:
         slots.append("modifiers" if m.modifier else "position")
     if isinstance(m, CachePolicy):
         slots.append("cache")
+    if isinstance(m, Selection):
+        slots.append("selection")
     if not slots:
         raise TypeError(f"{m.name}: unknown method kind {m.kind!r}")
     return slots
 
 
-_SINGLE = {"mask": "masks", "position": "position rules", "cache": "cache policies"}
+_SINGLE = {"mask": "masks", "position": "position rules", "cache": "cache policies", "selection": "selections"}
 _HINT = {
     "mask": "a layer takes one mask (pick one, or give them disjoint layers=)",
     "position": "a layer takes one (xpos is the exception: it combines with any other)",
     "cache": "a layer takes one",
+    "selection": "a layer takes one",
 }
 
 
@@ -121,6 +124,9 @@ def plan_layers(methods: list[Method], info: ModelInfo) -> list[LayerPlan]:
                 else:
                     setattr(plan, slot, getattr(plan, slot) + (m,))
             plan.methods.append(m)
+    for plan in plans:  # a selection alone shows the keys it lets through at its own positions (retrieval: ReRoPE's)
+        if plan.selection is not None and plan.position is None:
+            plan.position = plan.selection.default_position(info)
     return plans
 
 

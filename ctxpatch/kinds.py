@@ -206,6 +206,56 @@ class CachePolicy(Method):
         return None
 
 
+class Selection(Method):
+    """Which keys a query sees, decided by their content (q . k), on top of causality, padding and any mask.
+
+    Keys are grouped in blocks of `block_size` positions (block ⌊j/B⌋). A query at i sees the keys
+    `always_visible(i, j)` gives (its window, sinks) and every key of the `top_k` *candidate* blocks that
+    score highest for it (`summarize` then `score`: from un-rotated q and keys). A candidate block is
+    complete before the query (every key it can hold is at or before i), so a query's choice depends on
+    its own q and keys at or before it only: never on which other queries share its forward.
+    """
+
+    kind = "selection"
+
+    @property
+    def block(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def sharing(self) -> str:
+        """Who shares one choice: "head" (each query head), "kv_head" (a GQA group's heads), "layer" (all)."""
+        raise NotImplementedError
+
+    @property
+    def count(self) -> int:
+        """How many blocks a query chooses (top_k)."""
+        raise NotImplementedError
+
+    def default_position(self, info: ModelInfo) -> PositionRule | None:
+        """The position rule a layer gets when the spec gives it none (None: the model's own positions)."""
+        return None
+
+    def shown(self) -> MaskFunction:
+        """The pairs seen whatever the content (window, sinks), as a mask function of positions."""
+        raise NotImplementedError
+
+    def always_visible(self, i: Tensor, j: Tensor) -> Tensor:
+        return self.shown().visible(i, j)
+
+    def candidates(self, i: Tensor, blocks: Tensor) -> Tensor:
+        """May a query at i choose block b? i (..., Tq, 1), blocks (nb,) -> (..., Tq, nb)."""
+        raise NotImplementedError
+
+    def summarize(self, keys: Tensor, block_of: Tensor, real: Tensor, blocks: int) -> dict[str, Tensor]:
+        """Per-block summaries of un-rotated keys (B, Hk, Tk, d); block_of (B, Tk) block ids, real (B, Tk)."""
+        raise NotImplementedError
+
+    def score(self, q: Tensor, summary: dict[str, Tensor]) -> Tensor:
+        """(B, Hk, G, Tq, nb) scores of every block for un-rotated queries q (B, Hk, G, Tq, d)."""
+        raise NotImplementedError
+
+
 def parameter_holder(tensors: dict[str, Tensor]) -> nn.Module:
     """An `nn.Module` carrying a method's per-layer tensors, so `model.parameters()` sees them."""
     holder = nn.Module()

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .kinds import Bias, CachePolicy, Mask, PositionRule, Scale, identity, parameter_holder
+from .kinds import Bias, CachePolicy, Mask, PositionRule, Scale, Selection, identity, parameter_holder
 from .masking import CAUSAL, MaskFunction, SlidingWindow, and_masks
 from .registry import Method, ModelInfo
 from .rotary import Rotary
@@ -34,6 +34,7 @@ class LayerPlan:
     position: PositionRule | None = None
     modifiers: tuple[PositionRule, ...] = ()
     cache: CachePolicy | None = None
+    selection: Selection | None = None  # which keys a query sees by their content (the backends ask backends.selected)
     methods: list[Method] = field(default_factory=list)
 
 

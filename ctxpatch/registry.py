@@ -1,10 +1,10 @@
 """The method registry: parameter specs, the `Method` base class and the name -> class table.
 
 Every method file defines one small subclass of a kind base class (`Mask`, `Bias`, `Scale`,
-`PositionRule`, `CachePolicy`) and decorates it with `@register`. A second registration under the
+`PositionRule`, `CachePolicy`, `Selection`) and decorates it with `@register`. A second registration under the
 same name is refused, as peft refuses duplicate tuner types. Method files are found, not listed:
 `discover()` imports every module of the kind packages (masks/, biases/, scales/, positions/,
-caches/), so a new method is one new file there.
+caches/, selections/), so a new method is one new file there.
 """
 
 from __future__ import annotations
@@ -20,9 +20,12 @@ from typing import Any, Callable, ClassVar
 
 from .errors import ParameterTypeError, ParameterValueError, UnknownMethodError
 
-KINDS = ("mask", "bias", "scale", "position", "cache")
-KIND_PACKAGES = ("masks", "biases", "scales", "positions", "caches")  # where method files live
-KIND_LABELS = {"mask": "mask", "bias": "bias", "scale": "scale", "position": "position rule", "cache": "cache policy"}
+KINDS = ("mask", "bias", "scale", "position", "cache", "selection")
+KIND_PACKAGES = ("masks", "biases", "scales", "positions", "caches", "selections")  # where method files live
+KIND_LABELS = {
+    "mask": "mask", "bias": "bias", "scale": "scale", "position": "position rule", "cache": "cache policy",
+    "selection": "selection",
+}
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,49 @@ def xpos_weights(i, j, rotary_dim, scale_base):
     return zeta ** ((i - j).double()[..., None] / scale_base)
 
 
+# ---- selections: which keys a query sees by their content --------------------------------------------
+
+
+def retrieval_visible(q, k, i, j, key_real, sinks, w, block, top_k, scorer="mean", per="kv_head"):
+    """(B, H, Tq, Tk): Δ < W, j < S, or j in one of the top_k candidate blocks of query i, pair by pair in Python.
+
+    A block b = ⌊j/B⌋ is a candidate for i when b·B ≤ i − W and (b+1)·B ≤ i + 1 and it holds a real key; its score
+    for head h is q_h · mean(un-rotated keys) ("mean") or Σ_c max(q_c min_c, q_c max_c) ("quest"), summed over the
+    heads sharing the choice (`per`); ties go to the earlier block."""
+    batch, heads, tq, _ = q.shape
+    groups = heads // k.shape[1]
+    i, j = i.expand(batch, 1, tq, 1)[:, 0, :, 0], j.expand(batch, 1, 1, k.shape[2])[:, 0, 0, :]  # (B, Tq), (B, Tk)
+    real = torch.ones(j.shape, dtype=torch.bool) if key_real is None else key_real.expand(batch, 1, 1, -1)[:, 0, 0]
+    out = torch.zeros(batch, heads, tq, j.shape[1], dtype=torch.bool)
+    for b in range(batch):
+        members: dict[int, list[int]] = {}
+        for n in range(j.shape[1]):
+            if real[b, n]:
+                members.setdefault(int(math.floor(float(j[b, n]) / block)), []).append(n)
+        for t in range(tq):
+            pos = float(i[b, t])
+            blocks = [blk for blk in sorted(members) if blk * block <= pos - w and (blk + 1) * block <= pos + 1]
+            for h in range(heads):
+                sharing = {"head": [h], "kv_head": list(range(h // groups * groups, h // groups * groups + groups)),
+                           "layer": list(range(heads))}[per]
+                scores = {}
+                for blk in blocks:
+                    total = 0.0
+                    for g in sharing:
+                        keys = k[b, g // groups, members[blk]].double()  # (n, d)
+                        query = q[b, g, t].double()
+                        if scorer == "mean":
+                            total += float(query @ keys.mean(0))
+                        else:
+                            total += float(torch.maximum(query * keys.min(0).values, query * keys.max(0).values).sum())
+                    scores[blk] = total
+                top = set(sorted(scores, key=lambda blk: (-scores[blk], blk))[:top_k])
+                for n in range(j.shape[1]):
+                    jp = float(j[b, n])
+                    out[b, h, t, n] = pos - jp < w or jp < sinks or math.floor(jp / block) in top
+    return out
+
+
 # ---- the table: one entry per method ---------------------------------------------------------------
 
 
@@ -197,6 +240,10 @@ class Pairs:
     kappa: Any = 1.0
     bias: Any = 0.0
     scaler: str = "default"
+    q: Any = None  # (B, H, Tq, d) un-rotated queries and (B, Hk, Tk, d) keys, for selections
+    k: Any = None
+    key_real: Any = None  # (B, 1, 1, Tk) or None
+    names: tuple = ()  # every method of the spec
 
     def narrow(self, seen: torch.Tensor) -> None:
         self.visible = self.visible & seen
@@ -243,6 +290,21 @@ def _kerple(name: str) -> Callable[[Pairs], None]:
     return _add_bias(lambda p: kernel(p.tensors(name)["r1"].detach(), p.tensors(name)["r2"].detach(), p.i, p.j))
 
 
+POSITION_RULES = {"rerope", "leaky_rerope", "selfextend", "dca", "string", "sinks", *("linear", "ntk", "dynamic", "yarn"),
+                  "llama3", "longrope"}
+
+
+def _retrieval(p: Pairs) -> None:
+    """The selection narrows what is seen; alone (no other position rule) keys outside W are seen at W (ReRoPE)."""
+    a = p.params
+    p.narrow(retrieval_visible(
+        p.q, p.k, p.i, p.j, p.key_real, a["sinks"], a["local_window"], a["block_size"], a["top_k"],
+        a.get("scorer", "mean"), a.get("per", "kv_head"),
+    ))
+    if not POSITION_RULES & set(p.names):
+        p.rel = rerope(p.i, p.j, a["local_window"])
+
+
 FORMULAS: dict[str, Formula] = {
     "window": Formula({"window": 5}, lambda p: p.narrow(window(p.i, p.j, p.params["window"]))),
     "bca": Formula({"block_size": 4}, lambda p: p.narrow(bca(p.i, p.j, p.params["block_size"]))),
@@ -284,4 +346,5 @@ FORMULAS: dict[str, Formula] = {
     "string": Formula(
         {"offset": 6, "local_window": 2}, _set(rel=lambda p: string(p.i, p.j, p.params["offset"], p.params["local_window"]))
     ),
+    "retrieval": Formula({"sinks": 2, "local_window": 4, "block_size": 3, "top_k": 2}, _retrieval),
 }

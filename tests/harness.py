@@ -151,6 +151,7 @@ class Geometry:
         pairs = f.Pairs(
             i=i, j=j, params=params, heads=self.heads, rotary_dim=self.rotary_dim, train_len=self.train_len,
             tensors=runtime.params_of, visible=f.causal(i, j, key_real), rel=(i - j).double(),
+            q=q, k=k, key_real=key_real, names=tuple(names),
         )
         for name in names:
             f.FORMULAS[name].apply(pairs)

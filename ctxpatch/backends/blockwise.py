@@ -24,6 +24,7 @@ from torch import Tensor
 from ..plan import AttentionCall, LayerRuntime
 from . import lse_views
 from .common import as_slice, column_count, head_index
+from .selected import selected_attention
 
 BLOCK = 256  # rows of a query chunk and size of a key block
 # A multi-view rule makes a few fused calls per view and chunk, so its per-call overhead is paid once per view;
@@ -106,6 +107,8 @@ def blockwise_attention(
     kappa = layer.kappa(call.q_pos)  # (B, Tq)
     if kappa is not None:
         q_views = [qv * kappa[:, None, :, None].to(qv.dtype) for qv in q_views]
+    if layer.plan.selection is not None:
+        return selected_attention(q, k, v, q_views, k_views, call, layer, functools.partial(_modified, layer))
     if _is_plain_causal(call, layer, tq, tk):
         out = F.scaled_dot_product_attention(
             q_views[0], k_views[0], v, is_causal=tq > 1, dropout_p=call.dropout, scale=call.scaling,

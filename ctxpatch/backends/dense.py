@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..plan import AttentionCall, LayerRuntime
 from .common import compute_dtype, head_index
+from .selected import BlockChoice, expand_heads
 
 
 def dense_attention(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, layer: LayerRuntime) -> Tensor:
@@ -42,7 +43,12 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, layer:
     bias = layer.bias(head_index(heads, q.device), i, j)
     if bias is not None:
         scores = scores + bias.to(dtype)
-    scores = scores.masked_fill(~layer.visible(call, i, j, qi, kj, key_real), float("-inf"))
+    visible = layer.visible(call, i, j, qi, kj, key_real)
+    if layer.plan.selection is not None:
+        choice = BlockChoice(layer.plan.selection, k, call)
+        chosen = choice.chosen(q, call.q_pos)
+        visible = visible & expand_heads(choice.visible(chosen, i, j, choice.block_of[:, None, None, :]), heads)
+    scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = F.dropout(probs, p=call.dropout, training=call.dropout > 0)
     out = probs.to(v.dtype) @ v.repeat_interleave(groups, dim=1)  # (B, H, Tq, d)

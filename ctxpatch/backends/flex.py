@@ -15,6 +15,7 @@ from torch import Tensor
 
 from ..plan import AttentionCall, LayerRuntime
 from .common import compute_dtype
+from .selected import BlockChoice
 
 
 @functools.cache
@@ -43,6 +44,8 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall,
         centre = (everything.amin(-1, keepdim=True) + everything.amax(-1, keepdim=True)) // 2  # (B, 1)
         q_views, k_views = layer.modify(q_views, q_pos, centre, 0), layer.modify(k_views, k_pos, centre, 1)
 
+    selected = _selection_mask(q, k, call, layer)
+
     def score_mod(score, b, h, q_idx, kv_idx):
         bias = layer.bias(h, q_pos[b, q_idx], k_pos[b, kv_idx])
         return score if bias is None else score + bias.to(score.dtype)
@@ -54,10 +57,12 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall,
             i, j = q_pos[b, q_idx], k_pos[b, kv_idx]
             real = None if padding is None else padding[b, kv_idx]
             seen = layer.visible(call, i, j, q_idx + offset, kv_idx, real)
+            if selected is not None:
+                seen = seen & selected(b, h, q_idx, kv_idx, i, j)
             select = layer.select(i, j)
             return seen if select is None else seen & (select == n)
 
-        block_mask = create_block_mask(mask_mod, batch, None, tq, tk, device=q.device)
+        block_mask = create_block_mask(mask_mod, batch, None if selected is None else heads, tq, tk, device=q.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the eager (CPU) path warns that it is unfused
             out, lse = flex(
@@ -71,3 +76,18 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall,
     total = torch.logsumexp(torch.stack(lses), dim=0)  # (B, H, Tq)
     merged = sum(o.to(total.dtype) * torch.exp(l - total).unsqueeze(-1) for o, l in zip(outs, lses))
     return merged.to(q.dtype).transpose(1, 2)
+
+
+def _selection_mask(q: Tensor, k: Tensor, call: AttentionCall, layer: LayerRuntime):
+    """A selection's pairs as a mask_mod term: every query's chosen blocks made up front (B, Hs, Tq, nb)."""
+    if layer.plan.selection is None:
+        return None
+    choice = BlockChoice(layer.plan.selection, k, call)
+    chosen = choice.chosen(q, call.q_pos)
+    share = q.shape[1] // chosen.shape[1] if chosen.shape[1] > 1 else q.shape[1]  # query heads per choice
+
+    def selected(b, h, q_idx, kv_idx, i, j):
+        picked = chosen[b, h // share, q_idx, choice.block_of[b, kv_idx]]
+        return picked | layer.plan.selection.always_visible(i, j)
+
+    return selected

@@ -141,7 +141,7 @@ def _merge(
     outs = []
     for n, c in enumerate(calls):
         mask = c.mask(qs[0].dtype, bias)
-        out, lse = _attend(qs[c.view][:, :, c.rows], ks[c.view][:, :, c.cols], vc[:, :, c.cols], mask, scale)
+        out, lse = attend(qs[c.view][:, :, c.rows], ks[c.view][:, :, c.cols], vc[:, :, c.cols], mask, scale)
         lses[n, :, :, c.rows] = lse if c.empty is None else lse.masked_fill(c.empty, float("-inf"))
         outs.append(out)
     total = torch.logsumexp(lses, dim=0)  # (B, H, Qc)
@@ -205,7 +205,7 @@ def _fold_mask(mask: Tensor | None, kv_heads: int, heads: int) -> Tensor | None:
     return _fold(mask, kv_heads)  # (B, H, Qc, Kr) -> (B, Hk, G*Qc, Kr)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """(out (B, H, Qc, d), lse (B, H, Qc)) of one call; query heads sharing a kv head folded into rows."""
     batch, heads, rows, _ = q.shape
     kv_heads = k.shape[1]

@@ -1,7 +1,8 @@
 """The specs `ctxpatch tune` measures, read from the method registry.
 
-By default: every training-free position rule (`Method.training_free`, kind "position"), each point of its
-`candidate_grid` (its target rule and a few neighbours), alone and with each training-free scale (`logn`).
+By default: every training-free position rule and selection (`Method.training_free`, kinds "position" and
+"selection"), each point of its `candidate_grid` (its target rule and a few neighbours), alone and with each
+training-free scale (`logn`).
 A method registered later joins without a change here. `--candidates` narrows or widens the set:
 
     "dca,selfextend[group=16],yarn"       only these; a name without brackets expands to its grid
@@ -27,7 +28,7 @@ from ..errors import CompositionError, CtxpatchError, UnknownMethodError
 from ..registry import Method, ModelInfo, method, method_class, registered
 from ..spec import parse_params, split_top_level
 
-PRIMARY_KINDS = ("position",)  # measured alone
+PRIMARY_KINDS = ("position", "selection")  # measured alone
 COMPANION_KINDS = ("scale",)  # measured on top of each primary
 DEFAULT = "default"  # in --candidates: the registry's set
 

@@ -1,0 +1,126 @@
+"""`retrieval`: query-aware block retrieval. A query sees its local window, the first S keys, and the
+keys of the k key blocks whose content scores highest for it; everything else is left out of the softmax.
+
+    visible(i, j) = (Δ < W) or (j < S) or (⌊j/B⌋ is among the top k candidate blocks of query i)
+    candidate b for i:  b·B ≤ i − W (the block has a key outside the window) and (b+1)·B ≤ i + 1 (complete)
+
+Blocks are scored from un-rotated queries and keys (position-free, as ReAttention): `mean` is q · (the
+block's mean key), `quest` is Quest's bound Σ_c max(q_c min_c, q_c max_c) over the block's per-channel
+minimum and maximum. `per` says who shares a choice: each query head, each key-value head (its query
+heads' scores summed, the default), or the whole layer (InfLLM's choice). Alone, every visible key
+outside the window is seen by RoPE at distance W (ReRoPE's cap); composed with a position rule, that
+rule places the keys. Defaults follow InfLLM's Llama-3 (8k) configuration scaled to L: S = B = L/64,
+W = L/2, k = 16, so S + W + k·B = 49L/64 ≤ L keys per query at any length.
+
+Papers: Xiao et al., "InfLLM: Training-Free Long-Context Extrapolation for LLMs with an Efficient
+Context Memory" (NeurIPS 2024); Lu et al., "LongHeads: Multi-Head Attention is Secretly a Long Context
+Processor" (2024); Tang et al., "Quest: Query-Aware Sparsity for Efficient Long-Context LLM Inference"
+(ICML 2024).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+from ..kinds import PositionRule, Selection
+from ..masking import GlobalTokens, MaskFunction, SlidingWindow, or_masks
+from ..registry import ModelInfo, Param, from_model, method, non_negative_int, positive_int, register
+
+SCORERS = ("mean", "quest")
+SHARING = ("head", "kv_head", "layer")
+
+
+def _one_of(*choices: str):
+    return lambda value: None if value in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+
+def _floor(p: Tensor, size: int) -> Tensor:
+    return torch.div(p, size, rounding_mode="floor")
+
+
+@register
+class Retrieval(Selection):
+    """Query-aware block retrieval: window, sinks and the top-k key blocks by content."""
+
+    name = "retrieval"
+    paper = "InfLLM (Xiao et al., 2024); LongHeads (Lu et al., 2024); Quest (Tang et al., 2024)"
+    definition = (
+        "visible iff Δ < W, or j < S, or ⌊j/B⌋ is one of the k complete blocks before the window that score highest "
+        "for the query (un-rotated q against the block's mean key or Quest bound); alone, keys outside the window "
+        "are seen at distance W"
+    )
+    params = (
+        Param("sinks", from_model("L // 64", lambda m: m.train_len // 64), non_negative_int, "S, first keys always seen"),
+        Param("local_window", from_model("L // 2", lambda m: max(1, m.train_len // 2)), positive_int, "W"),
+        Param("block_size", from_model("L // 64", lambda m: max(1, m.train_len // 64)), positive_int, "B"),
+        Param("top_k", 16, non_negative_int, "k, blocks each query chooses"),
+        Param("scorer", "mean", _one_of(*SCORERS), "how a block is scored"),
+        Param("per", "kv_head", _one_of(*SHARING), "who shares a choice"),
+    )
+
+    @property
+    def block(self) -> int:
+        return self.block_size
+
+    @property
+    def count(self) -> int:
+        return self.top_k
+
+    @property
+    def sharing(self) -> str:
+        return self.per
+
+    def check_together(self, info: ModelInfo) -> None:
+        if self.local_window >= info.train_len:
+            raise ValueError(
+                f"retrieval: local_window={self.local_window} must be below the trained length {info.train_len} "
+                "(keys outside the window are seen at distance W)"
+            )
+        seen = self.sinks + self.local_window + self.top_k * self.block_size
+        if seen > info.train_len:
+            warnings.warn(
+                f"retrieval: sinks + local_window + top_k * block_size = {seen} keys per query, more than the "
+                f"{info.train_len} the model was trained on",
+                UserWarning, stacklevel=6,
+            )
+
+    @classmethod
+    def candidate_grid(cls, info: ModelInfo, target_len: int) -> list[dict]:
+        """InfLLM's configuration scaled to L (the default), a quarter window with twice the blocks, and Quest's
+        scorer."""
+        length = info.train_len
+        return [{}, {"local_window": max(1, length // 4), "top_k": 32}, {"scorer": "quest"}]
+
+    def default_position(self, info: ModelInfo) -> PositionRule:
+        return method("rerope", window=self.local_window).resolve(info)
+
+    def shown(self) -> MaskFunction:
+        return or_masks(SlidingWindow(self.local_window), GlobalTokens(self.sinks))
+
+    def candidates(self, i: Tensor, blocks: Tensor) -> Tensor:
+        start = blocks * self.block_size
+        return (start <= i - self.local_window) & (start + self.block_size <= i + 1)
+
+    def summarize(self, keys: Tensor, block_of: Tensor, real: Tensor, blocks: int) -> dict[str, Tensor]:
+        batch, kv_heads, _, dim = keys.shape
+        index = block_of[:, None, :, None].expand_as(keys)  # (B, Hk, Tk, d)
+        shape = (batch, kv_heads, blocks, dim)
+        fill = real[:, None, :, None]
+        if self.scorer == "mean":
+            total = keys.new_zeros(shape).scatter_add_(2, index, keys.masked_fill(~fill, 0))
+            count = real.to(keys.dtype).new_zeros(batch, blocks).scatter_add_(1, block_of, real.to(keys.dtype))
+            return {"mean": total / count.clamp(min=1)[:, None, :, None]}
+        low = keys.new_full(shape, float("inf")).scatter_reduce_(2, index, keys.masked_fill(~fill, float("inf")), "amin")
+        high = keys.new_full(shape, -float("inf")).scatter_reduce_(
+            2, index, keys.masked_fill(~fill, -float("inf")), "amax"
+        )
+        return {"low": low.nan_to_num(posinf=0.0), "high": high.nan_to_num(neginf=0.0)}
+
+    def score(self, q: Tensor, summary: dict[str, Tensor]) -> Tensor:
+        if self.scorer == "mean":
+            return q @ summary["mean"][:, :, None].transpose(-1, -2)
+        high, low = summary["high"][:, :, None].transpose(-1, -2), summary["low"][:, :, None].transpose(-1, -2)
+        return q.clamp(min=0) @ high + q.clamp(max=0) @ low  # (B, Hk, G, Tq, nb)

@@ -1,0 +1,200 @@
+"""`retrieval` (a selection): its exact ends against the float64 formulas, its scorers against a direct evaluation,
+its choices independent of how the tokens are fed, and its refusals leaving the model untouched.
+
+Backend agreement, padding, GQA, bf16, gradients and generation on whole models are in test_formulas.py and
+test_model.py with every other method.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import formulas as f
+import pytest
+import torch
+from harness import LLAMA_GEOMETRY as G
+from torch.testing import assert_close
+
+import ctxpatch
+from conftest import tiny_model, token_ids
+from ctxpatch.backends import blockwise, selected
+from ctxpatch.errors import ParameterValueError
+from ctxpatch.registry import ModelInfo, method
+
+BACKENDS = ["dense", "blockwise", "flex"]
+SMALL = {"sinks": 2, "local_window": 4, "block_size": 3}
+
+
+@pytest.fixture(params=["union", "blocks"])
+def path(request, monkeypatch):
+    """The blockwise backend's two ways: every chosen block of a chunk at once, or block by block."""
+    monkeypatch.setattr(selected, "UNION_MAX", 10**9 if request.param == "union" else 0)
+    monkeypatch.setattr(selected, "ROWS", 4)  # several chunks at the tests' 22 queries, narrower than a window
+    return request.param
+
+
+@pytest.mark.parametrize("kind", ["plain", "padded", "skips", "stretched"])
+@pytest.mark.parametrize("per", ["head", "kv_head", "layer"])
+@pytest.mark.parametrize("scorer", ["mean", "quest"])
+@pytest.mark.parametrize("window", [4, 10])  # 10: a chunk sees the middle of its window whole (no mask)
+def test_blockwise_paths_match_the_formula(path, kind, per, scorer, window):
+    params = {**SMALL, "top_k": 2, "per": per, "scorer": scorer, "local_window": window}
+    k_pos, padding = G.make_call(kind)
+    q, k, v = G.inputs(G.length)
+    runtime = G.runtime_for("retrieval", params)
+    got = G.run("blockwise", runtime, q, k, v, k_pos, padding, G.length)
+    expected = G.reference("retrieval", params, runtime, q, k, v, k_pos, padding, G.length)
+    assert_close(G.real_rows(got, padding, G.length), G.real_rows(expected, padding, G.length), rtol=1e-6, atol=1e-6)
+
+
+def _run(spec: str, params: dict, backend: str, kind: str = "padded"):
+    k_pos, padding = G.make_call(kind)
+    q, k, v = G.inputs(G.length)
+    runtime = G.runtime_for(spec, params)
+    return G.real_rows(G.run(backend, runtime, q, k, v, k_pos, padding, G.length), padding, G.length), (q, k, v, k_pos, padding)
+
+
+def _formula(visible_fn, rel_fn, q, k, v, k_pos, padding):
+    """Attention with the given visible pairs and relative positions, from tests/formulas.py alone."""
+    i, j = k_pos[:, None, :, None], k_pos[:, None, None, :]
+    key_real = None if padding is None else padding[:, None, None, :]
+    scores = f.rotary_scores(q, k, rel_fn(i, j), f.default_theta(G.rotary_dim, 10000.0), G.rotary_dim)
+    out = f.attention(q, k, v, scores * G.head_dim**-0.5, f.causal(i, j, key_real) & visible_fn(i, j))
+    return G.real_rows(out, padding, G.length)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["plain", "padded", "skips"])
+def test_every_block_chosen_is_rerope_at_the_window(backend, kind):
+    got, inputs = _run("retrieval", {**SMALL, "top_k": 100}, backend, kind)
+    expected = _formula(lambda i, j: torch.ones_like(i - j, dtype=torch.bool), lambda i, j: f.rerope(i, j, 4), *inputs)
+    assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_block_chosen_is_sinks_and_window(backend):
+    got, inputs = _run("retrieval", {**SMALL, "top_k": 0}, backend)
+    expected = _formula(lambda i, j: f.sinks_visible(i, j, 2, 4), lambda i, j: f.rerope(i, j, 4), *inputs)
+    assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule,params", [("dca", {"chunk_len": 5, "local_window": 2}), ("selfextend", {"window": 6, "group": 3})])
+def test_every_block_chosen_under_a_rule_is_that_rule(backend, rule, params):
+    mine = {"sinks": 1, "block_size": 3, "top_k": 100, "local_window": params.get("local_window", 6)}
+    got, _ = _run(f"retrieval+{rule}", {**mine, **params}, backend)
+    expected, _ = _run(rule, params, "dense")
+    assert_close(got, expected, rtol=1e-7, atol=1e-7)
+
+
+def test_a_choice_leaves_keys_out():
+    """With few blocks chosen the result is neither rerope nor sinks + window (the other tests could pass vacuously)."""
+    chosen, _ = _run("retrieval", {**SMALL, "top_k": 1}, "dense")
+    everything, _ = _run("retrieval", {**SMALL, "top_k": 100}, "dense")
+    nothing, _ = _run("retrieval", {**SMALL, "top_k": 0}, "dense")
+    assert (chosen - everything).abs().max() > 1e-3 and (chosen - nothing).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scorer", ["mean", "quest"])
+def test_scorers_against_a_direct_evaluation(scorer):
+    retrieval = method("retrieval", scorer=scorer, block_size=3, local_window=4).resolve(G.info)
+    g = torch.Generator().manual_seed(3)
+    keys = torch.randn(1, 2, 9, 5, generator=g, dtype=torch.float64)  # (B, Hk, Tk, d): three blocks of three
+    q = torch.randn(1, 2, 2, 4, 5, generator=g, dtype=torch.float64)  # (B, Hk, G, Tq, d)
+    real = torch.ones(1, 9, dtype=torch.bool)
+    real[0, 4] = False  # a padding key is in no summary
+    block_of = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2]])
+    got = retrieval.score(q, retrieval.summarize(keys, block_of, real, 3))
+    expected = torch.empty(1, 2, 2, 4, 3, dtype=torch.float64)
+    for h in range(2):
+        for b, members in enumerate([[0, 1, 2], [3, 5], [6, 7, 8]]):
+            block = keys[0, h, members]  # (n, d)
+            for g_ in range(2):
+                for t in range(4):
+                    query = q[0, h, g_, t]
+                    if scorer == "mean":
+                        expected[0, h, g_, t, b] = sum(float(query @ key) for key in block) / len(members)
+                    else:
+                        bound = [max(query[c] * block[:, c].min(), query[c] * block[:, c].max()) for c in range(5)]
+                        expected[0, h, g_, t, b] = float(sum(bound))
+    assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_quest_bounds_every_key_of_its_block():
+    retrieval = method("retrieval", scorer="quest", block_size=4).resolve(G.info)
+    keys = torch.randn(1, 1, 8, 6, dtype=torch.float64)
+    q = torch.randn(1, 1, 1, 3, 6, dtype=torch.float64)
+    block_of = torch.arange(8).div(4, rounding_mode="floor")[None]
+    bound = retrieval.score(q, retrieval.summarize(keys, block_of, torch.ones(1, 8, dtype=torch.bool), 2))
+    exact = (q[0, 0, 0] @ keys[0, 0].T).view(3, 2, 4).amax(-1)  # the best key of each block
+    assert (bound[0, 0, 0] >= exact - 1e-12).all()
+
+
+SCHEDULE = {"sinks": 2, "local_window": 6, "block_size": 4, "top_k": 2}
+
+
+@pytest.mark.parametrize("backend", ["dense", "blockwise"])
+@pytest.mark.parametrize("per", ["head", "kv_head", "layer"])
+def test_one_pass_pieces_and_generate_agree(backend, per, path, monkeypatch):
+    """The selection a query makes does not depend on which other queries share its forward."""
+    monkeypatch.setattr(blockwise, "BLOCK", 8)
+    model = tiny_model("llama")
+    ids = token_ids(2, 70)
+    with torch.no_grad(), ctxpatch.apply(model, "retrieval", backend=backend, per=per, **SCHEDULE):
+        whole = model(ids).logits
+        first = model(ids[:, :23], use_cache=True)
+        second = model(ids[:, 23:51], past_key_values=first.past_key_values, use_cache=True)
+        cache, steps = second.past_key_values, []
+        for t in range(51, 70):
+            step = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = step.past_key_values
+            steps.append(step.logits)
+    pieces = torch.cat([first.logits, second.logits, *steps], dim=1)
+    assert_close(pieces, whole, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_of_a_batch_choose_their_own_blocks(path, monkeypatch):
+    monkeypatch.setattr(blockwise, "BLOCK", 8)
+    model = tiny_model("llama")
+    ids = token_ids(2, 60)
+    with torch.no_grad(), ctxpatch.apply(model, "retrieval", **SCHEDULE):
+        batch = model(ids).logits
+        alone = torch.cat([model(ids[r : r + 1]).logits for r in range(2)])
+    assert_close(batch, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("params", [
+    {"local_window": 32}, {"local_window": 0}, {"sinks": -1}, {"block_size": 0}, {"top_k": -2},
+    {"top_k": 1.5}, {"scorer": "attention"}, {"per": "token"},
+])
+def test_refusals_leave_the_model_untouched(params):
+    model = tiny_model("llama")
+    ids = token_ids(1, 20)
+    with torch.no_grad():
+        before = model(ids).logits
+        with pytest.raises(ParameterValueError, match="retrieval"):
+            ctxpatch.apply(model, "retrieval", **params)
+        after = model(ids).logits
+    assert ctxpatch.current_patch(model) is None
+    assert torch.equal(before, after)
+
+
+def test_defaults_keep_what_a_query_sees_inside_the_trained_length():
+    info = ModelInfo(8192, 30, 9, 3, 64, 64)
+    r = method("retrieval").resolve(info)
+    assert (r.sinks, r.local_window, r.block_size, r.top_k) == (128, 4096, 128, 16)  # InfLLM's Llama-3 configuration
+    assert r.sinks + r.local_window + r.top_k * r.block_size <= info.train_len
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        method("retrieval", top_k=64).resolve(info)
+    assert any("more than the 8192" in str(w.message) for w in caught)
+
+
+def test_a_second_selection_on_a_layer_is_refused():
+    from ctxpatch.compose import plan_layers
+
+    info = ModelInfo(32, 3, 4, 2, 8, 8)
+    twice = [method("retrieval", layers=[0, 1]).resolve(info), method("retrieval", top_k=2, layers=[1]).resolve(info)]
+    twice[1].name = "retrieval"
+    with pytest.raises(ctxpatch.errors.CompositionError, match="two selections"):
+        plan_layers(twice, info)
