@@ -38,7 +38,7 @@ from .base import (
     resolve_dtype,
     resolve_model,
 )
-from .record import (
+from ..record import (
     ADAPTER_CONFIG,
     CONFIG_KEY,
     CTXPATCH_JSON,

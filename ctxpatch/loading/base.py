@@ -21,7 +21,7 @@ from torch import nn
 from .._compat import transformers as hf
 from ..errors import CtxpatchError, UserInputError
 from .assets import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_gguf
-from .record import ADAPTER_CONFIG, CTXPATCH_JSON, is_native, read_record
+from ..record import ADAPTER_CONFIG, CTXPATCH_JSON, is_native, read_record
 
 CHATGLM_PREFIX = "chatglm:"
 MODEL_NAMES = "'default', a model folder (with config.json), a .gguf file, a hub id or chatglm:PATH"
