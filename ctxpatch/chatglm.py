@@ -34,11 +34,11 @@ import torch
 from torch import Tensor
 
 from ._compat import transformers as hf
-from .errors import CtxpatchError
+from .errors import CtxpatchError, UserInputError
 from .loading.base import resolve_dtype
 
 
-class ChatGLMConversionError(CtxpatchError, ValueError):
+class ChatGLMConversionError(UserInputError, ValueError):
     """A ChatGLM checkpoint that cannot be mapped onto transformers' Glm exactly."""
 
 

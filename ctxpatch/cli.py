@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from ._version import __version__
 from .errors import CtxpatchError
@@ -55,10 +56,14 @@ def report(verb: str, error: BaseException) -> int:
 
 
 def run_verb(verb: str, func, args) -> int:
-    try:
-        return int(func(args) or 0)
-    except USER_ERRORS as error:
-        return report(verb, error)
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *rest, **kw: print(
+            f"ctxpatch {verb}: warning: {message}", file=sys.stderr
+        )  # a warning is one line too, not a source location
+        try:
+            return int(func(args) or 0)
+        except USER_ERRORS as error:
+            return report(verb, error)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,6 +7,7 @@ Loading a real model takes from seconds to minutes; a typo should cost neither. 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +157,21 @@ def info_from_config(config: Any, train_len: int | None = None) -> ModelInfo | N
     )
 
 
-def check_plan(methods: list[Method], params: dict[str, Any], info: ModelInfo | None) -> None:
-    """Plan the spec on a model of this shape: every refusal `apply` would raise, raised now."""
+def check_plan(
+    methods: list[Method], params: dict[str, Any], info: ModelInfo | None, target_len: int | None = None
+) -> None:
+    """Plan the spec on a model of this shape (at `target_len`): every refusal `apply` would raise, raised now."""
     from .compose import build_plan
 
     if info is not None:
-        build_plan(methods, dict(params), info)
+        build_plan(methods, dict(params), info, target_len)
+
+
+def warn_if_not_longer(target_len: int | None, train_len: int | None, option: str = "--target-len") -> None:
+    """A target at or below the trained length extends nothing: say so (it is allowed: a neutral check)."""
+    if target_len is not None and train_len is not None and target_len <= train_len:
+        warnings.warn(
+            f"{option} {target_len} is not above the model's trained length {train_len}: there is nothing to "
+            f"extend; pass a longer target (e.g. {2 * train_len}) or leave it out",
+            stacklevel=2,
+        )

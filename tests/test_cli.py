@@ -174,6 +174,23 @@ def test_a_recipe_patch_that_does_not_fit_the_model_is_refused_before_loading(co
     assert "layer index 5 is out of range for a model with 3 layers" in one_error_line(capsys, "finetune")
 
 
+def test_a_recipe_patch_refused_at_its_target_len_is_refused_before_loading(config_folder, tmp_path, capsys,
+                                                                          no_loading):
+    argv = ["finetune", str(RECIPES / "smollm2-135m-32k.yaml"), f"model={config_folder}", "patch=string",
+            "patch_params={}", "seq_len=16", "target_len=4k", f"output_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2
+    assert "string reaches at most 2L - W" in one_error_line(capsys, "finetune")
+
+
+def test_a_recipe_target_len_within_the_trained_length_warns(config_folder, tmp_path, capsys, no_loading):
+    argv = ["finetune", str(RECIPES / "smollm2-135m-32k.yaml"), f"model={config_folder}", "seq_len=16",
+            "target_len=32", "positions=contiguous", f"output_dir={tmp_path / 'run'}"]
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(argv)
+    assert "ctxpatch finetune: warning: target_len 32 is not above the model's trained length 32" in (
+        capsys.readouterr().err)
+
+
 EVAL_MISTAKES = [
     (["eval", "--param", "window=3"], "--param window is given without a patch"),
     (["eval", "--patch", "none", "--param", "window=3"], "--param window is given without a patch"),
@@ -192,6 +209,8 @@ EVAL_MISTAKES = [
     (["eval", "--tail", "40", "--lengths", "64"], "--tail 40 must be shorter than the model's trained length (32)"),
     (["eval", "--max-length", "100"], "--max-length 100 is shorter than the longest length (128)"),
     (["eval", "--max-length", "0"], "--max-length 0 must be a positive number of tokens"),
+    (["eval", "--patch", "string", "--target-len", "1000"], "string reaches at most 2L - W = "),
+    (["compare", "--patches", "none,string", "--target-len", "1000"], "target_len=1000 needs a rule that remaps"),
 ]
 
 
@@ -202,6 +221,16 @@ def test_eval_mistakes_are_one_line_before_loading(argv, message, config_folder,
     extra = [x for i in range(0, len(defaults), 2) if defaults[i] not in given for x in defaults[i:i + 2]]
     assert main([*argv, *extra]) == 2
     assert message in one_error_line(capsys, argv[0])
+
+
+def test_a_target_at_or_below_the_trained_length_warns_in_one_line(config_folder, tmp_path, capsys, no_loading):
+    argv = ["eval", "--model", str(config_folder), "--patch", "selfextend", "--target-len", "32", "--lengths", "64",
+            "--tail", "16", "--out", str(tmp_path / "out")]
+    with pytest.raises(AssertionError, match="the model was loaded"):  # a warning, not a refusal: it goes on
+        main(argv)
+    err = capsys.readouterr().err
+    assert err.strip() == ("ctxpatch eval: warning: --target-len 32 is not above the model's trained length 32: "
+                           "there is nothing to extend; pass a longer target (e.g. 64) or leave it out")
 
 
 def test_an_unknown_backend_is_a_usage_error(capsys):

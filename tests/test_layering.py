@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ctxpatch"
 
 # (layer, module prefixes), lowest first; a module belongs to the last layer one of whose prefixes it has
 LAYERS = [
-    ("foundation", ("ctxpatch.errors", "ctxpatch._compat")),
+    ("foundation", ("ctxpatch.errors", "ctxpatch._compat", "ctxpatch._version", "ctxpatch.lengths")),
     (
         "methods",
         (
@@ -24,7 +24,7 @@ LAYERS = [
     ),
     ("plan", ("ctxpatch.plan", "ctxpatch.compose")),
     ("backends", ("ctxpatch.backends",)),
-    ("patch", ("ctxpatch.adapters", "ctxpatch.patch")),
+    ("patch", ("ctxpatch.record", "ctxpatch.adapters", "ctxpatch.patch")),
 ]
 APPLICATIONS = len(LAYERS)  # everything else: ctxpatch itself, loading, chatglm, eval, finetune, cli, docs
 

@@ -367,9 +367,16 @@ def no_model_load(monkeypatch):
     (["--candidates", "selfextnd"], "Did you mean 'selfextend'?"),
     (["--tasks", "ppl,pxl"], "choose from ppl, passkey, niah"),
     (["--target-len", "300k"], "tokens, too few for one window of the target length 307200"),
+    (["--keep", "0"], "keep=0.0 must be a fraction in (0, 1)"),
+    (["--keep", "2"], "keep=2.0 must be a fraction in (0, 1)"),
+    (["--max-steps", "0"], "max_steps=0 must be a whole number of windows, at least 1"),
+    (["--device", "cuda"], "this machine has no CUDA GPU that torch can use"),
+    (["--device", "tpu"], "--device 'tpu' is not a device: use cpu, cuda or cuda:N"),
+    (["--backend", "bogus"], "unknown backend 'bogus'; choose one of blockwise, dense, flex"),
 ])
 def test_cli_errors_come_before_the_model_loads(model_folder, text_file, tmp_path, capsys, no_model_load, extra,  # noqa: F811
-                                                message):
+                                                message, monkeypatch):
+    monkeypatch.setattr("ctxpatch.eval.distributed.cuda_available", lambda: False)  # --device cuda: no GPU here
     args = ["tune", "--model", str(model_folder), "--target-len", "384", "--text", str(text_file),
             "--out", str(tmp_path / "out"), *extra]
     assert main(args) == 2

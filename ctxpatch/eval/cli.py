@@ -100,7 +100,7 @@ def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
     """Everything the config alone settles: the model path, the plan of every spec on this model's layers,
     the lengths against max_length, the perplexity tail against the trained length."""
     from ..loading import carries_patch
-    from ..preflight import check_model, check_plan, info_from_config, model_config
+    from ..preflight import check_model, check_plan, info_from_config, model_config, warn_if_not_longer
     from .runner import check_out, check_report
 
     check_model(args.model)
@@ -130,9 +130,14 @@ def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
             f"--tail {config.tail} must be shorter than the model's trained length ({info.train_len}): the native "
             "reference scores the same tail within it; pass a smaller --tail"
         )
+    target = config.target_len if isinstance(config.target_len, int) else None  # "auto": each length its own
+    if info is not None and any(not s.is_none for s in specs):
+        warn_if_not_longer(target, info.train_len)
     for spec in specs:
         if not spec.is_none:
-            check_plan(spec.parsed.methods, spec.params, info)
+            check_plan(spec.parsed.methods, spec.params, info)  # the spec itself, then at its target
+            if target is not None:
+                check_plan(spec.parsed.methods, spec.params, info, target)
 
 
 def run(args: argparse.Namespace, specs: list[Spec]) -> int:

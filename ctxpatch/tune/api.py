@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..backends import check_backend
 from .candidates import CandidateSet, TuneError, build_candidates
 from .schedule import (
     TASKS,
@@ -67,6 +68,14 @@ def check_target(target_len: int, train_len: int) -> None:
             f"target_len={target_len} is not above the model's trained length {train_len}: nothing to extend "
             f"(pass e.g. --target-len {2 * train_len})"
         )
+
+
+def check_search(keep: float, max_steps: int) -> None:
+    """The halving's own settings: the fraction kept after each round, the most windows per length."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep < 1:
+        raise TuneError(f"keep={keep} must be a fraction in (0, 1): the share of candidates kept each round, e.g. 0.5")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+        raise TuneError(f"max_steps={max_steps} must be a whole number of windows, at least 1, e.g. 16")
 
 
 def check_tasks(tasks: Sequence[str] | str) -> list[str]:
@@ -138,6 +147,8 @@ def tune(model: Any, tokenizer: Any = None, *, target_len: int | str, texts: Seq
     target_len = parse_target(target_len)
     budget = parse_budget(budget_s)
     tasks = check_tasks(tasks)
+    check_search(keep, max_steps)
+    check_backend(backend)
     out = None if out_dir is None else Path(out_dir)
     prepare_out(out, resume, overwrite)
     if current_patch(model) is not None:

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import CtxpatchError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,46 +47,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    try:
-        return run(args)
-    except CtxpatchError as error:
-        print(f"ctxpatch tune: error: {error}", file=sys.stderr)
-        return 2
+    return run(args)
+
+
+def check_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Every option that needs neither the model nor its config, checked: the parsed values."""
+    from ..backends import check_backend
+    from ..eval.distributed import launch_from_env, resolve_device
+    from .api import check_search, check_tasks, parse_target, prepare_out
+    from .candidates import parse_candidates
+    from .errors import TuneError
+    from .schedule import parse_budget
+
+    target, budget, tasks = parse_target(args.target_len), parse_budget(args.budget), check_tasks(args.tasks)
+    parse_candidates(args.candidates)
+    check_search(args.keep, args.max_steps)
+    check_backend(args.backend)
+    device = resolve_device(args.device, launch_from_env())
+    for path in args.text or []:
+        if not Path(path).is_file():
+            raise TuneError(f"text file {path!r} does not exist: pass text files to read (--text FILE ...)")
+    prepare_out(Path(args.out), args.resume, args.overwrite)
+    return {"target": target, "budget": budget, "tasks": tasks, "device": device}
 
 
 def run(args: argparse.Namespace) -> int:
     from ..loading import base_train_len, load_base_tokenizer
     from ..preflight import info_from_config
-    from .api import (
-        check_budget,
-        check_target,
-        check_tasks,
-        check_text_windows,
-        default_tail,
-        parse_target,
-        prepare_out,
-        tune,
-    )
-    from .candidates import TuneError, build_candidates, parse_candidates
-    from .schedule import BudgetError, cost_from_config, matmul_rate, parse_budget, plan
+    from .api import check_budget, check_target, check_text_windows, default_tail, tune
+    from .candidates import build_candidates
+    from .errors import BudgetError, TuneError
+    from .schedule import cost_from_config, matmul_rate, plan
 
-    target = parse_target(args.target_len)
-    try:
-        budget = parse_budget(args.budget)
-    except ValueError as error:
-        raise TuneError(str(error)) from None
-    tasks = check_tasks(args.tasks)
-    parse_candidates(args.candidates)
-    for path in args.text or []:
-        if not Path(path).is_file():
-            raise TuneError(f"text file {path!r} does not exist: pass text files to read (--text FILE ...)")
+    options = check_options(args)
+    target, budget, tasks, device = options["target"], options["budget"], options["tasks"], options["device"]
     out = Path(args.out)
-    prepare_out(out, args.resume, args.overwrite)
     check_model(args.model)
     config = model_config(args.model)
     train_len = base_train_len(args.model)
     check_target(target, train_len)
-    device = pick_device(args.device)
     tail = args.tail or default_tail(train_len)
     if not 0 < tail < train_len:
         raise TuneError(f"tail={tail} must be between 1 and the trained length {train_len}")
@@ -164,16 +162,6 @@ def text_windows(tokenizer: Any, files: list[str] | None, seed: int, most: int):
         return cache[n]
 
     return windows
-
-
-def pick_device(device: str | None) -> str:
-    import torch
-
-    if device:
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
 
 
 def start_processes(device: str) -> int:
