@@ -36,6 +36,7 @@ from torch import Tensor
 from ._compat import transformers as hf
 from .errors import CtxpatchError, UserInputError
 from .loading.base import resolve_dtype
+from .loading.reference import chatglm_train_len
 
 
 class ChatGLMConversionError(UserInputError, ValueError):
@@ -257,7 +258,7 @@ def glm_config(source: dict[str, Any], rule: str, dtype: torch.dtype):
         head_dim=int(source.get("kv_channels") or hidden // heads),
         hidden_act="silu",
         attention_dropout=float(_get(source, "attention_dropout")),
-        max_position_embeddings=int(_get(source, "seq_length")),
+        max_position_embeddings=chatglm_train_len(source),  # the one rule for ChatGLM's L
         rms_norm_eps=float(_get(source, "layernorm_epsilon")),
         tie_word_embeddings=bool(_get(source, "tie_word_embeddings")),
         rope_parameters=rope_parameters(source, rule),

@@ -126,8 +126,8 @@ def write(path, text="{}"):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda tmp: tmp / "missing", r"model '.*missing' does not exist: pass 'default', a model folder"),
-    (lambda tmp: tmp, r"the folder '.*' holds no config.json: pass 'default', a model folder"),
+    (lambda tmp: tmp / "missing", r"model '.*missing' does not exist: give 'default', a model folder"),
+    (lambda tmp: tmp, r"no config.json in '.*': name a folder holding a transformers model"),
     (lambda tmp: write(tmp / "ctxpatch.json").parent, r"is a ctxpatch fine-tune run .* ctxpatch.load\("),
     (lambda tmp: write(tmp / "w.bin"), r"is a file but not a .gguf file"),
     (lambda tmp: tmp / "missing.gguf", r"does not exist"),

@@ -467,4 +467,4 @@ def test_info_from_a_chatglm_config_json_reads_its_own_names():
            "multi_query_group_num": 2, "seq_length": 8192}
     assert info_from_config(glm, 8192) == ModelInfo(train_len=8192, num_layers=28, num_heads=32, num_kv_heads=2,
                                                     head_dim=128, rotary_dim=64)  # half of each head rotates
-    assert info_from_config(glm) is None  # its trained length is the loaded model's to say
+    assert info_from_config(glm) == info_from_config(glm, 8192)  # one rule for ChatGLM's L: seq_length

@@ -28,7 +28,6 @@ from .._compat import transformers as hf
 from ..errors import CtxpatchError, UserInputError
 from .assets import DEFAULT_MODEL
 from .base import (
-    CHATGLM_PREFIX,
     check_model,
     display_name,
     fingerprint,
@@ -38,6 +37,7 @@ from .base import (
     placement,
     resolve_dtype,
 )
+from .reference import CHATGLM_PREFIX, model_ref
 from .native import config_values, native_rope_config
 from ..record import (
     ADAPTER_CONFIG,
@@ -241,8 +241,7 @@ def held_apart_text(name: str) -> list[str] | None:
 
 def check_loadable(name: str) -> None:
     """Refuse, before anything slow, a name that neither `load` (a run or merged folder) nor `load_model` takes."""
-    if not carries_patch(name):
-        check_model(name)
+    model_ref(name)
 
 
 def load_for_eval(

@@ -72,7 +72,7 @@ def check_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loading import base_train_len, load_base_tokenizer
+    from ..loading import load_base_tokenizer, model_ref
     from ..preflight import info_from_config
     from .api import check_budget, check_target, check_text_windows, default_tail, tune
     from .candidates import build_candidates
@@ -82,9 +82,9 @@ def run(args: argparse.Namespace) -> int:
     options = check_options(args)
     target, budget, tasks, device = options["target"], options["budget"], options["tasks"], options["device"]
     out = Path(args.out)
-    check_model(args.model)
-    config = model_config(args.model)
-    train_len = base_train_len(args.model)
+    ref = model_ref(args.model).unpatched("tune")
+    config = ref.config()
+    train_len = ref.train_len()
     check_target(target, train_len)
     tail = args.tail or default_tail(train_len)
     if not 0 < tail < train_len:
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
     cost = cost_from_config(config, matmul_rate(device))
     check_budget(budget, train_len, target, tasks, cost)
-    tokenizer = load_base_tokenizer(args.model)
+    tokenizer = load_base_tokenizer(ref)
     windows = text_windows(tokenizer, args.text, args.seed, args.max_steps)
     tokens, count = windows(target)
     check_text_windows(count, tokens, target)
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     rank = start_processes(device)
     started = time.perf_counter()
-    model = load(args.model, args.dtype, device)
+    model = load(ref, args.dtype, device)
     if rank == 0:
         print(f"loaded {args.model} in {time.perf_counter() - started:.0f}s on {device}", file=sys.stderr)
     result = tune(model, tokenizer, target_len=target, text_files=args.text or None, budget_s=budget,
@@ -122,27 +122,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"use it: ctxpatch eval --patch {out / 'tuned.json'} ...  or  ctxpatch.apply(model, "
               f"'{out / 'tuned.json'}')", file=sys.stderr)
     return 0
-
-
-def check_model(name: str) -> None:
-    from ..loading import carries_patch
-    from ..preflight import check_model as check_loadable_model
-
-    check_loadable_model(name)
-    if carries_patch(name):
-        from .candidates import TuneError
-
-        raise TuneError(f"{name!r} carries its own patch (a ctxpatch run folder): tune the base model it was made from")
-
-
-def model_config(name: str) -> Any:
-    """The model's config (a dict for a ChatGLM folder), read without loading weights."""
-    from ..loading import CHATGLM_PREFIX
-    from ..preflight import model_config as transformers_config
-
-    if name.startswith(CHATGLM_PREFIX):
-        return json.loads((Path(name[len(CHATGLM_PREFIX):]) / "config.json").read_text(encoding="utf-8"))
-    return transformers_config(name)
 
 
 def text_windows(tokenizer: Any, files: list[str] | None, seed: int, most: int):
@@ -175,7 +154,7 @@ def start_processes(device: str) -> int:
     return dist.get_rank()
 
 
-def load(name: str, dtype: str, device: str):
+def load(name: Any, dtype: str, device: str):
     from ..loading import load_base_model
 
     return load_base_model(name, dtype).to(device).eval()
