@@ -25,7 +25,14 @@ from .patch import Patch, apply, current_patch, remove, spec_from_dict
 from .registry import Method, MethodInfo, method, methods, register
 from .spec import ParsedSpec, parse_spec
 
+from . import tune as _tune_package  # noqa: F401  (loaded now: see below)
+
 registry.discover()  # every method file registers its methods
+
+# `ctxpatch.tune` is the function (ctxpatch.tune.api.tune), given by __getattr__. The package of the same name is
+# loaded above, so that importing one of its modules later (ctxpatch.tune.cli) does not bind the package over
+# the function; its binding made by that import is dropped here.
+del tune
 
 
 def __getattr__(name: str):
@@ -34,9 +41,10 @@ def __getattr__(name: str):
         from . import eval as evaluation
 
         return getattr(evaluation, name)
-    if name == "tune":  # the package ctxpatch.tune, callable as the function
-        from . import tune
+    if name == "tune":  # the function; the package is ctxpatch.tune in sys.modules (python -m ctxpatch.tune)
+        from .tune.api import tune
 
+        globals()["tune"] = tune
         return tune
     raise AttributeError(f"module 'ctxpatch' has no attribute {name!r}")
 

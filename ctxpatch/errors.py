@@ -43,6 +43,10 @@ class ModelPathError(UserInputError, FileNotFoundError):
     """A model name or path that does not name a loadable model (missing folder, no config.json)."""
 
 
+class UnknownTrainedLengthError(UserInputError, ValueError):
+    """The model's config does not say how long a context it was trained on."""
+
+
 class UnknownBackendError(UserInputError, ValueError):
     """An attention backend name that is not one of ctxpatch's (`dense`, `blockwise`, `flex`)."""
 

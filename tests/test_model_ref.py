@@ -89,4 +89,4 @@ def test_chatglm_info_and_trained_length_from_the_config_are_the_loaded_models(t
     model = loading.load_base_model(ref, "float32")
     assert ref.train_len() == config["seq_length"] == model.config.max_position_embeddings
     assert info_from_config(ref.config()) == find_adapter(model).info
-    assert reference.chatglm_train_len({"max_sequence_length": 2048}) == 2048  # the first ChatGLM's name
+    assert ctxpatch.chatglm.train_len({"max_sequence_length": 2048}) == 2048  # the first ChatGLM's name

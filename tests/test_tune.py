@@ -357,7 +357,9 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr("ctxpatch.tune.cli.load", refuse)
+    from ctxpatch.tune import cli as tune_cli
+
+    monkeypatch.setattr(tune_cli, "load", refuse)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -453,9 +455,12 @@ def _schedule(out: Path):
 
 def test_ctxpatch_tune_is_the_function_after_the_cli_imports_the_package():
     import importlib
+    import sys
+    import types
 
-    importlib.import_module("ctxpatch.tune.cli")  # the CLI imports the package: ctxpatch.tune becomes the module
-    assert callable(ctxpatch.tune) and ctxpatch.tune.TuneResult.__name__ == "TuneResult"
+    importlib.import_module("ctxpatch.tune.cli")  # importing a module of the package leaves ctxpatch.tune alone
+    assert ctxpatch.tune is importlib.import_module("ctxpatch.tune.api").tune
+    assert type(sys.modules["ctxpatch.tune"]) is types.ModuleType  # no module class swapped
     with pytest.raises(TuneError, match="not above"):
         ctxpatch.tune(tiny_model("llama"), target_len=16, scorer=StubScorer(), cost=COST, progress=False)
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelPathError, UserInputError
+from ..chatglm.config import train_len as chatglm_train_len
+from ..errors import ModelPathError, UnknownTrainedLengthError
 from ..record import read_record
 from .assets import DEFAULT_MODEL, MissingFileError, default_gguf
 
@@ -37,10 +38,6 @@ class ModelNotFoundError(ModelPathError):
 
 class NotAModelFolderError(ModelPathError, ValueError):
     """A path that holds no model this verb loads (no config.json, not a .gguf file, an adapter run)."""
-
-
-class UnknownTrainedLengthError(UserInputError, ValueError):
-    """The model's config does not say how long a context it was trained on."""
 
 
 @dataclass(frozen=True)
@@ -190,17 +187,6 @@ def check_tokenizer(name: str | None) -> None:
 
 
 # ---- the trained length: one rule per config ---------------------------------------------------------------
-
-
-def chatglm_train_len(config: dict[str, Any], name: str = "the model") -> int:
-    """ChatGLM's L: `seq_length` (ChatGLM2/3), else `max_sequence_length` (the first ChatGLM's name for it)."""
-    length = config.get("seq_length") or config.get("max_sequence_length")
-    if not length:
-        raise UnknownTrainedLengthError(
-            f"the config.json of {name!r} names neither seq_length nor max_sequence_length: add the length the "
-            "model was trained on to it as seq_length"
-        )
-    return int(length)
 
 
 def config_train_len(config: Any, name: str = "the model") -> int:

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..backends import check_backend
-from .candidates import CandidateSet, TuneError, build_candidates
+from .candidates import TuneError, build_candidates
 from .schedule import (
     TASKS,
     BudgetError,
@@ -24,30 +23,14 @@ from .schedule import (
     parse_budget,
     plan,
 )
-from .search import OBJECTIVE, Comm, Scorer, SearchResult, current_comm, read_state, search, write_state
+from .report import candidate_table, write_report
+from .result import TuneResult
+from .search import OBJECTIVE, Comm, Scorer, current_comm, read_state, search, write_state
 
 FORMAT = "ctxpatch-tune/1"
 TUNED = "tuned.json"
 DEFAULT_MAX_STEPS = 16
 PROBE_LEN = 1024  # tokens of the timed forward that calibrates the cost model
-
-
-@dataclass
-class TuneResult:
-    """What a search found: `spec` for `ctxpatch.apply`, `tuned` (tuned.json's content), `table` (every
-    candidate with every measurement, eliminated and skipped ones included)."""
-
-    spec: list[Any]
-    tuned: dict[str, Any]
-    table: list[dict[str, Any]]
-    schedule: Schedule
-    candidates: CandidateSet
-    search: SearchResult
-    files: list[Path] = field(default_factory=list)
-
-    @property
-    def winner(self) -> str:
-        return self.tuned["candidate"]
 
 
 # ---- checks that need no model ------------------------------------------------------------------------------
@@ -205,7 +188,6 @@ def tune(model: Any, tokenizer: Any = None, *, target_len: int | str, texts: Seq
     tuned = tuned_record(model, cands, schedule, found, info, target_len, backend, budget, tasks, seed,
                          model_name, fingerprint)
     from ..patch import spec_from_dict
-    from .report import candidate_table, write_report
 
     result = TuneResult(spec_from_dict(tuned), tuned, candidate_table(cands, found, schedule), schedule, cands, found)
     if out is not None and comm.rank == 0:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .candidates import CandidateSet
+from .result import TuneResult
 from .schedule import Schedule, depth, format_seconds
 from .search import SHORT_LIMIT, SearchResult
-
-if TYPE_CHECKING:
-    from .api import TuneResult
 
 
 def candidate_table(cands: CandidateSet, found: SearchResult, schedule: Schedule) -> list[dict[str, Any]]:
@@ -51,7 +49,7 @@ def baseline_rows(found: SearchResult) -> list[dict[str, Any]]:
                   key=lambda m: (m["kind"], m["length"], m["index"]))
 
 
-def write_report(result: "TuneResult", folder: Path) -> list[Path]:
+def write_report(result: TuneResult, folder: Path) -> list[Path]:
     from ..loading import write_json
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,7 +76,7 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def markdown(result: "TuneResult") -> str:
+def markdown(result: TuneResult) -> str:
     tuned, schedule, found = result.tuned, result.schedule, result.search
     budget = tuned["budget"]
     lines = [
@@ -128,7 +126,7 @@ def markdown(result: "TuneResult") -> str:
     return "\n".join(lines)
 
 
-def write_plots(result: "TuneResult", folder: Path) -> list[Path]:
+def write_plots(result: TuneResult, folder: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,7 +8,7 @@ half-dim interleaved rotary, RMSNorm and SwiGLU. `load_chatglm` reads config.jso
 weights with safetensors or `torch.load(weights_only=True)` (no code from the folder is run),
 maps every field and tensor, and returns the equivalent `GlmForCausalLM`;
 `ctxpatch convert-chatglm SRC DST` writes it with `save_pretrained`, and the tokenizer as a fast
-tokenizer (tokenizer.json, no remote code: see chatglm_tokenizer.py) when SRC has ChatGLM's
+tokenizer (tokenizer.json, no remote code: see tokenizer.py) when SRC has ChatGLM's
 SentencePiece tokenizer.model; other tokenizer files (GLM-4's tiktoken) are copied as they are.
 
 `rope_ratio` means two different things: ChatGLM3 / GLM-4 multiply the rotary base by it
@@ -33,14 +33,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._compat import transformers as hf
-from .errors import CtxpatchError, UserInputError
-from .loading.base import resolve_dtype
-from .loading.reference import chatglm_train_len
-
-
-class ChatGLMConversionError(UserInputError, ValueError):
-    """A ChatGLM checkpoint that cannot be mapped onto transformers' Glm exactly."""
+from .._compat import transformers as hf
+from ..dtypes import resolve_dtype
+from ..errors import CtxpatchError
+from .config import train_len
+from .errors import ChatGLMConversionError
+from .tokenizer import build_tokenizer, chatglm_version, spm_or_none, stop_ids
 
 
 # ChatGLMConfig's own defaults, for fields a config.json leaves out
@@ -258,7 +256,7 @@ def glm_config(source: dict[str, Any], rule: str, dtype: torch.dtype):
         head_dim=int(source.get("kv_channels") or hidden // heads),
         hidden_act="silu",
         attention_dropout=float(_get(source, "attention_dropout")),
-        max_position_embeddings=chatglm_train_len(source),  # the one rule for ChatGLM's L
+        max_position_embeddings=train_len(source),  # the one rule for ChatGLM's L
         rms_norm_eps=float(_get(source, "layernorm_epsilon")),
         tie_word_embeddings=bool(_get(source, "tie_word_embeddings")),
         rope_parameters=rope_parameters(source, rule),
@@ -414,8 +412,6 @@ def load_chatglm(
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     if fast is None:
         return model
-    from .chatglm_tokenizer import stop_ids
-
     model.generation_config.eos_token_id = stop_ids(fast)
     model.generation_config.pad_token_id = fast.pad_token_id
     return model, fast
@@ -423,8 +419,6 @@ def load_chatglm(
 
 def read_tokenizer(folder: Path, source: dict[str, Any], config):
     """The folder's tokenizer.model as a fast tokenizer whose specials fit in the model's vocabulary."""
-    from .chatglm_tokenizer import build_tokenizer, chatglm_version
-
     fast = build_tokenizer(folder, chatglm_version(folder, source))
     if len(fast) > config.vocab_size:
         raise ChatGLMConversionError(
@@ -450,11 +444,11 @@ def convert_chatglm(
     files are not. Without one (GLM-4's tiktoken file, or none), the tokenizer files are copied as
     they are.
     """
-    from .chatglm_tokenizer import spm_or_none
-
     src, dst = Path(src), Path(dst)
     if dst.exists() and dst.resolve() == src.resolve():
-        raise ValueError("the destination must differ from the source folder (config.json would be overwritten)")
+        raise ChatGLMConversionError(
+            "the destination must differ from the source folder (config.json would be overwritten)"
+        )
     check_supported(read_config(src))  # a missing or unconvertible folder is reported before the tokenizer is read
     with_tokenizer = spm_or_none(src) is not None
     loaded = load_chatglm(src, dtype=dtype, rope_ratio_as=rope_ratio_as, tokenizer=with_tokenizer)

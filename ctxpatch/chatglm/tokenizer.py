@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .chatglm import ChatGLMConversionError
+from .errors import ChatGLMConversionError
 
 SPM_FILE = "tokenizer.model"
 MASKS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
