@@ -3,10 +3,14 @@
     ctxpatch tune --model default --target-len 32k --budget 3h --out runs/tune
     ctxpatch tune --model meta-llama/Llama-3.1-8B --target-len 128k --text my_docs/*.txt --out runs/tune-llama
     torchrun --nproc_per_node 2 -m ctxpatch.tune --model default --target-len 16k --budget 2h --out runs/tune
+    ctxpatch tune --model default --target-len 32k --schedule runs/tune/schedule.json --out runs/tune-again
+
+A budget in seconds buys a schedule planned from this machine's measured speed; every run saves it
+(schedule.json) and --schedule replays it, so the same seed picks the same winner on any machine.
 
 Everything that can be wrong with the input is checked before the model loads: the target length against the
 trained length, the budget against the baseline's cost (estimated from the config), the text's token count,
-the candidate names, the --out folder. Only the tokenizer and the config are read for that.
+the candidate names, a replayed schedule against them, every option, the --out folder. Only the tokenizer and the config are read for that.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default="default",
                    help="'default' (SmolLM2-135M), a folder, a .gguf file, a hub name or chatglm:PATH")
     p.add_argument("--target-len", required=True, help="the context length to reach, e.g. 32k (k = 1024)")
-    p.add_argument("--budget", default="1h", help="time for the measurements, e.g. 3h, 45m, 2700 (seconds)")
+    p.add_argument("--budget", default="1h",
+                   help="time for the measurements, e.g. 3h, 45m, 2700 (seconds); the schedule it buys is planned "
+                        "from this machine's measured speed, so it depends on the machine and its load: replay a "
+                        "run's schedule anywhere with --schedule")
+    p.add_argument("--schedule", default=None, metavar="FILE",
+                   help="replay the schedule.json an earlier run wrote (same candidates, target and tasks): the same "
+                        "seed then picks the same winner on any machine; --budget is not used")
     p.add_argument("--text", nargs="+", default=None, metavar="FILE",
                    help="your text (default: Shakespeare's plays outside the held-out split)")
     p.add_argument("--candidates", default="default",
@@ -54,7 +64,7 @@ def check_options(args: argparse.Namespace) -> dict[str, Any]:
     """Every option that needs neither the model nor its config, checked: the parsed values."""
     from ..backends import check_backend
     from ..eval.distributed import launch_from_env, resolve_device
-    from .api import check_search, check_tasks, parse_target, prepare_out
+    from .api import check_search, check_tasks, parse_target, prepare_out, read_schedule
     from .candidates import parse_candidates
     from .errors import TuneError
     from .schedule import parse_budget
@@ -68,13 +78,16 @@ def check_options(args: argparse.Namespace) -> dict[str, Any]:
         if not Path(path).is_file():
             raise TuneError(f"text file {path!r} does not exist: pass text files to read (--text FILE ...)")
     prepare_out(Path(args.out), args.resume, args.overwrite)
-    return {"target": target, "budget": budget, "tasks": tasks, "device": device}
+    saved = read_schedule(args.schedule) if args.schedule else None
+    if saved is not None and args.resume:
+        raise TuneError("--resume continues the run's own schedule: drop --schedule")
+    return {"target": target, "budget": budget, "tasks": tasks, "device": device, "schedule": saved}
 
 
 def run(args: argparse.Namespace) -> int:
     from ..loading import load_base_tokenizer, model_ref
     from ..preflight import info_from_config
-    from .api import check_budget, check_target, check_text_windows, default_tail, tune
+    from .api import check_budget, check_target, check_text_windows, default_tail, replay, tune
     from .candidates import build_candidates
     from .errors import BudgetError, TuneError
     from .schedule import cost_from_config, matmul_rate, plan
@@ -90,13 +103,19 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < tail < train_len:
         raise TuneError(f"tail={tail} must be between 1 and the trained length {train_len}")
 
+    saved = options["schedule"]
     cost = cost_from_config(config, matmul_rate(device))
-    check_budget(budget, train_len, target, tasks, cost)
+    if saved is None:
+        check_budget(budget, train_len, target, tasks, cost)
     tokenizer = load_base_tokenizer(ref)
     windows = text_windows(tokenizer, args.text, args.seed, args.max_steps)
     tokens, count = windows(target)
     check_text_windows(count, tokens, target)
-    if not args.resume:
+    if saved is not None:
+        cands = build_candidates(args.candidates, info_from_config(config, train_len), target)
+        replay(saved, {"target_len": target, "train_len": train_len, "tasks": tasks,
+                       "candidates": [c.label for c in cands.candidates]}, lambda n: windows(n)[1])
+    elif not args.resume:
         cands = build_candidates(args.candidates, info_from_config(config, train_len), target)
         try:
             plan(len(cands.candidates), train_len, target, tasks, cost, budget, keep=args.keep,
@@ -113,12 +132,13 @@ def run(args: argparse.Namespace) -> int:
                   candidates=args.candidates, tasks=tasks, tail=tail, seed=args.seed, keep=args.keep,
                   max_steps=args.max_steps, backend=args.backend, out_dir=out, resume=args.resume,
                   overwrite=args.overwrite, model_name=args.model, fingerprint=safe_fingerprint(args.model, model),
-                  progress=True)
+                  progress=True, schedule=saved)
     if rank == 0:
         budget_used = result.tuned["budget"]
         print(f"winner: {result.winner}  ({json.dumps(result.tuned['score'])})")
-        print(f"measured {budget_used['measured_s']:.0f}s of a {budget:.0f}s budget; wrote {out / 'tuned.json'}, "
-              "tune.md, tune.json and the plots", file=sys.stderr)
+        print(f"measured {budget_used['measured_s']:.0f}s of a {budget_used['budget_s']:.0f}s budget; wrote "
+              f"{out / 'tuned.json'}, {out / 'schedule.json'} (replay: --schedule), tune.md, tune.json and the plots",
+              file=sys.stderr)
         print(f"use it: ctxpatch eval --patch {out / 'tuned.json'} ...  or  ctxpatch.apply(model, "
               f"'{out / 'tuned.json'}')", file=sys.stderr)
     return 0
