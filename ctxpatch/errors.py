@@ -55,5 +55,5 @@ class DeviceError(UserInputError, ValueError):
     """A device that is not one, or one this machine does not have (`cuda` without a GPU)."""
 
 
-class AlreadyPatchedError(CtxpatchError, RuntimeError):
+class AlreadyPatchedError(UserInputError, RuntimeError):
     """`apply` was called on a model that already carries a patch."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import ctxpatch
-from conftest import tiny_config
+from conftest import tiny_config, tiny_model
 from ctxpatch.cli import build_parser, main
 from ctxpatch import loading as model_loading
 
@@ -290,3 +290,20 @@ def test_a_hub_name_not_in_the_cache_while_offline(monkeypatch, tmp_path, capsys
     assert "'someorg/not-cached' is neither a local path nor in the Hugging Face cache" in one_error_line(capsys, "eval")
     assert main(["eval", "--model", "bad name!!", "--lengths", "64", "--tail", "16"]) == 2
     assert "'bad name!!' is neither a local path nor a hub name" in one_error_line(capsys, "eval")
+
+
+def test_every_deliberate_refusal_is_a_user_input_error():
+    """What the CLI prints as one line is a UserInputError (the policy of ctxpatch/errors.py)."""
+    from ctxpatch.backends import UnknownBackendError
+    from ctxpatch.chatglm import ChatGLMConversionError
+    from ctxpatch.errors import DeviceError, UnknownTrainedLengthError
+    from ctxpatch.tune.errors import BudgetError, TuneError
+
+    for error in (TuneError, BudgetError, ChatGLMConversionError, UnknownBackendError, DeviceError,
+                  UnknownTrainedLengthError, ctxpatch.AlreadyPatchedError, model_loading.ModelNotFoundError,
+                  model_loading.NotAModelFolderError, model_loading.InvalidDtypeError):
+        assert issubclass(error, ctxpatch.UserInputError), error
+    with pytest.raises(UnknownBackendError, match="unknown backend 'fast'"):
+        ctxpatch.apply(tiny_model("llama"), "window", backend="fast")
+    with pytest.raises(ctxpatch.UserInputError, match="pass device= or device_map=, not both"):
+        ctxpatch.load_model("default", device="cpu", device_map="auto")

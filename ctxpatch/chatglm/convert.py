@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .._compat import transformers as hf
 from ..dtypes import resolve_dtype
-from ..errors import CtxpatchError
+from ..errors import ModelPathError
 from .config import train_len
 from .errors import ChatGLMConversionError
 from .tokenizer import build_tokenizer, chatglm_version, spm_or_none, stop_ids
@@ -103,17 +103,17 @@ SKIPPED_SUFFIX = "rotary_pos_emb.inv_freq"  # recomputed by transformers from th
 
 def read_config(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
-        raise FileNotFoundError(f"ChatGLM checkpoint folder {str(folder)!r} does not exist")
+        raise ModelPathError(f"ChatGLM checkpoint folder {str(folder)!r} does not exist")
     path = folder / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ModelPathError(
             f"{str(folder)!r} has no config.json: pass the folder of a ChatGLM2/3 checkpoint "
             "(config.json plus .safetensors or .bin weights)"
         )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from None
+        raise ChatGLMConversionError(f"{str(path)!r} is not valid JSON: {error}") from None
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -124,7 +124,7 @@ def weight_files(folder: Path) -> list[Path]:
             names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
-                raise FileNotFoundError(f"{index_name} in {str(folder)!r} lists shards that are missing: {missing}")
+                raise ModelPathError(f"{index_name} in {str(folder)!r} lists shards that are missing: {missing}")
             return [folder / n for n in names]
     found = (
         sorted(folder.glob("*.safetensors"))
@@ -132,7 +132,7 @@ def weight_files(folder: Path) -> list[Path]:
         or sorted(p for p in folder.glob("*.bin") if p.name != "training_args.bin")
     )
     if not found:
-        raise FileNotFoundError(
+        raise ModelPathError(
             f"{str(folder)!r} holds no weights: expected *.safetensors or pytorch_model*.bin files "
             "(with or without an index json)"
         )
@@ -217,7 +217,7 @@ def rope_ratio_rule(folder: Path, source: dict[str, Any], rope_ratio_as: str | N
     """'base' (ChatGLM3, GLM-4: base 10000 * rope_ratio) or 'positions' (ChatGLM2-32k: positions / rope_ratio)."""
     if rope_ratio_as is not None:
         if rope_ratio_as not in ROPE_RATIO_AS:
-            raise ValueError(f"rope_ratio_as={rope_ratio_as!r} must be one of {ROPE_RATIO_AS}")
+            raise ChatGLMConversionError(f"rope_ratio_as={rope_ratio_as!r} must be one of {ROPE_RATIO_AS}")
         return rope_ratio_as
     code = folder / "modeling_chatglm.py"
     if code.is_file():  # read as text, never imported

@@ -15,7 +15,7 @@ from torch import nn
 
 from .._compat import transformers as hf
 from ..dtypes import DTYPE_CHOICES, DTYPES, InvalidDtypeError, checkpoint_dtype, resolve_dtype  # noqa: F401
-from ..errors import CtxpatchError
+from ..errors import UserInputError
 from ..record import is_native, read_record
 from .assets import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 from .reference import (  # noqa: F401  (the errors: loading's public names)
@@ -75,7 +75,7 @@ def base_train_len(name: str | ModelRef, gguf_file: str | None = None) -> int:
 def placement(device: str | torch.device | None, device_map: Any) -> dict[str, Any]:
     """from_pretrained's placement keyword: `device` ("cuda", "cuda:1", "cpu") is a one-device device_map."""
     if device is not None and device_map is not None:
-        raise CtxpatchError("pass device= or device_map=, not both")
+        raise UserInputError("pass device= or device_map=, not both")
     if device_map is not None:
         return {"device_map": device_map}
     if device is not None:
@@ -109,7 +109,7 @@ def load_base_model(
         from ..chatglm import load_chatglm
 
         if device_map is not None:
-            raise CtxpatchError("a chatglm: model is read by ctxpatch.load_chatglm: pass device=, not device_map=")
+            raise UserInputError("a chatglm: model is read by ctxpatch.load_chatglm: pass device=, not device_map=")
         net = load_chatglm(ref.source, dtype=resolve_dtype(dtype, ref.config()))
         return (net.to(device) if device is not None else net).eval()
     from transformers import AutoModelForCausalLM
@@ -134,7 +134,7 @@ def load_base_tokenizer(name: str, tokenizer: str | None = None, trust_remote_co
         try:
             return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         except Exception as error:  # noqa: BLE001 - say what to do instead
-            raise CtxpatchError(
+            raise UserInputError(
                 f"cannot load the tokenizer of {path!r} ({type(error).__name__}: {error}). Convert the folder with "
                 "`ctxpatch convert-chatglm SRC DST` (it writes a fast tokenizer), or set trust_remote_code=true, "
                 "or tokenizer=FOLDER naming a transformers tokenizer"

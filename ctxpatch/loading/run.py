@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .._compat import transformers as hf
-from ..errors import CtxpatchError, UserInputError
+from ..errors import UserInputError
 from .assets import DEFAULT_MODEL
 from .base import (
     check_model,
@@ -77,7 +77,7 @@ def load_patch_parameters(model: nn.Module, folder: Path) -> None:
     params = {relative_name(name): param for name, param in model.named_parameters()}
     own = {name for name in params if ".ctxpatch." in f".{name}"}
     if set(saved) != own:
-        raise CtxpatchError(
+        raise UserInputError(
             f"{file} holds tensors {sorted(saved)[:3]} that do not match the patch's {sorted(own)[:3]}: "
             "the folder was written for another patch or model"
         )
