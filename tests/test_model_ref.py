@@ -90,3 +90,9 @@ def test_chatglm_info_and_trained_length_from_the_config_are_the_loaded_models(t
     assert ref.train_len() == config["seq_length"] == model.config.max_position_embeddings
     assert info_from_config(ref.config()) == find_adapter(model).info
     assert ctxpatch.chatglm.train_len({"max_sequence_length": 2048}) == 2048  # the first ChatGLM's name
+
+
+def test_eval_refuses_a_target_len_for_a_run_folder_before_loading(folders, capsys):
+    argv = ["eval", "--model", str(folders["run"]), "--target-len", "64", "--lengths", "64", "--tail", "16"]
+    assert main(argv) == 2
+    assert "carries its own patch, applied as it loads: a target length cannot change it" in capsys.readouterr().err

@@ -117,6 +117,9 @@ def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
                 f"{args.model!r} carries its own patch (a ctxpatch run folder); it is evaluated as loaded: "
                 "drop --patch/--patches (or pass 'none')"
             )
+        if config.target_len is not None:
+            raise EvalError(f"{args.model!r} carries its own patch, applied as it loads: a target length cannot "
+                            "change it; drop --target-len")
         return
     if config.max_length is not None and config.max_length < max(config.lengths):
         raise EvalError(
