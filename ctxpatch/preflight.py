@@ -11,14 +11,8 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from .loading.reference import ModelRef, config_train_len, model_ref
+from .loading.reference import config_train_len
 from .registry import Method, ModelInfo
-
-def model_info(name: str | ModelRef) -> ModelInfo | None:
-    """The `ModelInfo` of a model name, from its config alone (None for a run folder: its patch is its own)."""
-    ref = model_ref(name)
-    return None if ref.carries_patch else info_from_config(ref.config())
-
 
 def config_value(config: Any, *names: str, default: Any = None) -> Any:
     """The first of `names` a config (a transformers config, or a ChatGLM config.json as a dict) sets."""

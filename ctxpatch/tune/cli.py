@@ -10,7 +10,8 @@ A budget in seconds buys a schedule planned from this machine's measured speed; 
 
 Everything that can be wrong with the input is checked before the model loads: the target length against the
 trained length, the budget against the baseline's cost (estimated from the config), the text's token count,
-the candidate names, a replayed schedule against them, every option, the --out folder. Only the tokenizer and the config are read for that.
+the candidate names, a replayed schedule against them, every option, the --out folder. Only the tokenizer and
+the config are read for that.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -53,11 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/tune", help="folder for tuned.json, tune.md/.json, plots, the log")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (finished measurements kept)")
     p.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out")
-    p.set_defaults(func=run_tune)
-
-
-def run_tune(args: argparse.Namespace) -> int:
-    return run(args)
+    p.set_defaults(func=run)
 
 
 def check_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,12 +107,11 @@ def run(args: argparse.Namespace) -> int:
     windows = text_windows(tokenizer, args.text, args.seed, args.max_steps)
     tokens, count = windows(target)
     check_text_windows(count, tokens, target)
+    cands = None if args.resume else build_candidates(args.candidates, info_from_config(config, train_len), target)
     if saved is not None:
-        cands = build_candidates(args.candidates, info_from_config(config, train_len), target)
         replay(saved, {"target_len": target, "train_len": train_len, "tasks": tasks,
                        "candidates": [c.label for c in cands.candidates]}, lambda n: windows(n)[1])
-    elif not args.resume:
-        cands = build_candidates(args.candidates, info_from_config(config, train_len), target)
+    elif cands is not None:
         try:
             plan(len(cands.candidates), train_len, target, tasks, cost, budget, keep=args.keep,
                  max_steps=args.max_steps, windows=lambda n: windows(n)[1])
