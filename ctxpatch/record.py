@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable
 
+from ._compat import transformers as hf
+
 CTXPATCH_JSON = "ctxpatch.json"
 PATCH_PARAMETERS_FILE = "ctxpatch_parameters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -120,7 +122,7 @@ def record_on_save(model: Any, patch: Any, train_len: int) -> Callable[[], None]
         out = plain(save_directory, *args, **kwargs)
         folder = Path(save_directory)
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-        base = {"name_or_path": getattr(model.config, "_name_or_path", None) or None, "dtype": dtype}
+        base = {"name_or_path": hf.model_source(model.config) or None, "dtype": dtype}
         has_parameters = save_patch_parameters(model.state_dict(), folder)
         write_json(folder / CTXPATCH_JSON, make_record(patch, base, "merged", train_len=train_len,
                                                        has_patch_parameters=has_parameters))

@@ -27,7 +27,7 @@ import yaml
 
 from ..errors import UserInputError
 from ..lengths import parse_length
-from ..loading.base import DTYPE_CHOICES as DTYPES
+from ..dtypes import DTYPE_CHOICES as DTYPES
 from ..registry import positive_number  # one validator for method parameters and recipe knobs
 
 Check = Callable[[Any], "str | None"]  # what the value should be when it is wrong, else None
@@ -100,7 +100,7 @@ def mapping(v: Any) -> str | None:
 
 
 def tokens(v: Any) -> Any:
-    """A length as the CLI reads it ("4k" -> 4096); a value that is none is left to the check to refuse."""
+    """A length as the CLI reads it ("4k" -> 4096); a value that is not one is left to the check to refuse."""
     if isinstance(v, str):
         try:
             return parse_length(v)
@@ -428,7 +428,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     tree = expand_shorthands(read_recipe_file(path)) if path is not None else {}
     for dotted, _ in _walk(tree):
         _check_key(dotted, SCHEMA)
-    return Recipe(validate(command_line_wins(tree, apply_overrides(tree, list(overrides)), list(overrides))))
+    return Recipe(validate(command_line_wins(apply_overrides(tree, list(overrides)), list(overrides))))
 
 
 def _set_in_brackets(patch: Any) -> dict[str, set[str]]:
@@ -442,7 +442,7 @@ def _set_in_brackets(patch: Any) -> dict[str, set[str]]:
     return {m.name: set(m.values) | ({"layers"} if m.layers is not None else set()) for m in parsed.methods}
 
 
-def command_line_wins(file_tree: dict[str, Any], tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def command_line_wins(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """`tree` (the file with the overrides applied) where a method parameter set both in the file and on the
     command line, once in `patch`'s brackets and once in `patch_params.<method>`, keeps the command line's value
     only: `patch=yarn[factor=8]` beats the file's `patch_params.yarn.factor`, and `patch_params.yarn.factor=8`
