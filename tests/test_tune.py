@@ -518,6 +518,8 @@ def test_a_saved_schedule_replays_the_same_winner_on_a_slower_machine(tmp_path, 
 
     assert measured("replayed") == measured("fast")  # every measurement, in order, with the same value
     assert replayed.tuned["budget"]["schedule"] == "replayed"
+    assert "replayed from a saved schedule.json" in (tmp_path / "replayed" / "tune.md").read_text()
+    assert "--schedule schedule.json" in (tmp_path / "fast" / "tune.md").read_text()
 
 
 def test_a_schedule_made_for_other_settings_is_refused(tmp_path, one_thread):  # noqa: F811

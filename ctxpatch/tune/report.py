@@ -76,6 +76,14 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def _schedule_line(origin: str | None) -> str:
+    if origin == "replayed":
+        return "The schedule was replayed from a saved schedule.json: it does not depend on this machine's speed."
+    return ("The schedule was planned from this machine's measured speed (a budget in seconds depends on the "
+            "machine and its load); `schedule.json` beside this file replays it anywhere: `ctxpatch tune ... "
+            "--schedule schedule.json`.")
+
+
 def markdown(result: TuneResult) -> str:
     tuned, schedule, found = result.tuned, result.schedule, result.search
     budget = tuned["budget"]
@@ -88,6 +96,8 @@ def markdown(result: TuneResult) -> str:
         f"Trained length {schedule.train_len}; tasks {', '.join(schedule.tasks)}; seed {tuned['seed']}. Budget "
         f"{format_seconds(budget['budget_s'])}: schedule estimated {format_seconds(budget['estimated_s'])}, "
         f"measured {format_seconds(budget['measured_s'])} ({100 * budget['used']:.0f}% of the budget).",
+        "",
+        _schedule_line(budget.get("schedule")),
         "",
         f"Objective: {tuned['objective']}.",
         "",
