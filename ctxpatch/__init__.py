@@ -47,6 +47,12 @@ _LAZY = {  # name -> the module (relative to ctxpatch) that defines it
     "evaluate": "eval",  # lm-eval is slow to import
     "compare": "eval",
 }
+from . import tune as _tune_package  # noqa: E402,F401  (loaded now, light: see below)
+
+# `ctxpatch.tune` is the function (ctxpatch.tune.api.tune), given by __getattr__. The package of the same name is
+# loaded above, so that importing one of its modules later (ctxpatch.tune.cli) does not bind the package over
+# the function; its binding made by that import is dropped here.
+del tune
 
 
 if TYPE_CHECKING:  # what `_LAZY` provides, for type checkers, IDEs and the API reference (tests/test_cli.py)
@@ -59,10 +65,12 @@ if TYPE_CHECKING:  # what `_LAZY` provides, for type checkers, IDEs and the API 
 
 
 def __getattr__(name: str) -> Any:
-    """Each public name from its module on first use; `ctxpatch.tune` is the package, callable as the function."""
+    """Each public name from its module on first use; `ctxpatch.tune` is the function (ctxpatch.tune.api.tune)."""
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    elif name in ("tune", "registry"):
+    elif name == "tune":
+        value = importlib.import_module(".tune.api", __name__).tune
+    elif name == "registry":
         value = importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module 'ctxpatch' has no attribute {name!r}")

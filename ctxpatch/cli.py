@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+from pathlib import Path
 
 from ._version import __version__
 from .errors import CtxpatchError
@@ -54,11 +56,27 @@ def report(verb: str, error: BaseException) -> int:
     return 2
 
 
+def one_line_warnings(verb: str):
+    """showwarning that prints ctxpatch's own warnings as `ctxpatch VERB: warning: ...` (a library's keep theirs)."""
+    shown = warnings.showwarning
+    package = str(Path(__file__).resolve().parent)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(Path(filename).resolve()).startswith(package):
+            print(f"ctxpatch {verb}: warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def run_verb(verb: str, func, args) -> int:
-    try:
-        return int(func(args) or 0)
-    except USER_ERRORS as error:
-        return report(verb, error)
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_warnings(verb)  # a user's warning is one line too, like an error
+        try:
+            return int(func(args) or 0)
+        except USER_ERRORS as error:
+            return report(verb, error)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,5 +43,17 @@ class ModelPathError(UserInputError, FileNotFoundError):
     """A model name or path that does not name a loadable model (missing folder, no config.json)."""
 
 
-class AlreadyPatchedError(CtxpatchError, RuntimeError):
+class UnknownTrainedLengthError(UserInputError, ValueError):
+    """The model's config does not say how long a context it was trained on."""
+
+
+class UnknownBackendError(UserInputError, ValueError):
+    """An attention backend name that is not one of ctxpatch's (`dense`, `blockwise`, `flex`)."""
+
+
+class DeviceError(UserInputError, ValueError):
+    """A device that is not one, or one this machine does not have (`cuda` without a GPU)."""
+
+
+class AlreadyPatchedError(UserInputError, RuntimeError):
     """`apply` was called on a model that already carries a patch."""

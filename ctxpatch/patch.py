@@ -8,7 +8,9 @@ What a patch changes, all on the instance and all undone by `remove()`:
   * pre-hooks pass the KV cache to the attention function and, when no position ids are given,
     derive them from the attention mask (left padding ignored);
   * per-layer method tensors (KERPLE's r1, r2) are added as a submodule `ctxpatch` of each
-    attention module, so they train and save with the model.
+    attention module, so they train and save with the model;
+  * the instance's `save_pretrained` also writes `ctxpatch.json` (what `ctxpatch.load` re-applies) and warns
+    that plain transformers loads the folder unpatched.
 
 Applying a second patch to a patched model is an `AlreadyPatchedError`: remove the first
 (`patch.remove()` or `ctxpatch.remove(model)`) or pass `replace=True`.
@@ -30,6 +32,7 @@ from .backends import get_backend
 from .compose import build_plan
 from .errors import AlreadyPatchedError, CtxpatchError
 from .plan import AttentionCall, ForwardShare, LayerPlan, LayerRuntime, make_runtime
+from .record import record_on_save
 from .registry import Method
 from .rotary import Rotary
 from .spec import parse_spec, spec_from_dict  # noqa: F401  (spec_from_dict: public here too)
@@ -190,6 +193,7 @@ class Patch:
         hf.register(ctxpatch_attention)
         hf.set_attn_implementation(model, hf.IMPLEMENTATION)
         self._undo.append(lambda: hf.set_attn_implementation(model, previous))
+        self._undo.append(record_on_save(model, self, adapter.info.train_len))
         setattr(model, PATCH, self)
         self._undo.append(lambda: delattr(model, PATCH))
         self.active = True

@@ -23,7 +23,7 @@ import ctxpatch
 from ctxpatch.chatglm import convert_chatglm
 
 
-def parse_args() -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", nargs="?", default="chatglm3-6b-32k", help="a ChatGLM2/3 folder as published (model_type chatglm)")
     p.add_argument("--converted", default=None, help="where to write the converted folder (default: SRC-glm)")
@@ -33,13 +33,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt", default="Summarise the plot of Hamlet in three sentences.", help="the user's message")
     p.add_argument("--new-tokens", type=int, default=128, help="at most this many tokens in the answer")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args()
+    return p
 
 
 def main() -> None:
-    args = parse_args()
+    p = parser()
+    args = p.parse_args()
     src = Path(args.src)
     dst = Path(args.converted or f"{src}-glm")
+    if not (dst / "config.json").is_file() and not (src / "config.json").is_file():  # usage, not a traceback
+        p.error(f"{src} holds no ChatGLM2/3 checkpoint (no config.json): download one (e.g. THUDM/chatglm3-6b-32k) "
+                "and name its folder")
     if not (dst / "config.json").is_file():
         written = convert_chatglm(src, dst, dtype=args.dtype)
         print(f"converted {src} -> {dst} (tokenizer files: {', '.join(p.name for p in written)})")

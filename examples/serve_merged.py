@@ -31,14 +31,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ctxpatch.loading import is_native, read_texts  # the check below and the prompt's text only
 
 
-def parse_args() -> argparse.Namespace:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("merged", nargs="?", default="runs/smollm2-135m-32k-merged", help="a `ctxpatch merge` folder")
     p.add_argument("--length", type=int, default=12000, help="prompt tokens (past the base model's trained length)")
     p.add_argument("--new-tokens", type=int, default=16, help="tokens to generate, greedily")
     p.add_argument("--text", nargs="*", default=None, help="text files for the prompt (default: Shakespeare's plays)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    return p.parse_args()
+    return p
 
 
 def check_native(folder: Path) -> dict:
@@ -54,8 +54,12 @@ def check_native(folder: Path) -> dict:
 
 
 def main() -> None:
-    args = parse_args()
+    p = parser()
+    args = p.parse_args()
     folder = Path(args.merged)
+    if not (folder / "config.json").is_file():  # usage and one line, not a traceback
+        p.error(f"{folder} holds no merged model (no config.json): run examples/finetune_and_load.py first, "
+                "or name a `ctxpatch merge` folder")
     print("rope_parameters:", check_native(folder))
 
     # plain transformers: no ctxpatch.apply, no trust_remote_code

@@ -22,7 +22,8 @@ from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import ctxpatch
-from ctxpatch import chatglm, chatglm_tokenizer, cli
+from ctxpatch import chatglm, cli
+from ctxpatch.chatglm import tokenizer as chatglm_tokenizer
 from test_chatglm import REMOTE_CODE, chatglm_config, chatglm_forward, chatglm_weights, write_checkpoint
 
 CHATGLM3 = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import ctxpatch
-from conftest import tiny_config
+from conftest import tiny_config, tiny_model
 from ctxpatch.cli import build_parser, main
 from ctxpatch import loading as model_loading
 
@@ -175,6 +175,23 @@ def test_a_recipe_patch_that_does_not_fit_the_model_is_refused_before_loading(co
     assert "layer index 5 is out of range for a model with 3 layers" in one_error_line(capsys, "finetune")
 
 
+def test_a_recipe_patch_refused_at_its_target_len_is_refused_before_loading(config_folder, tmp_path, capsys,
+                                                                          no_loading):
+    argv = ["finetune", str(RECIPES / "smollm2-135m-32k.yaml"), f"model={config_folder}", "patch=string",
+            "patch_params={}", "seq_len=16", "target_len=4k", f"output_dir={tmp_path / 'run'}"]
+    assert main(argv) == 2
+    assert "string reaches at most 2L - W" in one_error_line(capsys, "finetune")
+
+
+def test_a_recipe_target_len_within_the_trained_length_warns(config_folder, tmp_path, capsys, no_loading):
+    argv = ["finetune", str(RECIPES / "smollm2-135m-32k.yaml"), f"model={config_folder}", "seq_len=16",
+            "target_len=32", "positions=contiguous", f"output_dir={tmp_path / 'run'}"]
+    with pytest.raises(AssertionError, match="the model was loaded"):
+        main(argv)
+    assert "ctxpatch finetune: warning: target_len 32 is not above the model's trained length 32" in (
+        capsys.readouterr().err)
+
+
 EVAL_MISTAKES = [
     (["eval", "--param", "window=3"], "--param window is given without a patch"),
     (["eval", "--patch", "none", "--param", "window=3"], "--param window is given without a patch"),
@@ -193,6 +210,8 @@ EVAL_MISTAKES = [
     (["eval", "--tail", "40", "--lengths", "64"], "--tail 40 must be shorter than the model's trained length (32)"),
     (["eval", "--max-length", "100"], "--max-length 100 is shorter than the longest length (128)"),
     (["eval", "--max-length", "0"], "--max-length 0 must be a positive number of tokens"),
+    (["eval", "--patch", "string", "--target-len", "1000"], "string reaches at most 2L - W = "),
+    (["compare", "--patches", "none,string", "--target-len", "1000"], "target_len=1000 needs a rule that remaps"),
 ]
 
 
@@ -203,6 +222,16 @@ def test_eval_mistakes_are_one_line_before_loading(argv, message, config_folder,
     extra = [x for i in range(0, len(defaults), 2) if defaults[i] not in given for x in defaults[i:i + 2]]
     assert main([*argv, *extra]) == 2
     assert message in one_error_line(capsys, argv[0])
+
+
+def test_a_target_at_or_below_the_trained_length_warns_in_one_line(config_folder, tmp_path, capsys, no_loading):
+    argv = ["eval", "--model", str(config_folder), "--patch", "selfextend", "--target-len", "32", "--lengths", "64",
+            "--tail", "16", "--out", str(tmp_path / "out")]
+    with pytest.raises(AssertionError, match="the model was loaded"):  # a warning, not a refusal: it goes on
+        main(argv)
+    err = capsys.readouterr().err
+    assert err.strip() == ("ctxpatch eval: warning: --target-len 32 is not above the model's trained length 32: "
+                           "there is nothing to extend; pass a longer target (e.g. 64) or leave it out")
 
 
 def test_an_unknown_backend_is_a_usage_error(capsys):
@@ -312,3 +341,20 @@ def test_the_lazy_package_names_are_the_ones_type_checkers_see():
     assert seen == ctxpatch._LAZY
     for name in ctxpatch._LAZY:
         assert getattr(ctxpatch, name) is getattr(importlib.import_module(f"ctxpatch.{ctxpatch._LAZY[name]}"), name)
+
+
+def test_every_deliberate_refusal_is_a_user_input_error():
+    """What the CLI prints as one line is a UserInputError (the policy of ctxpatch/errors.py)."""
+    from ctxpatch.backends import UnknownBackendError
+    from ctxpatch.chatglm import ChatGLMConversionError
+    from ctxpatch.errors import DeviceError, UnknownTrainedLengthError
+    from ctxpatch.tune.errors import BudgetError, TuneError
+
+    for error in (TuneError, BudgetError, ChatGLMConversionError, UnknownBackendError, DeviceError,
+                  UnknownTrainedLengthError, ctxpatch.AlreadyPatchedError, model_loading.ModelNotFoundError,
+                  model_loading.NotAModelFolderError, model_loading.InvalidDtypeError):
+        assert issubclass(error, ctxpatch.UserInputError), error
+    with pytest.raises(UnknownBackendError, match="unknown backend 'fast'"):
+        ctxpatch.apply(tiny_model("llama"), "window", backend="fast")
+    with pytest.raises(ctxpatch.UserInputError, match="pass device= or device_map=, not both"):
+        ctxpatch.load_model("default", device="cpu", device_map="auto")

@@ -123,3 +123,9 @@ def test_lm_eval_harness_script_runs_lm_eval_with_a_patch(model_folder, tmp_path
     assert len(written) == 1
     scores = json.loads(written[0].read_text())["results"]["ctxpatch_passkey"]
     assert scores["256,none"] in (0.0, 1.0) and scores["8192,none"] == -1
+
+
+@pytest.mark.parametrize("name", ["serve_merged.py", "chatglm3.py"])
+def test_an_example_run_with_no_arguments_prints_its_usage(name, tmp_path):
+    out = example(name, cwd=tmp_path, status=2)  # its default folder is not in an empty directory
+    assert out.startswith(f"usage: {name}") and f"{name}: error: " in out and "Traceback" not in out

@@ -259,3 +259,26 @@ def test_global_batch_must_split_over_processes():
     assert accumulation_steps(recipe, 1) == 3
     with pytest.raises(RecipeError, match="global_batch=6 is not a multiple of micro_batch x processes = 2 x 2"):
         accumulation_steps(recipe, 2)
+
+
+def test_lengths_read_as_the_command_line_reads_them():
+    recipe = load_recipe(None, ["output_dir=x", "target_len=4k", "seq_len=1.5k"])
+    assert (recipe.target_len, recipe.seq_len) == (4096, 1536)
+    with pytest.raises(RecipeError, match="'target_len' must be an integer >= 2; got 'lots'"):
+        load_recipe(None, ["output_dir=x", "target_len=lots"])
+
+
+def test_a_command_line_patch_beats_the_files_patch_params():
+    path = RECIPES[0].parent / "smollm2-135m-32k.yaml"  # patch: yarn, patch_params.yarn.factor: 4.0
+    methods, _ = patch_arguments(load_recipe(path, ["patch=yarn[factor=8]"]))
+    assert [(m.name, m.values) for m in methods] == [("yarn", {"factor": 8})]
+
+
+def test_command_line_patch_params_beat_the_files_brackets(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("output_dir: x\npatch: 'yarn[factor=4]+logn'\n", encoding="utf-8")
+    recipe = load_recipe(path, ["patch_params.yarn.factor=8"])
+    methods, _ = patch_arguments(recipe)
+    assert [(m.name, m.values) for m in methods] == [("yarn", {"factor": 8}), ("logn", {})]
+    with pytest.raises(RecipeError, match="set both in patch .a bracket. and in patch_params.yarn"):
+        patch_arguments(load_recipe(None, ["output_dir=x", "patch=yarn[factor=4]", "patch_params.yarn.factor=8"]))

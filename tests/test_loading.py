@@ -126,8 +126,8 @@ def write(path, text="{}"):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda tmp: tmp / "missing", r"model '.*missing' does not exist: pass 'default', a model folder"),
-    (lambda tmp: tmp, r"the folder '.*' holds no config.json: pass 'default', a model folder"),
+    (lambda tmp: tmp / "missing", r"model '.*missing' does not exist: give 'default', a model folder"),
+    (lambda tmp: tmp, r"no config.json in '.*': name a folder holding a transformers model"),
     (lambda tmp: write(tmp / "ctxpatch.json").parent, r"is a ctxpatch fine-tune run .* ctxpatch.load\("),
     (lambda tmp: write(tmp / "w.bin"), r"is a file but not a .gguf file"),
     (lambda tmp: tmp / "missing.gguf", r"does not exist"),
@@ -240,3 +240,26 @@ def test_a_merged_folder_loaded_plainly_warns_that_the_patch_is_left_off(tmp_pat
         plain, _ = ctxpatch.load_model(str(folder))
     reference, _ = ctxpatch.load_model(str(make_model_dir(tmp_path / "same")))
     assert_close(probe_logits(plain), probe_logits(reference), rtol=0, atol=0)
+
+
+def test_save_pretrained_of_a_patched_model_records_the_patch_and_warns(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = ctxpatch.load_model(str(model_dir), dtype="float32")
+    ids = torch.randint(1, model.config.vocab_size, (1, 3 * TRAIN_LEN))
+    unpatched = model(ids).logits
+    patch = ctxpatch.apply(model, "selfextend", target_len=4 * TRAIN_LEN)
+    patched = model(ids).logits
+    folder = tmp_path / "saved"
+    with pytest.warns(UserWarning, match=r"from_pretrained .* will load it WITHOUT the patch; ctxpatch.json records"):
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert json.loads((folder / "ctxpatch.json").read_text())["patch"] == patch.to_dict()
+    reloaded, _ = ctxpatch.load(folder)  # the record puts the patch back
+    assert_close(reloaded(ids).logits, patched, rtol=0, atol=0)
+    plain = AutoModelForCausalLM.from_pretrained(folder).eval()  # what the warning says: no patch
+    assert_close(plain(ids).logits, unpatched, rtol=0, atol=0)
+    patch.remove()  # the instance's save_pretrained is the class's again
+    assert "save_pretrained" not in vars(model)
+    model.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "ctxpatch.json").exists()

@@ -357,7 +357,9 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr("ctxpatch.tune.cli.load", refuse)
+    from ctxpatch.tune import cli as tune_cli
+
+    monkeypatch.setattr(tune_cli, "load", refuse)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -367,9 +369,17 @@ def no_model_load(monkeypatch):
     (["--candidates", "selfextnd"], "Did you mean 'selfextend'?"),
     (["--tasks", "ppl,pxl"], "choose from ppl, passkey, niah"),
     (["--target-len", "300k"], "tokens, too few for one window of the target length 307200"),
+    (["--keep", "0"], "keep=0.0 must be a fraction in (0, 1)"),
+    (["--keep", "2"], "keep=2.0 must be a fraction in (0, 1)"),
+    (["--max-steps", "0"], "max_steps=0 must be a whole number of windows, at least 1"),
+    (["--device", "cuda"], "this machine has no CUDA GPU that torch can use"),
+    (["--device", "tpu"], "--device 'tpu' is not a device: use cpu, cuda or cuda:N"),
+    (["--backend", "bogus"], "unknown backend 'bogus'; choose one of blockwise, dense, flex"),
+    (["--schedule", "nope.json"], "schedule file 'nope.json' does not exist: pass the schedule.json"),
 ])
 def test_cli_errors_come_before_the_model_loads(model_folder, text_file, tmp_path, capsys, no_model_load, extra,  # noqa: F811
-                                                message):
+                                                message, monkeypatch):
+    monkeypatch.setattr("ctxpatch.eval.distributed.cuda_available", lambda: False)  # --device cuda: no GPU here
     args = ["tune", "--model", str(model_folder), "--target-len", "384", "--text", str(text_file),
             "--out", str(tmp_path / "out"), *extra]
     assert main(args) == 2
@@ -408,6 +418,14 @@ def test_end_to_end_on_a_tiny_model(model_folder, text_file, tmp_path, capsys, o
     assert main(again) == 0  # a finished run resumed: nothing measured again, the same choice
     assert (out / "measurements.jsonl").read_text() == logged
     assert json.loads((out / "tuned.json").read_text())["methods"] == tuned["methods"]
+    replay = [*again[:-2], str(tmp_path / "replayed"), "--schedule", str(out / "schedule.json"), "--budget", "1s"]
+    assert main(replay) == 0  # the saved schedule, not the (too small) budget: the same measurements and winner
+    assert "replaying a saved schedule" in capsys.readouterr().err
+    assert json.loads((tmp_path / "replayed" / "tuned.json").read_text())["methods"] == tuned["methods"]
+    values = [[json.loads(line)["value"] for line in (d / "measurements.jsonl").read_text().splitlines()]
+              for d in (out, tmp_path / "replayed")]
+    assert values[0] == values[1]
+    assert main([*replay[:-2], "--resume"]) == 2 and "drop --schedule" in capsys.readouterr().err
     assert tuned["candidate"] in ("selfextend[group=4]", "dynamic", "yarn[factor=2]")
     assert tuned["model"]["fingerprint"]["kind"] == "folder"
     rows = [json.loads(line) for line in (out / "measurements.jsonl").read_text().splitlines()]
@@ -446,9 +464,12 @@ def _schedule(out: Path):
 
 def test_ctxpatch_tune_is_the_function_after_the_cli_imports_the_package():
     import importlib
+    import sys
+    import types
 
-    importlib.import_module("ctxpatch.tune.cli")  # the CLI imports the package: ctxpatch.tune becomes the module
-    assert callable(ctxpatch.tune) and ctxpatch.tune.TuneResult.__name__ == "TuneResult"
+    importlib.import_module("ctxpatch.tune.cli")  # importing a module of the package leaves ctxpatch.tune alone
+    assert ctxpatch.tune is importlib.import_module("ctxpatch.tune.api").tune
+    assert type(sys.modules["ctxpatch.tune"]) is types.ModuleType  # no module class swapped
     with pytest.raises(TuneError, match="not above"):
         ctxpatch.tune(tiny_model("llama"), target_len=16, scorer=StubScorer(), cost=COST, progress=False)
 
@@ -460,4 +481,58 @@ def test_info_from_a_chatglm_config_json_reads_its_own_names():
            "multi_query_group_num": 2, "seq_length": 8192}
     assert info_from_config(glm, 8192) == ModelInfo(train_len=8192, num_layers=28, num_heads=32, num_kv_heads=2,
                                                     head_dim=128, rotary_dim=64)  # half of each head rotates
-    assert info_from_config(glm) is None  # its trained length is the loaded model's to say
+    assert info_from_config(glm) == info_from_config(glm, 8192)  # one rule for ChatGLM's L: seq_length
+
+
+# ---- a tune that replays -----------------------------------------------------------------------------------------
+
+
+def test_a_saved_schedule_replays_the_same_winner_on_a_slower_machine(tmp_path, monkeypatch, capsys,  # noqa: F811
+                                                                      one_thread):
+    """Two machines (fake timings of the calibration forward, 200x apart) plan two schedules from one budget;
+    replaying the first one's schedule.json on the slow one measures the same things and picks the same winner."""
+    from ctxpatch.tune import api
+    from ctxpatch.tune.scorer import EvalScorer
+
+    model, tokenizer = tiny_lm()
+    text = generated_text()
+    monkeypatch.setattr(api, "matmul_rate", lambda device: 1e9)  # the config's estimate: the same on both
+
+    def run(seconds_per_forward: float, out: Path, **kwargs):
+        monkeypatch.setattr(EvalScorer, "time_forward", lambda self, n: seconds_per_forward)
+        return ctxpatch.tune(model, tokenizer, target_len=384, texts=[text], budget_s="2m", tasks="ppl,passkey",
+                             candidates="selfextend[group=4],dynamic,yarn[factor=2],rerope", tail=24, max_steps=2,
+                             out_dir=out, **kwargs)
+
+    fast = run(0.01, tmp_path / "fast")
+    assert "depends on the machine and its load" in capsys.readouterr().err
+    slow = run(2.0, tmp_path / "slow")
+    assert slow.schedule.to_dict()["rounds"] != fast.schedule.to_dict()["rounds"]  # the timing chose the schedule
+    replayed = run(2.0, tmp_path / "replayed", schedule=tmp_path / "fast" / "schedule.json")
+    assert "replaying a saved schedule" in capsys.readouterr().err
+    assert replayed.schedule.to_dict() == fast.schedule.to_dict()
+    assert replayed.winner == fast.winner and replayed.tuned["methods"] == fast.tuned["methods"]
+    def measured(run_dir: str) -> list[dict]:
+        rows = (json.loads(line) for line in (tmp_path / run_dir / "measurements.jsonl").read_text().splitlines())
+        return [{k: r[k] for k in ("candidate", "kind", "length", "index", "value")} for r in rows]
+
+    assert measured("replayed") == measured("fast")  # every measurement, in order, with the same value
+    assert replayed.tuned["budget"]["schedule"] == "replayed"
+    assert "replayed from a saved schedule.json" in (tmp_path / "replayed" / "tune.md").read_text()
+    assert "--schedule schedule.json" in (tmp_path / "fast" / "tune.md").read_text()
+
+
+def test_a_schedule_made_for_other_settings_is_refused(tmp_path, one_thread):  # noqa: F811
+    model = tiny_model("llama")
+    stub_run(model, candidates=SPECS, scorer=StubScorer(), out_dir=tmp_path / "a")
+    saved = tmp_path / "a" / "schedule.json"
+    with pytest.raises(TuneError, match=r"made for other settings \(target_len: 64 there, 128 here; candidates: "
+                                        r"dynamic\[factor=4\] here only\)"):
+        stub_run(model, candidates=SPECS, scorer=StubScorer(), target_len=128, schedule=saved)
+    with pytest.raises(TuneError, match=r"made for other settings \(candidates: yarn\[factor=2\], .* there only; "
+                                        r"yarn here only\)"):
+        stub_run(model, candidates="yarn,dynamic", scorer=StubScorer(), schedule=saved)
+    with pytest.raises(TuneError, match="does not exist: pass the schedule.json"):
+        stub_run(model, candidates=SPECS, scorer=StubScorer(), schedule=tmp_path / "nope.json")
+    again = stub_run(model, candidates=SPECS, scorer=StubScorer(), cost=COST.scaled(100), schedule=saved)
+    assert again.schedule.to_dict() == json.loads(saved.read_text())["schedule"]

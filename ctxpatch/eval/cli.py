@@ -99,45 +99,52 @@ def run_compare(args: argparse.Namespace) -> int:
 def check_before_loading(args: argparse.Namespace, specs: list[Spec], config):
     """Everything the config alone settles: the model path, the plan of every spec on this model's layers,
     the lengths against max_length, the perplexity tail against the trained length."""
-    from ..loading import carries_patch
-    from ..preflight import check_model, check_plan, info_from_config, model_config
+    from ..loading import model_ref
+    from ..preflight import check_plan, info_from_config, warn_if_not_longer
     from .runner import check_out, check_report
 
-    check_model(args.model)
+    ref = model_ref(args.model)
     if args.report:
         check_report(config, args.out, args.overwrite)
     if args.out:
         check_out(args.out, args.resume or args.report, args.overwrite)
-    if args.reference == "base" and not carries_patch(args.model):
+    if args.reference == "base" and not ref.carries_patch:
         raise EvalError(f"--reference base needs a ctxpatch run folder as --model ({args.model!r} is not one): the "
                         "base of a plain model is the model itself, its reference by default")
-    if carries_patch(args.model):
+    if ref.carries_patch:
         if any(not s.is_none for s in specs):
             raise EvalError(
                 f"{args.model!r} carries its own patch (a ctxpatch run folder); it is evaluated as loaded: "
                 "drop --patch/--patches (or pass 'none')"
             )
+        if config.target_len is not None:
+            raise EvalError(f"{args.model!r} carries its own patch, applied as it loads: a target length cannot "
+                            "change it; drop --target-len")
         return
     if config.max_length is not None and config.max_length < max(config.lengths):
         raise EvalError(
             f"--max-length {config.max_length} is shorter than the longest length ({max(config.lengths)}): "
             "raise it, or leave it out (default: longest length + 256)"
         )
-    model = model_config(args.model)
-    info = info_from_config(model)
+    info = info_from_config(ref.config())
     if info is not None and "ctxpatch_ppl" in config.tasks and config.tail is not None and config.tail >= info.train_len:
         raise EvalError(
             f"--tail {config.tail} must be shorter than the model's trained length ({info.train_len}): the native "
             "reference scores the same tail within it; pass a smaller --tail"
         )
+    target = config.target_len if isinstance(config.target_len, int) else None  # "auto": each length its own
+    if info is not None and any(not s.is_none for s in specs):
+        warn_if_not_longer(target, info.train_len)
     for spec in specs:
         if not spec.is_none:
-            check_plan(spec.parsed.methods, spec.params, info)
+            check_plan(spec.parsed.methods, spec.params, info)  # the spec itself, then at its target
+            if target is not None:
+                check_plan(spec.parsed.methods, spec.params, info, target)
 
 
 def run(args: argparse.Namespace, specs: list[Spec]) -> int:
     from ..loading import base_name, display_name, held_apart_text, load_base_for_eval, load_for_eval
-    from ..preflight import WHAT_TO_GIVE
+    from ..loading.reference import WHAT_TO_GIVE
     from . import distributed
     from .runner import EvalConfig, compare
 

@@ -10,7 +10,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from .. import lengths
 from .. import spec as core_spec
+from ..errors import ParameterValueError
 from .errors import EvalError
 
 # short name -> lm-eval task name(s) shipped in ctxpatch/eval/tasks
@@ -29,24 +31,12 @@ RULER_ONLINE = (
     "ruler_qa_squad", "ruler_qa_hotpot",
 )
 
-LENGTH_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kK]?)\s*$")
-
-
 def parse_length(text: str | int) -> int:
     """"8k" -> 8192, "12288" -> 12288, "1.5k" -> 1536; anything else is an `EvalError`."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = text
-    else:
-        match = LENGTH_PATTERN.match(str(text))
-        if not match:
-            raise EvalError(f"length {text!r} is not a number: write it as tokens, e.g. 8192 or 8k (k = 1024)")
-        number = float(match.group(1)) * (1024 if match.group(2) else 1)
-        if number != int(number):
-            raise EvalError(f"length {text!r} is not a whole number of tokens")
-        value = int(number)
-    if value <= 0:
-        raise EvalError(f"length {text!r} must be a positive number of tokens")
-    return value
+    try:
+        return lengths.parse_length(text)
+    except ParameterValueError as error:
+        raise EvalError(str(error)) from None
 
 
 def parse_lengths(text: str | Iterable[str | int]) -> list[int]:

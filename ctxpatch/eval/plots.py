@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .report import Leaderboard
+from typing import Any, Protocol
 
 
-def write_plots(board: "Leaderboard", folder: Path) -> list[Path]:
+class Board(Protocol):
+    """What the plots read of a leaderboard (`report.Leaderboard`), named here so that plots need not import it."""
+
+    records: list[Any]
+    retrieval_tasks: list[str]
+    specs: list[str]
+    lengths: list[int]
+    train_len: int
+    config: dict[str, Any]
+    model_name: str
+
+    def depths(self, task: str) -> list[float]: ...
+    def ratio(self, spec: str, length: int) -> float | None: ...
+    def perplexity(self, spec: str, length: int) -> float | None: ...
+    def native_perplexity(self, length: int) -> float | None: ...
+    def accuracy(self, spec: str, task: str, length: int, depth: float) -> float: ...
+    def refusal(self, spec: str, length: int) -> str | None: ...
+
+
+def write_plots(board: Board, folder: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +38,7 @@ def write_plots(board: "Leaderboard", folder: Path) -> list[Path]:
     return written
 
 
-def perplexity_plot(board: "Leaderboard", path: Path) -> Path:
+def perplexity_plot(board: Board, path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import ScalarFormatter
 
@@ -52,7 +68,7 @@ def perplexity_plot(board: "Leaderboard", path: Path) -> Path:
     return path
 
 
-def heatmap(board: "Leaderboard", task: str, path: Path) -> Path:
+def heatmap(board: Board, task: str, path: Path) -> Path:
     """One panel per spec: accuracy by depth (rows) and length (columns)."""
     import matplotlib.pyplot as plt
     import numpy as np

@@ -35,17 +35,20 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 def check_before_loading(recipe) -> None:
     """What the recipe and the model's config settle before anything loads: the model and tokenizer paths,
-    and the patch planned on the model's layers (ChatGLM folders: the paths only)."""
+    and the patch planned on the model's layers at target_len, as training applies it."""
     from ..errors import UserInputError
-    from ..preflight import check_model, check_plan, check_tokenizer, info_from_config, model_config
+    from ..loading import check_model, check_tokenizer
+    from ..preflight import check_plan, info_from_config, warn_if_not_longer
     from .recipe import RecipeError, patch_arguments
 
-    check_model(recipe.model)
+    ref = check_model(recipe.model)
     check_tokenizer(recipe.tokenizer)
     methods, apply_kwargs = patch_arguments(recipe)
-    info = info_from_config(model_config(recipe.model))
+    info = info_from_config(ref.config())
+    if info is not None and recipe.positions.scheme == "contiguous":  # the other schemes refuse it (load_data)
+        warn_if_not_longer(recipe.target_len, info.train_len, "target_len")
     try:
-        check_plan(methods, apply_kwargs, info)
+        check_plan(methods, apply_kwargs, info, recipe.target_len)
     except UserInputError as error:
         raise RecipeError(f"the patch {recipe.patch!r} (patch_params {recipe.patch_params}) is refused: {error}") from None
 

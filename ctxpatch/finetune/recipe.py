@@ -26,7 +26,8 @@ from typing import Any
 import yaml
 
 from ..errors import UserInputError
-from ..loading.base import DTYPE_CHOICES as DTYPES
+from ..lengths import parse_length
+from ..dtypes import DTYPE_CHOICES as DTYPES
 from ..registry import positive_number  # one validator for method parameters and recipe knobs
 
 Check = Callable[[Any], "str | None"]  # what the value should be when it is wrong, else None
@@ -98,6 +99,16 @@ def mapping(v: Any) -> str | None:
     return None if isinstance(v, dict) and all(isinstance(k, str) for k in v) else "a mapping of names to values"
 
 
+def tokens(v: Any) -> Any:
+    """A length as the CLI reads it ("4k" -> 4096); a value that is not one is left to the check to refuse."""
+    if isinstance(v, str):
+        try:
+            return parse_length(v)
+        except UserInputError:
+            return v
+    return v
+
+
 def betas_pair(v: Any) -> str | None:
     ok = isinstance(v, list) and len(v) == 2 and all(_is_number(b) and 0 <= b < 1 for b in v)
     return None if ok else "a list of two numbers in [0, 1), e.g. [0.9, 0.999]"
@@ -111,6 +122,7 @@ class Knob:
     check: Check
     doc: str
     free_form: bool = False  # a mapping whose inner keys are not part of the schema (patch_params)
+    read: Callable[[Any], Any] | None = None  # what the value means, before the check ("4k" -> 4096)
 
 
 # ---- the schema: every key a recipe may hold ----------------------------------------------------
@@ -136,8 +148,11 @@ SCHEMA: dict[str, Any] = {
     "seed": Knob(0, int_at_least(0), "seed of data order, positions, LoRA init and dropout"),
     "resume": Knob(False, boolean, "continue from the last checkpoint in output_dir"),
     "overwrite": Knob(False, boolean, "delete an existing run in output_dir and start again"),
-    "seq_len": Knob(2048, int_at_least(2), "tokens per training sample"),
-    "target_len": Knob(32768, int_at_least(2), "positions the samples cover: every position id is < target_len"),
+    "seq_len": Knob(2048, int_at_least(2), "tokens per training sample (e.g. 2048 or 2k)", read=tokens),
+    "target_len": Knob(
+        32768, int_at_least(2), "positions the samples cover: every position id is < target_len (e.g. 32k)",
+        read=tokens,
+    ),
     "positions": {
         "scheme": Knob("pose", one_of(*SCHEMES), "contiguous | pose | randomized | stretched position ids"),
         "chunks": Knob(2, int_at_least(1), "pose: contiguous chunks per sample, separated by random skips"),
@@ -372,6 +387,7 @@ def validate(tree: dict[str, Any]) -> dict[str, Any]:
         if knob is None:
             inner = ", ".join(k for k in KNOBS if k.startswith(dotted + "."))
             raise RecipeError(f"recipe key {dotted!r} is a section, not a value: set its keys ({inner})")
+        value = knob.read(value) if knob.read is not None else value
         problem = knob.check(value)
         if problem:
             problem = problem if problem.startswith("must be") else f"must be {problem}"  # registry's checks say it
@@ -412,7 +428,60 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     tree = expand_shorthands(read_recipe_file(path)) if path is not None else {}
     for dotted, _ in _walk(tree):
         _check_key(dotted, SCHEMA)
-    return Recipe(validate(apply_overrides(tree, list(overrides))))
+    return Recipe(validate(command_line_wins(apply_overrides(tree, list(overrides)), list(overrides))))
+
+
+def _set_in_brackets(patch: Any) -> dict[str, set[str]]:
+    """{method: parameters its bracket in `patch` sets}; {} for a spec that does not parse (refused later)."""
+    from ..spec import parse_spec
+
+    try:
+        parsed = parse_spec(patch)
+    except (UserInputError, TypeError, ValueError):
+        return {}
+    return {m.name: set(m.values) | ({"layers"} if m.layers is not None else set()) for m in parsed.methods}
+
+
+def command_line_wins(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`tree` (the file with the overrides applied) where a method parameter set both in the file and on the
+    command line, once in `patch`'s brackets and once in `patch_params.<method>`, keeps the command line's value
+    only: `patch=yarn[factor=8]` beats the file's `patch_params.yarn.factor`, and `patch_params.yarn.factor=8`
+    beats the file's `patch: yarn[factor=4]`."""
+    keys = [parse_override(o)[0] for o in overrides]
+    params = tree.get("patch_params")
+    if not isinstance(params, dict):
+        return tree
+
+    def from_command_line(method: str, name: str) -> bool:
+        return any(k in ("patch_params", f"patch_params.{method}", f"patch_params.{method}.{name}") for k in keys)
+
+    out = copy.deepcopy(tree)
+    in_brackets = _set_in_brackets(tree.get("patch"))
+    if "patch" in keys:  # the file's patch_params give way to the command line's brackets
+        for method, names in in_brackets.items():
+            given = out["patch_params"].get(method)
+            if isinstance(given, dict):
+                for name in names & set(given):
+                    if not from_command_line(method, name):
+                        del given[name]
+        return out
+    dropped = {m: {n for n in names if from_command_line(m, n) and isinstance(params.get(m), dict)
+                   and n in params[m]} for m, names in in_brackets.items()}
+    if any(dropped.values()):  # the file's brackets give way to the command line's patch_params
+        out["patch"] = _without(tree["patch"], dropped)
+    return out
+
+
+def _without(patch: str, dropped: dict[str, set[str]]) -> str:
+    """`patch` rewritten with the bracket parameters `dropped` names left out."""
+    from ..spec import describe, parse_spec
+
+    methods = []
+    for m in parse_spec(patch).methods:
+        names = dropped.get(m.name, set())
+        values = {k: v for k, v in m.values.items() if k not in names}
+        methods.append(type(m)(layers=None if "layers" in names else m.layers, **values))
+    return describe(methods)
 
 
 def patch_arguments(recipe: Recipe) -> tuple[list, dict[str, Any]]:

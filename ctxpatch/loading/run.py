@@ -25,10 +25,9 @@ import torch
 from torch import nn
 
 from .._compat import transformers as hf
-from ..errors import CtxpatchError, UserInputError
+from ..errors import UserInputError
 from .assets import DEFAULT_MODEL
 from .base import (
-    CHATGLM_PREFIX,
     check_model,
     display_name,
     fingerprint,
@@ -38,8 +37,9 @@ from .base import (
     placement,
     resolve_dtype,
 )
+from .reference import CHATGLM_PREFIX, model_ref
 from .native import config_values, native_rope_config
-from .record import (
+from ..record import (
     ADAPTER_CONFIG,
     CONFIG_KEY,
     CTXPATCH_JSON,
@@ -47,7 +47,10 @@ from .record import (
     REPLACED_CONFIG,
     carries_patch,
     is_native,
+    patch_parameter_state,
     read_record,
+    relative_name,
+    save_patch_parameters,
     write_json,
 )
 
@@ -63,27 +66,6 @@ class DestinationExistsError(UserInputError, ValueError):
 # ---- the patch's own trainable tensors (KERPLE's r1, r2) -----------------------------------------
 
 
-def patch_parameter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The patch's tensors of a full state dict, named relative to the transformers model (peft's
-    `base_model.model.` and DDP's `module.` prefixes removed)."""
-    out = {}
-    for name, tensor in state.items():
-        if ".ctxpatch." in f".{name}":
-            out[_relative_name(name)] = tensor.detach().to("cpu").contiguous().clone()
-    return out
-
-
-def save_patch_parameters(state: dict[str, torch.Tensor], folder: Path) -> bool:
-    """Write the patch's tensors found in `state`; False when the patch has none."""
-    from safetensors.torch import save_file
-
-    tensors = patch_parameter_state(state)
-    if not tensors:
-        return False
-    save_file(tensors, str(folder / PATCH_PARAMETERS_FILE))
-    return True
-
-
 def load_patch_parameters(model: nn.Module, folder: Path) -> None:
     """Copy saved patch tensors into a patched model (a transformers model or a peft wrapper)."""
     from safetensors.torch import load_file
@@ -92,23 +74,16 @@ def load_patch_parameters(model: nn.Module, folder: Path) -> None:
     if not file.is_file():
         return
     saved = load_file(str(file))
-    params = {_relative_name(name): param for name, param in model.named_parameters()}
+    params = {relative_name(name): param for name, param in model.named_parameters()}
     own = {name for name in params if ".ctxpatch." in f".{name}"}
     if set(saved) != own:
-        raise CtxpatchError(
+        raise UserInputError(
             f"{file} holds tensors {sorted(saved)[:3]} that do not match the patch's {sorted(own)[:3]}: "
             "the folder was written for another patch or model"
         )
     with torch.no_grad():
         for name, value in saved.items():
             params[name].copy_(value)
-
-
-def _relative_name(name: str) -> str:
-    """A parameter name relative to the transformers model (no DDP / peft prefixes)."""
-    for prefix in ("module.", "base_model.model."):
-        name = name.removeprefix(prefix)
-    return name
 
 
 # ---- load / merge --------------------------------------------------------------------------------
@@ -266,8 +241,7 @@ def held_apart_text(name: str) -> list[str] | None:
 
 def check_loadable(name: str) -> None:
     """Refuse, before anything slow, a name that neither `load` (a run or merged folder) nor `load_model` takes."""
-    if not carries_patch(name):
-        check_model(name)
+    model_ref(name)
 
 
 def load_for_eval(

@@ -24,17 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from ..compose import build_plan
-from ..errors import CompositionError, CtxpatchError, UnknownMethodError
+from ..errors import CompositionError, UnknownMethodError
 from ..registry import Method, ModelInfo, method, method_class, registered
 from ..spec import parse_params, split_top_level
+from .errors import TuneError
 
 PRIMARY_KINDS = ("position", "selection")  # measured alone
 COMPANION_KINDS = ("scale",)  # measured on top of each primary
 DEFAULT = "default"  # in --candidates: the registry's set
-
-
-class TuneError(CtxpatchError, ValueError):
-    """Bad input to `ctxpatch tune` (one sentence saying what to do)."""
 
 
 Part = tuple[str, tuple[tuple[str, Any], ...]]  # (method name, sorted (parameter, value) pairs)

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .candidates import CandidateSet
+from .result import TuneResult
 from .schedule import Schedule, depth, format_seconds
 from .search import SHORT_LIMIT, SearchResult
-
-if TYPE_CHECKING:
-    from .api import TuneResult
 
 
 def candidate_table(cands: CandidateSet, found: SearchResult, schedule: Schedule) -> list[dict[str, Any]]:
@@ -51,7 +49,7 @@ def baseline_rows(found: SearchResult) -> list[dict[str, Any]]:
                   key=lambda m: (m["kind"], m["length"], m["index"]))
 
 
-def write_report(result: "TuneResult", folder: Path) -> list[Path]:
+def write_report(result: TuneResult, folder: Path) -> list[Path]:
     from ..loading import write_json
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,7 +76,15 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def markdown(result: "TuneResult") -> str:
+def _schedule_line(origin: str | None) -> str:
+    if origin == "replayed":
+        return "The schedule was replayed from a saved schedule.json: it does not depend on this machine's speed."
+    return ("The schedule was planned from this machine's measured speed (a budget in seconds depends on the "
+            "machine and its load); `schedule.json` beside this file replays it anywhere: `ctxpatch tune ... "
+            "--schedule schedule.json`.")
+
+
+def markdown(result: TuneResult) -> str:
     tuned, schedule, found = result.tuned, result.schedule, result.search
     budget = tuned["budget"]
     lines = [
@@ -90,6 +96,8 @@ def markdown(result: "TuneResult") -> str:
         f"Trained length {schedule.train_len}; tasks {', '.join(schedule.tasks)}; seed {tuned['seed']}. Budget "
         f"{format_seconds(budget['budget_s'])}: schedule estimated {format_seconds(budget['estimated_s'])}, "
         f"measured {format_seconds(budget['measured_s'])} ({100 * budget['used']:.0f}% of the budget).",
+        "",
+        _schedule_line(budget.get("schedule")),
         "",
         f"Objective: {tuned['objective']}.",
         "",
@@ -128,7 +136,7 @@ def markdown(result: "TuneResult") -> str:
     return "\n".join(lines)
 
 
-def write_plots(result: "TuneResult", folder: Path) -> list[Path]:
+def write_plots(result: TuneResult, folder: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")

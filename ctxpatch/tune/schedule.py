@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from ..preflight import config_value
+from .errors import BudgetError, TuneError
 
 RETRIEVAL = ("passkey", "niah")
 TASKS = ("ppl", *RETRIEVAL)
@@ -213,20 +214,14 @@ def round0_lengths(train_len: int, target_len: int) -> list[int]:
     return out or [target_len]
 
 
-class BudgetError(ValueError):
-    def __init__(self, needed: float, message: str):
-        super().__init__(message)
-        self.needed = needed
-
-
 def plan(count: int, train_len: int, target_len: int, tasks: list[str], cost: CostModel, budget_s: float, *,
          keep: float = 0.5, max_steps: int = 16, windows: Callable[[int], int] | None = None) -> Schedule:
     """The schedule for `count` candidates; `BudgetError` (with the seconds needed) if the budget cannot pay for
     one cheap measurement of each. `windows(n)`: how many ppl windows of n tokens the text holds."""
     if not 0 < keep < 1:
-        raise ValueError(f"keep={keep} must be a fraction in (0, 1), e.g. 0.5")
+        raise TuneError(f"keep={keep} must be a fraction in (0, 1), e.g. 0.5")
     if "ppl" not in tasks:
-        raise ValueError("the objective needs the perplexity ratio: tasks must include ppl")
+        raise TuneError("the objective needs the perplexity ratio: tasks must include ppl")
     sizes = round_sizes(count, keep)
     lengths = round0_lengths(train_len, target_len)  # longest first
     known: set[Item] = set()  # measured by every candidate still alive
@@ -322,10 +317,10 @@ def parse_budget(text: str | float | int) -> float:
     else:
         match = BUDGET.match(str(text))
         if not match:
-            raise ValueError(f"budget {text!r} is not a duration: write e.g. 3h, 45m or 2700 (seconds)")
+            raise TuneError(f"budget {text!r} is not a duration: write e.g. 3h, 45m or 2700 (seconds)")
         seconds = float(match.group(1)) * UNITS[match.group(2) or "s"]
     if not seconds > 0:
-        raise ValueError(f"budget {text!r} must be more than zero seconds")
+        raise TuneError(f"budget {text!r} must be more than zero seconds")
     return seconds
 
 

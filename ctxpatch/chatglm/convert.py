@@ -8,7 +8,7 @@ half-dim interleaved rotary, RMSNorm and SwiGLU. `load_chatglm` reads config.jso
 weights with safetensors or `torch.load(weights_only=True)` (no code from the folder is run),
 maps every field and tensor, and returns the equivalent `GlmForCausalLM`;
 `ctxpatch convert-chatglm SRC DST` writes it with `save_pretrained`, and the tokenizer as a fast
-tokenizer (tokenizer.json, no remote code: see chatglm_tokenizer.py) when SRC has ChatGLM's
+tokenizer (tokenizer.json, no remote code: see tokenizer.py) when SRC has ChatGLM's
 SentencePiece tokenizer.model; other tokenizer files (GLM-4's tiktoken) are copied as they are.
 
 `rope_ratio` means two different things: ChatGLM3 / GLM-4 multiply the rotary base by it
@@ -32,13 +32,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._compat import transformers as hf
-from .errors import CtxpatchError
-from .loading.base import resolve_dtype
-
-
-class ChatGLMConversionError(CtxpatchError, ValueError):
-    """A ChatGLM checkpoint that cannot be mapped onto transformers' Glm exactly."""
+from .._compat import transformers as hf
+from ..dtypes import resolve_dtype
+from ..errors import ModelPathError
+from .config import train_len
+from .errors import ChatGLMConversionError
+from .tokenizer import build_tokenizer, chatglm_version, spm_or_none, stop_ids
 
 
 # ChatGLMConfig's own defaults, for fields a config.json leaves out
@@ -103,17 +102,17 @@ SKIPPED_SUFFIX = "rotary_pos_emb.inv_freq"  # recomputed by transformers from th
 
 def read_config(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
-        raise FileNotFoundError(f"ChatGLM checkpoint folder {str(folder)!r} does not exist")
+        raise ModelPathError(f"ChatGLM checkpoint folder {str(folder)!r} does not exist")
     path = folder / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ModelPathError(
             f"{str(folder)!r} has no config.json: pass the folder of a ChatGLM2/3 checkpoint "
             "(config.json plus .safetensors or .bin weights)"
         )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON: {error}") from None
+        raise ChatGLMConversionError(f"{str(path)!r} is not valid JSON: {error}") from None
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -124,7 +123,7 @@ def weight_files(folder: Path) -> list[Path]:
             names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
-                raise FileNotFoundError(f"{index_name} in {str(folder)!r} lists shards that are missing: {missing}")
+                raise ModelPathError(f"{index_name} in {str(folder)!r} lists shards that are missing: {missing}")
             return [folder / n for n in names]
     found = (
         sorted(folder.glob("*.safetensors"))
@@ -132,7 +131,7 @@ def weight_files(folder: Path) -> list[Path]:
         or sorted(p for p in folder.glob("*.bin") if p.name != "training_args.bin")
     )
     if not found:
-        raise FileNotFoundError(
+        raise ModelPathError(
             f"{str(folder)!r} holds no weights: expected *.safetensors or pytorch_model*.bin files "
             "(with or without an index json)"
         )
@@ -217,7 +216,7 @@ def rope_ratio_rule(folder: Path, source: dict[str, Any], rope_ratio_as: str | N
     """'base' (ChatGLM3, GLM-4: base 10000 * rope_ratio) or 'positions' (ChatGLM2-32k: positions / rope_ratio)."""
     if rope_ratio_as is not None:
         if rope_ratio_as not in ROPE_RATIO_AS:
-            raise ValueError(f"rope_ratio_as={rope_ratio_as!r} must be one of {ROPE_RATIO_AS}")
+            raise ChatGLMConversionError(f"rope_ratio_as={rope_ratio_as!r} must be one of {ROPE_RATIO_AS}")
         return rope_ratio_as
     code = folder / "modeling_chatglm.py"
     if code.is_file():  # read as text, never imported
@@ -256,7 +255,7 @@ def glm_config(source: dict[str, Any], rule: str, dtype: torch.dtype):
         head_dim=int(source.get("kv_channels") or hidden // heads),
         hidden_act="silu",
         attention_dropout=float(_get(source, "attention_dropout")),
-        max_position_embeddings=int(_get(source, "seq_length")),
+        max_position_embeddings=train_len(source),  # the one rule for ChatGLM's L
         rms_norm_eps=float(_get(source, "layernorm_epsilon")),
         tie_word_embeddings=bool(_get(source, "tie_word_embeddings")),
         rope_parameters=rope_parameters(source, rule),
@@ -412,8 +411,6 @@ def load_chatglm(
         model.generation_config = GenerationConfig.from_pretrained(str(folder))
     if fast is None:
         return model
-    from .chatglm_tokenizer import stop_ids
-
     model.generation_config.eos_token_id = stop_ids(fast)
     model.generation_config.pad_token_id = fast.pad_token_id
     return model, fast
@@ -421,8 +418,6 @@ def load_chatglm(
 
 def read_tokenizer(folder: Path, source: dict[str, Any], config):
     """The folder's tokenizer.model as a fast tokenizer whose specials fit in the model's vocabulary."""
-    from .chatglm_tokenizer import build_tokenizer, chatglm_version
-
     fast = build_tokenizer(folder, chatglm_version(folder, source))
     if len(fast) > config.vocab_size:
         raise ChatGLMConversionError(
@@ -448,11 +443,11 @@ def convert_chatglm(
     files are not. Without one (GLM-4's tiktoken file, or none), the tokenizer files are copied as
     they are.
     """
-    from .chatglm_tokenizer import spm_or_none
-
     src, dst = Path(src), Path(dst)
     if dst.exists() and dst.resolve() == src.resolve():
-        raise ValueError("the destination must differ from the source folder (config.json would be overwritten)")
+        raise ChatGLMConversionError(
+            "the destination must differ from the source folder (config.json would be overwritten)"
+        )
     check_supported(read_config(src))  # a missing or unconvertible folder is reported before the tokenizer is read
     with_tokenizer = spm_or_none(src) is not None
     loaded = load_chatglm(src, dtype=dtype, rope_ratio_as=rope_ratio_as, tokenizer=with_tokenizer)

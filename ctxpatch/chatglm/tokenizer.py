@@ -33,7 +33,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .chatglm import ChatGLMConversionError
+from ..errors import ModelPathError
+from .errors import ChatGLMConversionError
 
 SPM_FILE = "tokenizer.model"
 MASKS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
@@ -219,7 +220,7 @@ def build_tokenizer(folder: str | Path, version: int = 3):
 
     path = Path(folder) / SPM_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{str(Path(folder))!r} has no {SPM_FILE} (ChatGLM's SentencePiece model)")
+        raise ModelPathError(f"{str(Path(folder))!r} has no {SPM_FILE} (ChatGLM's SentencePiece model)")
     proto = read_spm(path)
     if proto is None:
         raise ChatGLMConversionError(
