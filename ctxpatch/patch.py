@@ -29,6 +29,7 @@ from .backends import get_backend
 from .compose import build_plan
 from .errors import AlreadyPatchedError, CtxpatchError
 from .plan import AttentionCall, ForwardShare, LayerPlan, LayerRuntime, make_runtime
+from .kinds import CachePolicy
 from .registry import Method
 from .rotary import Rotary
 from .spec import parse_spec, spec_from_dict  # noqa: F401  (spec_from_dict: public here too)
@@ -60,25 +61,11 @@ class KeyRecord:
                 "a static (compileable) KV cache is not supported under a ctxpatch patch; "
                 "use the default dynamic cache (do not pass cache_implementation='static')"
             )
-        past = num_keys - new
         record = self._records.setdefault(cache, {}).get(layer_idx)
-        if past == 0:
-            positions, real = q_pos, q_real
-        elif record is None or record[0].shape[1] < past:
-            raise CtxpatchError(
-                "the KV cache holds keys written before this patch was applied (or by another "
-                "model); ctxpatch needs to see every key written. Start from a fresh cache."
-            )
-        else:  # a record longer than the cache means the cache was cropped from its end
-            batch = q_pos.shape[0]
-            positions = torch.cat([record[0][:, :past].expand(batch, -1), q_pos], dim=1)
-            real = torch.cat([record[1][:, :past].expand(batch, -1), q_real], dim=1)
-        self._store(cache, layer_idx, positions, real)
-        return positions, real
-
-    def _store(self, cache: Any, layer_idx: int, positions: Tensor, real: Tensor) -> None:
-        kept = hf.cache_length(cache, layer_idx)  # a sliding cache may already have dropped some
-        self._records[cache][layer_idx] = (positions[:, positions.shape[1] - kept :], real[:, real.shape[1] - kept :])
+        held = hf.cache_length(cache, layer_idx)
+        positions, real = _after_update(record, q_pos, q_real, num_keys, held)
+        self._records[cache][layer_idx] = (positions[:, positions.shape[1] - held :], real[:, real.shape[1] - held :])
+        return positions[:, positions.shape[1] - num_keys :], real[:, real.shape[1] - num_keys :]
 
     def keep(self, cache: Any, layer_idx: int, keep: Tensor) -> None:
         """Apply a cache policy: each row keeps the keys at indices `keep` (B, K), in the cache and the record."""
@@ -86,12 +73,44 @@ class KeyRecord:
         positions, real = self._records[cache][layer_idx]
         self._records[cache][layer_idx] = (positions.gather(1, keep), real.gather(1, keep))
 
+    def apply_policy(self, cache: Any, layer_idx: int, policy: CachePolicy) -> None:
+        """Let a cache policy choose among the keys a layer's cache holds (a sliding layer holds only the last of
+        its window, so the model's window wins over the policy)."""
+        keep = policy.keep(*self._records[cache][layer_idx])  # (B, K) indices among the held keys; None: all
+        if keep is not None:
+            self.keep(cache, layer_idx, keep)
+
     def next_positions(self, cache: Any, length: int) -> Tensor | None:
         """Positions of `length` new tokens after what layer 0 of the cache has seen (None: unknown)."""
         record = self._records.get(cache, {}).get(0) if cache is not None else None
         if record is None or record[0].shape[1] == 0:
             return None
         return record[0][:, -1:] + 1 + torch.arange(length, device=record[0].device)
+
+
+def _after_update(
+    record: tuple[Tensor, Tensor] | None, q_pos: Tensor, q_real: Tensor, num_keys: int, held: int
+) -> tuple[Tensor, Tensor]:
+    """(positions, real flags) of the keys a layer held before this update followed by the new ones.
+
+    The layer held `old` keys before: as many as attention got besides the new ones, or more when a sliding layer
+    that records its past hands attention only its window; fewer than the record when the cache was cropped from
+    its end since (speculative decoding). A sliding layer that dropped keys holds fewer than it returned (`held`).
+    """
+    new = q_pos.shape[1]
+    past = num_keys - new
+    old = max(past, min(0 if record is None else record[0].shape[1], held - new))
+    if old == 0:
+        return q_pos, q_real
+    if record is None or record[0].shape[1] < old:
+        raise CtxpatchError(
+            "the KV cache holds keys written before this patch was applied (or by another "
+            "model); ctxpatch needs to see every key written. Start from a fresh cache."
+        )
+    batch = q_pos.shape[0]
+    positions = torch.cat([record[0][:, :old].expand(batch, -1), q_pos], dim=1)  # (B, old + new)
+    real = torch.cat([record[1][:, :old].expand(batch, -1), q_real], dim=1)
+    return positions, real
 
 
 @dataclass
@@ -144,9 +163,8 @@ def ctxpatch_attention(
         share=installed.share,
     )
     out = installed.backend(query, key, value, call, runtime).contiguous()
-    policy = runtime.plan.cache
-    if policy is not None and cache is not None and (keep := policy.keep(k_pos, k_real)) is not None:
-        record.keep(cache, layer_idx, keep)
+    if runtime.plan.cache is not None and cache is not None:
+        record.apply_policy(cache, layer_idx, runtime.plan.cache)
     return out, None
 
 

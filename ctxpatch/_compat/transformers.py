@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
+from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..errors import CtxpatchError
@@ -74,7 +75,11 @@ def set_attn_implementation(model: nn.Module, name: str) -> None:
 
 
 def cache_length(cache: Any, layer_idx: int) -> int:
-    """How many keys the cache holds for a layer after its update."""
+    """How many keys the cache holds for a layer after its update. A sliding layer (the model's own window) keeps
+    only its last `sliding_window - 1` keys, while its `get_seq_length` counts every key it was given."""
+    layer = cache.layers[layer_idx] if hasattr(cache, "layers") else None
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        return 0 if not layer.is_initialized else int(layer.keys.shape[-2])
     return int(cache.get_seq_length(layer_idx))
 
 
