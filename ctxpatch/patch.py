@@ -160,6 +160,7 @@ def ctxpatch_attention(
         scaling=hf.attention_scaling(module, scaling),
         dropout=dropout if module.training else 0.0,
         native_window=hf.native_sliding_window(kwargs),
+        softcap=hf.attention_softcap(kwargs),
         share=installed.share,
     )
     out = installed.backend(query, key, value, call, runtime).contiguous()
@@ -188,10 +189,10 @@ class Patch:
         model, keyword = self.model, hf.cache_keyword(adapter.attentions[0])
         backend, key_record = get_backend(self.backend), KeyRecord()
         share = ForwardShare(final_layer=max(plan.index for plan in self.plans))
-        rotaries: dict[str, Rotary] = {}
+        rotaries: dict[tuple, Rotary] = {}
         for attention, plan in zip(adapter.attentions, self.plans):
-            device = attention.q_proj.weight.device
-            runtime = make_runtime(plan, adapter.rotary, model.config, adapter.info, device, rotaries)
+            device = next(attention.parameters()).device
+            runtime = make_runtime(plan, adapter.rotary_of(plan.index), model.config, adapter.info, device, rotaries)
             setattr(attention, RUNTIME, InstalledLayer(runtime, backend, key_record, share))
             self._undo.append(lambda a=attention: delattr(a, RUNTIME))
             if runtime.tensors is not None:

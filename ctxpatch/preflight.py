@@ -132,6 +132,11 @@ def info_from_config(config: Any, train_len: int | None = None) -> ModelInfo | N
     is read when the caller knows `train_len`."""
     from .adapters.base import train_len as config_train_len
 
+    from .adapters.families import check_config
+
+    if not isinstance(config, dict):
+        check_config(config)  # a family ctxpatch cannot reproduce: said before anything loads
+
     def get(*names: str) -> Any:
         return config_value(config, *names)
 

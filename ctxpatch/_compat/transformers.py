@@ -30,7 +30,7 @@ CACHE_KWARG = "_ctxpatch_cache"  # how the attention module's cache reaches ctxp
 def cache_keyword(attention: nn.Module) -> str:
     """The keyword an attention module's forward takes its KV cache under."""
     params = inspect.signature(type(attention).forward).parameters
-    for name in ("cache", "past_key_values", "past_key_value"):
+    for name in ("cache", "past_key_values", "past_key_value", "layer_past"):  # layer_past: GPT-NeoX
         if name in params:
             return name
     return "cache"
@@ -67,6 +67,16 @@ def padding_only_mask(
 
 def attn_implementation(model: nn.Module) -> str | None:
     return model.config._attn_implementation
+
+
+def follows_attention_interface(model: nn.Module) -> bool:
+    """Does the model's attention dispatch through `AttentionInterface` (transformers' own check; GPT-NeoX-Japanese,
+    for one, computes attention itself, so a function registered there would never run)?"""
+    for module in model.modules():  # a wrapper (peft) holds the transformers model inside
+        check = getattr(type(module), "_can_set_attn_implementation", None)
+        if check is not None:
+            return bool(check())
+    return True
 
 
 def set_attn_implementation(model: nn.Module, name: str) -> None:
@@ -139,6 +149,11 @@ def native_sliding_window(kwargs: dict[str, Any]) -> int | None:
     return kwargs.get("sliding_window")
 
 
+def attention_softcap(kwargs: dict[str, Any]) -> float | None:
+    """The model's attention-logit soft-capping c (Gemma 2: scores become c·tanh(s/c)), as the module passes it."""
+    return kwargs.get("softcap") or None
+
+
 def plain_attention(
     module: nn.Module,
     query: Tensor,
@@ -178,10 +193,36 @@ def plain_attention(
 # ---- rotary embeddings ------------------------------------------------------------------------------
 
 
-def rotary_cos_sin(rotary: nn.Module, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+def rotary_cos_sin(
+    rotary: nn.Module, x: Tensor, positions: Tensor, layer_type: str | None = None
+) -> tuple[Tensor, Tensor]:
     """cos, sin (B, T, d_r) of a transformers rotary module at `positions` (B, T), bypassing the
-    instance's hooks (a patched model's rotary module carries ctxpatch's identity hook)."""
-    return type(rotary).forward(rotary, x, positions)
+    instance's hooks (a patched model's rotary module carries ctxpatch's identity hook). A module with
+    one rope per layer type (Gemma 3: local layers have their own base) is asked for `layer_type`'s."""
+    if layer_type is None:
+        return type(rotary).forward(rotary, x, positions)
+    return type(rotary).forward(rotary, x, positions, layer_type)
+
+
+def rotary_layer_types(rotary: nn.Module) -> list[str] | None:
+    """The layer types of a rotary module that holds one rope per layer type (Gemma 3), else None."""
+    if hasattr(rotary, "inv_freq"):
+        return None
+    types = getattr(rotary, "layer_types", None)
+    if not types or not all(hasattr(rotary, f"{t}_inv_freq") for t in types):
+        return None
+    return list(types)
+
+
+def rotary_inv_freq(rotary: nn.Module, layer_type: str | None = None) -> Tensor:
+    """The inverse frequencies of a rotary module (for `layer_type`, when it holds one rope per type)."""
+    return rotary.inv_freq if layer_type is None else getattr(rotary, f"{layer_type}_inv_freq")
+
+
+def attention_layer_type(attention: nn.Module, config: Any) -> str | None:
+    """The layer type ("sliding_attention", "full_attention") of an attention module, if its config has types."""
+    types = getattr(config, "layer_types", None)
+    return getattr(attention, "layer_type", None) or (types[attention.layer_idx] if types else None)
 
 
 def identity_rotary_output(output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -195,16 +236,25 @@ def model_apply_rotary(attention: nn.Module) -> Callable[..., tuple[Tensor, Tens
     return getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
 
 
-def rope_parameters(config: Any) -> dict[str, Any]:
-    """The config's `rope_parameters` (rope_type, rope_theta, factor, ...), as a new dict."""
-    return dict(getattr(config, "rope_parameters", None) or {})
+def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
+    """The config's `rope_parameters` (rope_type, rope_theta, factor, ...), as a new dict; with `layer_type`,
+    that type's own when the config holds one per layer type (Gemma 3)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if layer_type is not None and isinstance(rope.get(layer_type), dict):
+        return dict(rope[layer_type])
+    return rope
 
 
-def rotary_for_rope(rotary: nn.Module, config: Any, rope: dict[str, Any], train_len: int) -> nn.Module:
+def rotary_for_rope(
+    rotary: nn.Module, config: Any, rope: dict[str, Any], train_len: int, layer_type: str | None = None
+) -> nn.Module:
     """A second rotary module of `rotary`'s class built by transformers from a copy of `config` with
-    these `rope_parameters` (its rope initialisers compute the frequencies). `dynamic` reads its
-    original length from `max_position_embeddings`, so that is set to `train_len`."""
+    these `rope_parameters` (its rope initialisers compute the frequencies); with `layer_type`, they replace
+    that type's only. `dynamic` reads its original length from `max_position_embeddings`, so that is set to
+    `train_len`."""
     scaled = copy.deepcopy(config)
+    if layer_type is not None and isinstance(rope_parameters(config).get(layer_type), dict):
+        rope = {**rope_parameters(config), layer_type: rope}
     scaled.rope_parameters = rope
     scaled.max_position_embeddings = train_len
     return type(rotary)(config=scaled)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .._compat import transformers as hf
+from ..adapters.families import check_config
 from ..errors import CtxpatchError, UserInputError
 from .assets import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_gguf
 from .record import ADAPTER_CONFIG, CTXPATCH_JSON, is_native, read_record
@@ -215,8 +216,9 @@ def load_base_model(
 
     source, extra = resolve_model(name)
     _warn_if_patched(source)
-    checkpoint = model_config(name) if dtype in (None, "auto") else None
-    dtype = resolve_dtype(dtype, checkpoint)
+    config = model_config(name)
+    check_config(config)  # a family ctxpatch cannot patch is refused before its weights load
+    dtype = resolve_dtype(dtype, config if dtype in (None, "auto") else None)
     net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **place, **kwargs)
     return net.eval()
 
