@@ -18,6 +18,7 @@ from conftest import token_ids
 from ctxpatch.adapters import find_adapter
 from ctxpatch.adapters.families import CHECKS, FAMILIES, Family, table
 from ctxpatch.backends import blockwise
+from ctxpatch.docs import table_in
 from ctxpatch.loading.base import load_base_model
 from ctxpatch.preflight import info_from_config
 
@@ -66,10 +67,9 @@ def test_every_check_is_a_test():
 
 
 def test_the_families_table_is_current():
-    text = DOC.read_text()
-    start, end = "<!-- families:start -->\n", "\n<!-- families:end -->"
-    assert start in text and end in text, "docs/families.md lost its table markers"
-    assert text.split(start)[1].split(end)[0] == table(), "regenerate with ctxpatch.adapters.families.table()"
+    found = table_in(DOC.read_text(encoding="utf-8"), "families")
+    assert found is not None, "docs/families.md lost its <!-- families:start/end --> markers"
+    assert found == table() + "\n", "docs/families.md is stale: run `python -m ctxpatch.docs docs/families.md`"
 
 
 @pytest.mark.parametrize("backend", ["dense", "blockwise"])
@@ -108,8 +108,12 @@ def test_remove_is_exact(family):
     implementation = model.config._attn_implementation
     with torch.no_grad():
         before = model(ids).logits
+        weights = dict(model.named_parameters())
         patch = ctxpatch.apply(model, "selfextend", window=6, group=4)
         patched = model(ids).logits
+        # the model's own projections run, fused ones split by the model: no weight replaced or copied
+        assert dict(model.named_parameters()).keys() == weights.keys()
+        assert all(p is weights[name] for name, p in model.named_parameters())
         patch.remove()
         after = model(ids).logits
     assert not torch.equal(patched, before)  # the patch did something
