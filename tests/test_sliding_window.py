@@ -17,10 +17,10 @@ from ctxpatch.backends import blockwise
 
 WINDOW = 16  # the model's own window, shorter than the 40-token prompt
 MODELS = {
-    "mistral": lambda: tiny_model("mistral", sliding_window=WINDOW),
+    "mistral": lambda seed=0: tiny_model("mistral", seed, sliding_window=WINDOW),
     # sliding, full, sliding: Gemma 2/3 style alternation
-    "alternating": lambda: tiny_model(
-        "qwen2", use_sliding_window=True, sliding_window=WINDOW,
+    "alternating": lambda seed=0: tiny_model(
+        "qwen2", seed, use_sliding_window=True, sliding_window=WINDOW,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
     ),
 }
@@ -82,3 +82,35 @@ def test_generate_equals_full_forwards(name, spec, params):
         full = model(seq).logits[:, start - 1 : -1]
     assert torch.equal(seq[:, start:], full.argmax(-1))
     assert_close(torch.stack(out.logits, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+EVICTING = {"sinks"}  # a cache policy cannot be rolled back: refused under speculative decoding (below)
+
+
+@pytest.mark.parametrize("spec,params", [(s, p) for s, p in SPECS if s not in EVICTING], ids=[
+    i for (s, _), i in zip(SPECS, IDS) if s not in EVICTING
+])
+@pytest.mark.parametrize("name", MODELS)
+def test_assisted_generation_equals_plain_generation(name, spec, params):
+    """Speculative decoding keeps a sliding layer's past until it crops the rejected tokens from its end: the record
+    follows by the count of keys written, so the patched model's greedy tokens do not change."""
+    model, assistant = MODELS[name](), MODELS[name](seed=1)  # the assistant: another model, unpatched
+    prompt = token_ids(1, 30)
+    options = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), ctxpatch.apply(model, spec, **params):
+        plain = model.generate(prompt, **options)
+        assisted = model.generate(prompt, assistant_model=assistant, **options)
+    assert torch.equal(assisted, plain)
+
+
+def test_a_cache_policy_under_speculative_decoding_is_refused():
+    """sinks drops keys every step; tokens the assistant proposed and the model rejected pushed some out of its
+    window, and rolling the cache back cannot bring them back: a sentence, not silently different tokens."""
+    model, assistant = tiny_model("llama"), tiny_model("llama", 1)
+    prompt = token_ids(1, 30)
+    with torch.no_grad(), ctxpatch.apply(model, "sinks", global_tokens=3, window=8):
+        with pytest.raises(ctxpatch.UserInputError, match="generate without assistant_model"):
+            model.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=0,
+                assistant_model=assistant,
+            )

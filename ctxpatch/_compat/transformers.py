@@ -93,6 +93,12 @@ def cache_length(cache: Any, layer_idx: int) -> int:
     return int(cache.get_seq_length(layer_idx))
 
 
+def cache_written(cache: Any, layer_idx: int) -> int:
+    """How many keys have been written to a layer of the cache (less those cropped from its end): a sliding layer
+    counts the keys it dropped too; any other layer holds them all."""
+    return int(cache.get_seq_length(layer_idx))
+
+
 def keep_cached(cache: Any, layer_idx: int, keep: Tensor) -> None:
     """Keep only the cached keys and values at indices `keep` (B, K) of one layer (a cache policy)."""
     layer = cache.layers[layer_idx]
