@@ -158,6 +158,21 @@ def test_the_config_tells_what_the_model_does(family):
     assert info_from_config(model.config) == find_adapter(model).info
 
 
+@pytest.mark.parametrize("family", FAMILIES, ids=IDS)
+def test_a_model_sharing_the_config_keeps_its_own_attention(family):
+    """Patching names ctxpatch on the config; a second model built on the same config object has no ctxpatch runtime
+    and computes the model's own attention (Gemma 2's soft-capping and sliding layers included)."""
+    patched = tiny(family)
+    other = type(patched)(patched.config).eval()  # the same config object
+    other.load_state_dict(patched.state_dict())
+    ids = token_ids(1, 24)
+    with torch.no_grad():
+        expected = other(ids).logits
+        with ctxpatch.apply(patched, "window", window=5):
+            got = other(ids).logits
+    assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def latent_attention_config():
     return AutoConfig.for_model(
         "deepseek_v3", vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,

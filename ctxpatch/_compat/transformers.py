@@ -170,8 +170,9 @@ def plain_attention(
     dropout: float,
     kwargs: dict[str, Any],
 ) -> tuple[Tensor, Any]:
-    """transformers' own SDPA attention, causal over key indices, for a module ctxpatch does not patch
-    (a model that shares its config, and so its attention implementation, with a patched one).
+    """transformers' own SDPA attention (the model's eager attention when it soft-caps: SDPA cannot), causal over
+    key indices, for a module ctxpatch does not patch (a model that shares its config, and so its attention
+    implementation, with a patched one).
 
     `padding` is the 2D boolean mask ctxpatch's mask function returns (None: all real). The 4D mask
     is causal (queries are the last keys), real keys only, inside the model's own sliding window;
@@ -191,6 +192,11 @@ def plain_attention(
         mask = mask & padding[:, None, None, -tk:]  # (B, 1, Tq, Tk)
     mask = mask | (kj == qi)
     extra = {k: v for k, v in kwargs.items() if k not in ("position_ids", CACHE_KWARG, "is_causal")}
+    if attention_softcap(kwargs) is not None:  # SDPA cannot cap: the model's own eager attention (Gemma 2)
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+        additive = additive.masked_fill(~mask, torch.finfo(query.dtype).min)  # (B or 1, 1, Tq, Tk)
+        return eager(module, query, key, value, additive, dropout=dropout, scaling=scaling, **extra)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](
         module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=False, **extra
     )
