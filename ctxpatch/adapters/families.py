@@ -24,6 +24,9 @@ CHECKS = {
     "test_remove_is_exact": "`remove()` gives the unpatched logits back bit for bit",
     "test_dense_equals_blockwise": "the `blockwise` backend equals the `dense` reference, left padding included",
     "test_the_config_tells_what_the_model_does": "the config read before loading gives the loaded model's `ModelInfo`",
+    "test_a_model_sharing_the_config_keeps_its_own_attention": (
+        "a second model on the patched one's config object computes its own attention"
+    ),
 }
 SLIDING = ["sliding_attention", "full_attention", "sliding_attention"]  # the tiny models' 3 layers, alternating
 
