@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import ctxpatch
 from conftest import token_ids
 from ctxpatch.adapters import find_adapter
-from ctxpatch.adapters.families import CHECKS, FAMILIES, Family, table
+from ctxpatch.adapters.families import CHECKS, EXTRA, FAMILIES, Family, table
 from ctxpatch.backends import blockwise
 from ctxpatch.docs import table_in
 from ctxpatch.loading.base import load_base_model
@@ -63,7 +63,8 @@ def small_blocks(monkeypatch):
 
 def test_every_check_is_a_test():
     module = sys.modules[__name__]
-    assert all(callable(getattr(module, name, None)) for name in CHECKS)
+    assert all(callable(getattr(module, name, None)) for name in [*CHECKS, *EXTRA])
+    assert {name for f in FAMILIES for name in f.extra} == set(EXTRA)
 
 
 def test_the_families_table_is_current():
@@ -137,11 +138,15 @@ def test_dense_equals_blockwise(family, spec, params):
     assert_close(out["blockwise"][1, 5:], out["dense"][1, 5:], rtol=1e-4, atol=1e-4)
 
 
+FLEX = [f for f in FAMILIES if "test_flex_applies_gemma2s_soft_capping" in f.extra]
+
+
 @pytest.mark.parametrize("spec,params", [("rerope", {"window": 10_000}), ("selfextend", {"window": 6, "group": 4})])
-def test_flex_applies_gemma2s_soft_capping(spec, params):
+@pytest.mark.parametrize("family", FLEX, ids=[f.model_type for f in FLEX])
+def test_flex_applies_gemma2s_soft_capping(family, spec, params):
     """FlexAttention caps in its score_mod: it agrees with the dense reference (its CPU path is eager: slow, so
-    one family, the one whose scores are capped)."""
-    model = tiny(next(f for f in FAMILIES if f.name == "Gemma 2"))
+    the family whose scores are capped)."""
+    model = tiny(family)
     ids = token_ids(1, 20)
     out = {}
     with torch.no_grad():

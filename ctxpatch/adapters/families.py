@@ -12,21 +12,30 @@ from typing import Any
 
 from ..errors import UnsupportedModelError
 
-# What tests/test_families.py checks on every family (each is one test function of that name).
+# What tests/test_families.py checks: test function -> (label, what it asserts). CHECKS run on every family, EXTRA
+# checks on the families that name them.
 CHECKS = {
     "test_position_rule_inside_its_window_gives_the_models_logits": (
+        "neutral rules",
         "`rerope`, `selfextend`, `leaky_rerope` with a window ≥ the sequence and (on plain RoPE) `linear` ×1 give "
-        "the model's own logits"
+        "the model's own logits, `dense` and `blockwise`",
     ),
     "test_cached_decoding_equals_full_forwards": (
-        "chunked prefill and token-by-token decoding through the cache equal a full forward"
+        "cache", "chunked prefill and token-by-token decoding through the cache equal a full forward, five rules",
     ),
-    "test_remove_is_exact": "`remove()` gives the unpatched logits back bit for bit",
-    "test_dense_equals_blockwise": "the `blockwise` backend equals the `dense` reference, left padding included",
-    "test_the_config_tells_what_the_model_does": "the config read before loading gives the loaded model's `ModelInfo`",
+    "test_remove_is_exact": ("remove", "`remove()` gives the unpatched logits back bit for bit; no weight replaced"),
+    "test_dense_equals_blockwise": (
+        "dense = blockwise", "the `blockwise` backend equals the `dense` reference, left padding included, five rules",
+    ),
+    "test_the_config_tells_what_the_model_does": (
+        "config", "the config read before loading gives the loaded model's `ModelInfo`",
+    ),
     "test_a_model_sharing_the_config_keeps_its_own_attention": (
-        "a second model on the patched one's config object computes its own attention"
+        "shared config", "a second model on the patched one's config object computes its own attention",
     ),
+}
+EXTRA = {
+    "test_flex_applies_gemma2s_soft_capping": ("flex = dense", "the `flex` backend's soft-capping equals `dense`"),
 }
 SLIDING = ["sliding_attention", "full_attention", "sliding_attention"]  # the tiny models' 3 layers, alternating
 
@@ -38,6 +47,7 @@ class Family:
     differs: str  # what sets it apart from Llama, and what ctxpatch does about it
     tiny: dict[str, Any] = field(default_factory=dict)  # config fields of the tiny model, beyond the shared ones
     attn_implementation: str = "sdpa"  # what the unpatched tiny model runs (Gemma 2 has no SDPA in transformers)
+    extra: tuple[str, ...] = ()  # EXTRA checks run on this family
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -58,6 +68,7 @@ FAMILIES: tuple[Family, ...] = (
         {"head_dim": 8, "query_pre_attn_scalar": 6, "attn_logit_softcapping": 5.0, "final_logit_softcapping": None,
          "sliding_window": 16, "layer_types": SLIDING},
         attn_implementation="eager",
+        extra=("test_flex_applies_gemma2s_soft_capping",),
     ),
     Family(
         "Gemma 3", "gemma3_text",
@@ -99,10 +110,13 @@ FAMILIES: tuple[Family, ...] = (
 
 
 def table(families: tuple[Family, ...] = FAMILIES) -> str:
-    """The supported-families table of docs/families.md, in Markdown."""
-    tested = "; ".join(CHECKS.values())
+    """The supported-families table of docs/families.md, in Markdown, and what each check asserts."""
+    every = ", ".join(label for label, _ in CHECKS.values())
     lines = ["| family | `model_type` tested | what differs | what is tested |", "|---|---|---|---|"]
-    lines += [f"| {f.name} | `{f.model_type}` | {f.differs} | {tested} |" for f in families]
+    for f in families:
+        tested = ", ".join([every] + [EXTRA[name][0] for name in f.extra])
+        lines.append(f"| {f.name} | `{f.model_type}` | {f.differs} | {tested} |")
+    lines += ["", *(f"* **{label}**: {text}." for label, text in [*CHECKS.values(), *EXTRA.values()])]
     return "\n".join(lines)
 
 
