@@ -218,7 +218,8 @@ class Patch:
                 self._undo.append(lambda a=attention: delattr(a, "ctxpatch"))
             hook = attention.register_forward_pre_hook(_pass_cache(keyword), with_kwargs=True)
             self._undo.append(hook.remove)
-        hook = adapter.base.register_forward_pre_hook(_default_positions(key_record, keyword), with_kwargs=True)
+        positions = _default_positions(key_record, hf.cache_keyword(adapter.base))  # GPT-NeoX: not its layers' name
+        hook = adapter.base.register_forward_pre_hook(positions, with_kwargs=True)
         self._undo.append(hook.remove)
         hook = adapter.rotary.module.register_forward_hook(_identity_rotation)
         self._undo.append(hook.remove)

@@ -40,6 +40,8 @@ ACTIVE = [
     ("dca", {"chunk_len": 7, "local_window": 3}),
     ("alibi+logn", {"train_len": 8}),
     ("yarn", {}),
+    ("sinks", {"global_tokens": 3, "window": 8}),  # a cache policy, on sliding layers too
+    ("hybrid+rerope", {"window": 6, "global_tokens": 2}),
 ]
 PIECES = [(0, 17), (17, 25)] + [(t, t + 1) for t in range(25, 40)]  # chunked prefill, then one token at a time
 IDS = [f.name.lower().replace(" ", "-") for f in FAMILIES]

@@ -21,11 +21,11 @@ CHECKS = {
         "the model's own logits, `dense` and `blockwise`",
     ),
     "test_cached_decoding_equals_full_forwards": (
-        "cache", "chunked prefill and token-by-token decoding through the cache equal a full forward, five rules",
+        "cache", "chunked prefill and token-by-token decoding through the cache equal a full forward, seven rules (a cache policy among them)",
     ),
     "test_remove_is_exact": ("remove", "`remove()` gives the unpatched logits back bit for bit; no weight replaced"),
     "test_dense_equals_blockwise": (
-        "dense = blockwise", "the `blockwise` backend equals the `dense` reference, left padding included, five rules",
+        "dense = blockwise", "the `blockwise` backend equals the `dense` reference, left padding included, seven rules",
     ),
     "test_the_config_tells_what_the_model_does": (
         "config", "the config read before loading gives the loaded model's `ModelInfo`",
