@@ -131,23 +131,31 @@ class LlamaFamilyAdapter(Adapter):
             attentions.append(found[0])
         config = model.config
         head_dim = _head_dim(attentions[0], config)
-        types = rotary_layer_types(base.rotary_emb)
-        layer_types = [attention_layer_type(a, config) if types else None for a in attentions]
-        layouts: dict[str | None, Rotary] = {}
-        for layer_type in dict.fromkeys(layer_types):
-            rotary_dim = 2 * rotary_inv_freq(base.rotary_emb, layer_type).numel()
-            layout = probe_layout(attentions[0], base.rotary_emb, rotary_dim, head_dim, layer_type)
-            if layout is None:
-                return None
-            layouts[layer_type] = Rotary(base.rotary_emb, layout, layer_type)
-        first = layouts[layer_types[0]]
+        rotaries = _layer_rotaries(base.rotary_emb, attentions, config, head_dim)
+        if rotaries is None:
+            return None
         info = ModelInfo(
             train_len=train_len(config),
             num_layers=len(attentions),
             num_heads=config.num_attention_heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
             head_dim=head_dim,
-            rotary_dim=first.layout.rotary_dim,
+            rotary_dim=rotaries[0].layout.rotary_dim,
         )
-        per_layer = [layouts[t] for t in layer_types] if types else None
-        return cls(model, base, attentions, first, info, per_layer)
+        per_layer = rotaries if rotary_layer_types(base.rotary_emb) else None
+        return cls(model, base, attentions, rotaries[0], info, per_layer)
+
+
+def _layer_rotaries(rotary: nn.Module, attentions: list[nn.Module], config, head_dim: int) -> list[Rotary] | None:
+    """Each layer's rotary map (one per layer type when the module holds a rope per type, as Gemma 3's does), its
+    layout probed on the model's own rotation; None when one cannot be reproduced."""
+    per_type = rotary_layer_types(rotary) is not None
+    layer_types = [attention_layer_type(a, config) if per_type else None for a in attentions]
+    made: dict[str | None, Rotary] = {}
+    for layer_type in dict.fromkeys(layer_types):
+        rotary_dim = 2 * rotary_inv_freq(rotary, layer_type).numel()
+        layout = probe_layout(attentions[0], rotary, rotary_dim, head_dim, layer_type)
+        if layout is None:
+            return None
+        made[layer_type] = Rotary(rotary, layout, layer_type)
+    return [made[t] for t in layer_types]
