@@ -3,6 +3,7 @@
     python benchmarks/attention.py                       # n = 2k, 4k, 8k, 16k; all methods
     python benchmarks/attention.py --lengths 2048,8192 --specs window,alibi --layers 2
     python benchmarks/attention.py --lengths 8192,16384,32768 --specs dca,selfextend,rerope,string --backends blockwise
+    python benchmarks/attention.py --lengths 16384,32768,65536,131072 --specs retrieval,dca --backends blockwise --layers 1 --repeat 1
 
 One process: a small random Llama-architecture model shaped like SmolLM2-135M's attention
 (9 query / 3 key-value heads of 64 dims, trained length 8k), built from a config. Time is the best
@@ -30,7 +31,7 @@ SPECS = [
     "window", "hybrid", "bca", "logn", "logn+window", "alibi", "alibi+window", "kerple_log", "kerple_power",
     "sandwich", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope",
     "xpos", "rerope", "leaky_rerope", "selfextend", "sinks", "selfextend+logn", "hybrid+rerope", "dca", "dca+logn",
-    "string",
+    "string", "retrieval", "retrieval+dca",
 ]
 PARAMS = {"window": {"window": 2048}, "alibi+window": {"window": 2048}, "hybrid": {"window": 2048, "random_blocks": 2},
           "sinks": {"window": 2048}}

@@ -7,8 +7,7 @@
 
 A block is the text between `<!-- NAME:start -->` and `<!-- NAME:end -->`; `BLOCKS` says what each NAME holds
 (the method table from `ctxpatch.methods()`, the result tables from the committed runs `benchmarks/runs.json`
-indexes, see `ctxpatch.results`). Blocks of other names (e.g. `families`, written by another generator) are left
-alone. tests/test_docs.py fails when a block differs from what this generates.
+indexes, see `ctxpatch.results`; the supported families from `ctxpatch.adapters.families`). tests/test_docs.py fails when a block differs from what this generates.
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 from . import results
+from .adapters.families import table as families_table
 from .registry import methods_table
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository (a source checkout)
@@ -50,6 +50,7 @@ BLOCKS: dict[str, Callable[[Path], str]] = {
     "evidence": lambda root: results.evidence_note(_index(root)),
     "runs": lambda root: results.runs_index(_index(root)),
     "runs-detail": lambda root: results.runs_detail(_index(root)),
+    "families": lambda root: families_table() + "\n",
 }
 
 

@@ -30,7 +30,8 @@ from ._compat import transformers as hf
 from .adapters import find_adapter
 from .backends import get_backend
 from .compose import build_plan
-from .errors import AlreadyPatchedError, CtxpatchError
+from .errors import AlreadyPatchedError, CtxpatchError, UserInputError
+from .kinds import CachePolicy
 from .plan import AttentionCall, ForwardShare, LayerPlan, LayerRuntime, make_runtime
 from .record import record_on_save
 from .registry import Method
@@ -47,10 +48,12 @@ class KeyRecord:
     The cache holds un-rotated keys; to rotate them at attention time ctxpatch needs their
     positions, which are the position ids they were written with (not their index: left padding,
     position ids that skip ahead, sliding caches and cache policies all make the two differ).
+    A layer's record mirrors the keys the layer holds, with the count of keys written to it so far
+    (`_compat.transformers.cache_written`), which tells how many were cropped from its end since.
     """
 
     def __init__(self) -> None:
-        self._records: weakref.WeakKeyDictionary[Any, dict[int, tuple[Tensor, Tensor]]] = weakref.WeakKeyDictionary()
+        self._records: weakref.WeakKeyDictionary[Any, dict[int, _Held]] = weakref.WeakKeyDictionary()
 
     def keys_for(self, cache: Any, layer_idx: int, q_pos: Tensor, q_real: Tensor, num_keys: int) -> tuple[Tensor, Tensor]:
         """(positions, real flags) of all `num_keys` keys after the cache took the new ones."""
@@ -64,38 +67,72 @@ class KeyRecord:
                 "a static (compileable) KV cache is not supported under a ctxpatch patch; "
                 "use the default dynamic cache (do not pass cache_implementation='static')"
             )
-        past = num_keys - new
         record = self._records.setdefault(cache, {}).get(layer_idx)
-        if past == 0:
-            positions, real = q_pos, q_real
-        elif record is None or record[0].shape[1] < past:
-            raise CtxpatchError(
-                "the KV cache holds keys written before this patch was applied (or by another "
-                "model); ctxpatch needs to see every key written. Start from a fresh cache."
-            )
-        else:  # a record longer than the cache means the cache was cropped from its end
-            batch = q_pos.shape[0]
-            positions = torch.cat([record[0][:, :past].expand(batch, -1), q_pos], dim=1)
-            real = torch.cat([record[1][:, :past].expand(batch, -1), q_real], dim=1)
-        self._store(cache, layer_idx, positions, real)
-        return positions, real
-
-    def _store(self, cache: Any, layer_idx: int, positions: Tensor, real: Tensor) -> None:
-        kept = hf.cache_length(cache, layer_idx)  # a sliding cache may already have dropped some
-        self._records[cache][layer_idx] = (positions[:, positions.shape[1] - kept :], real[:, real.shape[1] - kept :])
+        held, written = hf.cache_length(cache, layer_idx), hf.cache_written(cache, layer_idx)
+        old = max(num_keys - new, held - new)  # keys held before this update (a recording sliding layer returns fewer)
+        positions, real = q_pos, q_real
+        if old:
+            past_pos, past_real = _before_update(record, old, written - new)
+            positions = torch.cat([past_pos.expand(q_pos.shape[0], -1), q_pos], dim=1)  # (B, old + new)
+            real = torch.cat([past_real.expand(q_pos.shape[0], -1), q_real], dim=1)
+        self._records[cache][layer_idx] = _Held(positions[:, old + new - held :], real[:, old + new - held :], written)
+        return positions[:, old + new - num_keys :], real[:, old + new - num_keys :]
 
     def keep(self, cache: Any, layer_idx: int, keep: Tensor) -> None:
         """Apply a cache policy: each row keeps the keys at indices `keep` (B, K), in the cache and the record."""
         hf.keep_cached(cache, layer_idx, keep)
-        positions, real = self._records[cache][layer_idx]
-        self._records[cache][layer_idx] = (positions.gather(1, keep), real.gather(1, keep))
+        record = self._records[cache][layer_idx]
+        self._records[cache][layer_idx] = _Held(
+            record.positions.gather(1, keep), record.real.gather(1, keep), hf.cache_written(cache, layer_idx), True
+        )
+
+    def apply_policy(self, cache: Any, layer_idx: int, policy: CachePolicy) -> None:
+        """Let a cache policy choose among the keys a layer's cache holds (a sliding layer holds only the last of
+        its window, so the model's window wins over the policy)."""
+        record = self._records[cache][layer_idx]
+        keep = policy.keep(record.positions, record.real)  # (B, K) indices among the held keys; None: all
+        if keep is not None:
+            self.keep(cache, layer_idx, keep)
 
     def next_positions(self, cache: Any, length: int) -> Tensor | None:
-        """Positions of `length` new tokens after what layer 0 of the cache has seen (None: unknown)."""
+        """Positions of `length` new tokens after what layer 0 of the cache holds (None: unknown)."""
         record = self._records.get(cache, {}).get(0) if cache is not None else None
-        if record is None or record[0].shape[1] == 0:
+        if record is None:
             return None
-        return record[0][:, -1:] + 1 + torch.arange(length, device=record[0].device)
+        kept = record.positions.shape[1] - (record.written - hf.cache_written(cache, 0))  # less what was cropped
+        if kept <= 0:
+            return None
+        return record.positions[:, kept - 1 : kept] + 1 + torch.arange(length, device=record.positions.device)
+
+
+@dataclass
+class _Held:
+    """The keys a cache layer held after a call: positions and real flags (B, held), and how many keys had been
+    written to the layer by then."""
+
+    positions: Tensor
+    real: Tensor
+    written: int
+    evicted: bool = False  # a cache policy dropped keys after the last write
+
+
+def _before_update(record: _Held | None, old: int, written: int) -> tuple[Tensor, Tensor]:
+    """(positions, real flags) (B, old) of the `old` keys a layer held before an update, when `written` keys had
+    been written to it. Fewer were written than the record says when the cache was cropped from its end since
+    (speculative decoding); a sliding layer drops its first keys as it goes, so the `old` are the record's last."""
+    cropped = -1 if record is None else record.written - written
+    first = -1 if record is None else record.positions.shape[1] - cropped - old
+    if cropped > 0 and record.evicted:
+        raise UserInputError(
+            "a cache policy (sinks) dropped keys that the tokens speculative decoding then rejected had pushed out of "
+            "its window, so the cache cannot be rolled back: generate without assistant_model (or prompt_lookup)"
+        )
+    if cropped < 0 or first < 0:
+        raise CtxpatchError(
+            "the KV cache holds keys written before this patch was applied (or by another "
+            "model); ctxpatch needs to see every key written. Start from a fresh cache."
+        )
+    return record.positions[:, first : first + old], record.real[:, first : first + old]
 
 
 @dataclass
@@ -145,12 +182,12 @@ def ctxpatch_attention(
         scaling=hf.attention_scaling(module, scaling),
         dropout=dropout if module.training else 0.0,
         native_window=hf.native_sliding_window(kwargs),
+        softcap=hf.attention_softcap(kwargs),
         share=installed.share,
     )
     out = installed.backend(query, key, value, call, runtime).contiguous()
-    policy = runtime.plan.cache
-    if policy is not None and cache is not None and (keep := policy.keep(k_pos, k_real)) is not None:
-        record.keep(cache, layer_idx, keep)
+    if runtime.plan.cache is not None and cache is not None:
+        record.apply_policy(cache, layer_idx, runtime.plan.cache)
     return out, None
 
 
@@ -174,10 +211,10 @@ class Patch:
         model, keyword = self.model, hf.cache_keyword(adapter.attentions[0])
         backend, key_record = get_backend(self.backend), KeyRecord()
         share = ForwardShare(final_layer=max(plan.index for plan in self.plans))
-        rotaries: dict[str, Rotary] = {}
+        rotaries: dict[tuple, Rotary] = {}
         for attention, plan in zip(adapter.attentions, self.plans):
-            device = attention.q_proj.weight.device
-            runtime = make_runtime(plan, adapter.rotary, model.config, adapter.info, device, rotaries)
+            device = next(attention.parameters()).device
+            runtime = make_runtime(plan, adapter.rotary_of(plan.index), model.config, adapter.info, device, rotaries)
             setattr(attention, RUNTIME, InstalledLayer(runtime, backend, key_record, share))
             self._undo.append(lambda a=attention: delattr(a, RUNTIME))
             if runtime.tensors is not None:
@@ -185,7 +222,8 @@ class Patch:
                 self._undo.append(lambda a=attention: delattr(a, "ctxpatch"))
             hook = attention.register_forward_pre_hook(_pass_cache(keyword), with_kwargs=True)
             self._undo.append(hook.remove)
-        hook = adapter.base.register_forward_pre_hook(_default_positions(key_record, keyword), with_kwargs=True)
+        positions = _default_positions(key_record, hf.cache_keyword(adapter.base))  # GPT-NeoX: not its layers' name
+        hook = adapter.base.register_forward_pre_hook(positions, with_kwargs=True)
         self._undo.append(hook.remove)
         hook = adapter.rotary.module.register_forward_hook(_identity_rotation)
         self._undo.append(hook.remove)

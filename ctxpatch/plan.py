@@ -48,6 +48,7 @@ class AttentionCall:
     scaling: float
     dropout: float = 0.0
     native_window: int | None = None  # the model's own sliding window (Mistral), intersected
+    softcap: float | None = None  # the model's attention-logit soft-capping c (Gemma 2): c·tanh(s/c) before biases
     share: ForwardShare | None = None  # shared by the model's layers: position-only work made once per forward
 
     @property
@@ -214,14 +215,14 @@ def make_runtime(
     config: Any,
     info: ModelInfo,
     device: torch.device,
-    rotaries: dict[str, Rotary] | None = None,
+    rotaries: dict[tuple, Rotary] | None = None,
 ) -> LayerRuntime:
     """Bind a layer's plan to its rotary map (shared between layers with the same rule) and to
     freshly made method tensors on `device`."""
     rotary = model_rotary
     if plan.position is not None:
         rotaries = {} if rotaries is None else rotaries
-        key = plan.position.describe()
+        key = (plan.position.describe(), model_rotary.layer_type)  # Gemma 3's local and global layers differ
         if key not in rotaries:
             rotaries[key] = plan.position.make_rotary(model_rotary, config, info)
         rotary = rotaries[key]

@@ -28,6 +28,11 @@ def info_from_config(config: Any, train_len: int | None = None) -> ModelInfo | N
     say (a layout only the loaded model tells: the adapter judges it then). A ChatGLM config.json (a dict)
     is read by its own names. `train_len` defaults to the config's (`config_train_len`, one rule)."""
 
+    from .adapters.families import check_config
+
+    if not isinstance(config, dict):
+        check_config(config)  # a family ctxpatch cannot reproduce: said before anything loads
+
     def get(*names: str) -> Any:
         return config_value(config, *names)
 

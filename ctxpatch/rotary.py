@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ._compat.transformers import rotary_cos_sin
+from ._compat.transformers import rotary_cos_sin, rotary_inv_freq
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,15 @@ def expand_pairs(values: Tensor, layout: RotaryLayout, head_dim: int, fill: floa
 class Rotary:
     """Rotation at arbitrary (even fractional) positions with a transformers rotary module."""
 
-    def __init__(self, module: nn.Module, layout: RotaryLayout):
+    def __init__(self, module: nn.Module, layout: RotaryLayout, layer_type: str | None = None):
         self.module = module
         self.layout = layout
+        self.layer_type = layer_type  # a module with one rope per layer type (Gemma 3): this layer's
 
     def cos_sin(self, like: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin of shape (B, 1, T, d_r) in `like`'s dtype; positions (B, T)."""
-        cos, sin = rotary_cos_sin(self.module, like, positions)  # not the instance: it carries ctxpatch's identity hook
+        # not the instance: it carries ctxpatch's identity hook
+        cos, sin = rotary_cos_sin(self.module, like, positions, self.layer_type)
         return cos.unsqueeze(1), sin.unsqueeze(1)
 
     def per_dim(self, table: Tensor) -> Tensor:
@@ -78,4 +80,4 @@ class Rotary:
 
     @property
     def inv_freq(self) -> Tensor:
-        return self.module.inv_freq
+        return rotary_inv_freq(self.module, self.layer_type)

@@ -178,8 +178,7 @@ def test_unknown_family_with_a_supported_layout_is_handled(model_type):
 
 
 UNSUPPORTED = [
-    ("phi3", "sdpa", "Phi3Attention"),  # fused qkv_proj
-    ("gemma2", "eager", "Gemma2Attention"),  # attention-logit soft-capping
+    ("gpt_neox_japanese", "eager", "GPTNeoXJapaneseAttention"),  # computes attention itself, not via AttentionInterface
     ("gpt_oss", "eager", "GptOssAttention"),  # a half-size cos/sin table (and attention sinks)
 ]
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
+from transformers.cache_utils import DynamicSlidingWindowLayer
 from transformers.masking_utils import AttentionMaskInterface
 
 from ..errors import CtxpatchError
@@ -29,7 +30,7 @@ CACHE_KWARG = "_ctxpatch_cache"  # how the attention module's cache reaches ctxp
 def cache_keyword(attention: nn.Module) -> str:
     """The keyword an attention module's forward takes its KV cache under."""
     params = inspect.signature(type(attention).forward).parameters
-    for name in ("cache", "past_key_values", "past_key_value"):
+    for name in ("cache", "past_key_values", "past_key_value", "layer_past"):  # layer_past: GPT-NeoX
         if name in params:
             return name
     return "cache"
@@ -68,13 +69,33 @@ def attn_implementation(model: nn.Module) -> str | None:
     return model.config._attn_implementation
 
 
+def follows_attention_interface(model: nn.Module) -> bool:
+    """Does the model's attention dispatch through `AttentionInterface` (transformers' own check; GPT-NeoX-Japanese,
+    for one, computes attention itself, so a function registered there would never run)?"""
+    for module in model.modules():  # a wrapper (peft) holds the transformers model inside
+        check = getattr(type(module), "_can_set_attn_implementation", None)
+        if check is not None:
+            return bool(check())
+    return True
+
+
 def set_attn_implementation(model: nn.Module, name: str) -> None:
     """Select an attention implementation for this model instance (transformers' own setter)."""
     model.set_attn_implementation(name)
 
 
 def cache_length(cache: Any, layer_idx: int) -> int:
-    """How many keys the cache holds for a layer after its update."""
+    """How many keys the cache holds for a layer after its update. A sliding layer (the model's own window) keeps
+    only its last `sliding_window - 1` keys, while its `get_seq_length` counts every key it was given."""
+    layer = cache.layers[layer_idx] if hasattr(cache, "layers") else None
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        return 0 if not layer.is_initialized else int(layer.keys.shape[-2])
+    return int(cache.get_seq_length(layer_idx))
+
+
+def cache_written(cache: Any, layer_idx: int) -> int:
+    """How many keys have been written to a layer of the cache (less those cropped from its end): a sliding layer
+    counts the keys it dropped too; any other layer holds them all."""
     return int(cache.get_seq_length(layer_idx))
 
 
@@ -134,6 +155,11 @@ def native_sliding_window(kwargs: dict[str, Any]) -> int | None:
     return kwargs.get("sliding_window")
 
 
+def attention_softcap(kwargs: dict[str, Any]) -> float | None:
+    """The model's attention-logit soft-capping c (Gemma 2: scores become c·tanh(s/c)), as the module passes it."""
+    return kwargs.get("softcap") or None
+
+
 def plain_attention(
     module: nn.Module,
     query: Tensor,
@@ -144,8 +170,9 @@ def plain_attention(
     dropout: float,
     kwargs: dict[str, Any],
 ) -> tuple[Tensor, Any]:
-    """transformers' own SDPA attention, causal over key indices, for a module ctxpatch does not patch
-    (a model that shares its config, and so its attention implementation, with a patched one).
+    """transformers' own SDPA attention (the model's eager attention when it soft-caps: SDPA cannot), causal over
+    key indices, for a module ctxpatch does not patch (a model that shares its config, and so its attention
+    implementation, with a patched one).
 
     `padding` is the 2D boolean mask ctxpatch's mask function returns (None: all real). The 4D mask
     is causal (queries are the last keys), real keys only, inside the model's own sliding window;
@@ -165,6 +192,11 @@ def plain_attention(
         mask = mask & padding[:, None, None, -tk:]  # (B, 1, Tq, Tk)
     mask = mask | (kj == qi)
     extra = {k: v for k, v in kwargs.items() if k not in ("position_ids", CACHE_KWARG, "is_causal")}
+    if attention_softcap(kwargs) is not None:  # SDPA cannot cap: the model's own eager attention (Gemma 2)
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        additive = torch.zeros(mask.shape, dtype=query.dtype, device=query.device)
+        additive = additive.masked_fill(~mask, torch.finfo(query.dtype).min)  # (B or 1, 1, Tq, Tk)
+        return eager(module, query, key, value, additive, dropout=dropout, scaling=scaling, **extra)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](
         module, query, key, value, mask, dropout=dropout, scaling=scaling, is_causal=False, **extra
     )
@@ -173,10 +205,36 @@ def plain_attention(
 # ---- rotary embeddings ------------------------------------------------------------------------------
 
 
-def rotary_cos_sin(rotary: nn.Module, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+def rotary_cos_sin(
+    rotary: nn.Module, x: Tensor, positions: Tensor, layer_type: str | None = None
+) -> tuple[Tensor, Tensor]:
     """cos, sin (B, T, d_r) of a transformers rotary module at `positions` (B, T), bypassing the
-    instance's hooks (a patched model's rotary module carries ctxpatch's identity hook)."""
-    return type(rotary).forward(rotary, x, positions)
+    instance's hooks (a patched model's rotary module carries ctxpatch's identity hook). A module with
+    one rope per layer type (Gemma 3: local layers have their own base) is asked for `layer_type`'s."""
+    if layer_type is None:
+        return type(rotary).forward(rotary, x, positions)
+    return type(rotary).forward(rotary, x, positions, layer_type)
+
+
+def rotary_layer_types(rotary: nn.Module) -> list[str] | None:
+    """The layer types of a rotary module that holds one rope per layer type (Gemma 3), else None."""
+    if hasattr(rotary, "inv_freq"):
+        return None
+    types = getattr(rotary, "layer_types", None)
+    if not types or not all(hasattr(rotary, f"{t}_inv_freq") for t in types):
+        return None
+    return list(types)
+
+
+def rotary_inv_freq(rotary: nn.Module, layer_type: str | None = None) -> Tensor:
+    """The inverse frequencies of a rotary module (for `layer_type`, when it holds one rope per type)."""
+    return rotary.inv_freq if layer_type is None else getattr(rotary, f"{layer_type}_inv_freq")
+
+
+def attention_layer_type(attention: nn.Module, config: Any) -> str | None:
+    """The layer type ("sliding_attention", "full_attention") of an attention module, if its config has types."""
+    types = getattr(config, "layer_types", None)
+    return getattr(attention, "layer_type", None) or (types[attention.layer_idx] if types else None)
 
 
 def identity_rotary_output(output: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -190,16 +248,25 @@ def model_apply_rotary(attention: nn.Module) -> Callable[..., tuple[Tensor, Tens
     return getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
 
 
-def rope_parameters(config: Any) -> dict[str, Any]:
-    """The config's `rope_parameters` (rope_type, rope_theta, factor, ...), as a new dict."""
-    return dict(getattr(config, "rope_parameters", None) or {})
+def rope_parameters(config: Any, layer_type: str | None = None) -> dict[str, Any]:
+    """The config's `rope_parameters` (rope_type, rope_theta, factor, ...), as a new dict; with `layer_type`,
+    that type's own when the config holds one per layer type (Gemma 3)."""
+    rope = dict(getattr(config, "rope_parameters", None) or {})
+    if layer_type is not None and isinstance(rope.get(layer_type), dict):
+        return dict(rope[layer_type])
+    return rope
 
 
-def rotary_for_rope(rotary: nn.Module, config: Any, rope: dict[str, Any], train_len: int) -> nn.Module:
+def rotary_for_rope(
+    rotary: nn.Module, config: Any, rope: dict[str, Any], train_len: int, layer_type: str | None = None
+) -> nn.Module:
     """A second rotary module of `rotary`'s class built by transformers from a copy of `config` with
-    these `rope_parameters` (its rope initialisers compute the frequencies). `dynamic` reads its
-    original length from `max_position_embeddings`, so that is set to `train_len`."""
+    these `rope_parameters` (its rope initialisers compute the frequencies); with `layer_type`, they replace
+    that type's only. `dynamic` reads its original length from `max_position_embeddings`, so that is set to
+    `train_len`."""
     scaled = copy.deepcopy(config)
+    if layer_type is not None and isinstance(rope_parameters(config).get(layer_type), dict):
+        rope = {**rope_parameters(config), layer_type: rope}
     scaled.rope_parameters = rope
     scaled.max_position_embeddings = train_len
     return type(rotary)(config=scaled)

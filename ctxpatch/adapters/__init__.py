@@ -10,12 +10,14 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Adapter, LayoutProbeError
+from .families import check_config
 from .llama import LlamaFamilyAdapter
 
 ADAPTERS: list[type[Adapter]] = [LlamaFamilyAdapter]
 
 
 def find_adapter(model: nn.Module) -> Adapter:
+    check_config(getattr(model, "config", None))
     cause = None
     for cls in ADAPTERS:
         try:

@@ -28,6 +28,11 @@ class Adapter:
     attentions: list[nn.Module]  # one per layer, in order
     rotary: Rotary
     info: ModelInfo
+    layer_rotaries: list[Rotary] | None = None  # per layer, when layers rotate differently (Gemma 3); None: `rotary`
+
+    def rotary_of(self, layer: int) -> Rotary:
+        """The model's own rotary map of one layer."""
+        return self.rotary if self.layer_rotaries is None else self.layer_rotaries[layer]
 
     @classmethod
     def find(cls, model: nn.Module) -> "Adapter | None":

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..plan import AttentionCall, LayerRuntime
 from . import lse_views
-from .common import as_slice, column_count, head_index
+from .common import as_slice, column_count, compute_dtype, head_index, soft_cap
 from .selected import selected_attention
 
 BLOCK = 256  # rows of a query chunk and size of a key block
@@ -109,19 +109,27 @@ def blockwise_attention(
         q_views = [qv * kappa[:, None, :, None].to(qv.dtype) for qv in q_views]
     if layer.plan.selection is not None:
         return selected_attention(q, k, v, q_views, k_views, call, layer, functools.partial(_modified, layer))
-    if _is_plain_causal(call, layer, tq, tk):
+    if call.softcap is None and _is_plain_causal(call, layer, tq, tk):
         out = F.scaled_dot_product_attention(
             q_views[0], k_views[0], v, is_causal=tq > 1, dropout_p=call.dropout, scale=call.scaling,
             enable_gqa=heads != kv_heads,
         )
         return out.transpose(1, 2)
 
-    fold = layer.biases_fold and q.dtype in (torch.float32, torch.float64)
-    float_mask = bool(layer.plan.biases) and not fold
+    capped = call.softcap is not None  # a nonlinearity on the scores: no fused kernel applies it
+    fold = layer.biases_fold and q.dtype in (torch.float32, torch.float64) and not capped
+    float_mask = (bool(layer.plan.biases) and not fold) or capped
     rows = _chunk_rows(batch, heads, tk, layer, float_mask, block)
     h = head_index(heads, q.device)
     planner = ChunkPlanner(call, layer, block)
-    if len(q_views) > 1 and lse_views.available(q, k, v, call, layer):
+    if capped:
+        outs = []
+        for q0 in range(0, tq, rows):
+            chunk = planner.chunk(q0, min(tq, q0 + rows))
+            qs = [qv[:, :, q0 : q0 + rows] for qv in q_views]
+            qs, ks = _modified(layer, qs, [kv[:, :, chunk.cols] for kv in k_views], chunk.i, chunk.j)
+            outs.append(_scored_chunk(qs, ks, v[:, :, chunk.cols], chunk, h, call, layer))
+    elif len(q_views) > 1 and lse_views.available(q, k, v, call, layer):
         outs = _view_chunks(q_views, k_views, v, call, layer, planner, rows, h)
     else:
         outs = []
@@ -257,6 +265,25 @@ class Chunk:
             picked = layer.select(self.pair_i, self.pair_j[..., cols[mixed]])
             owned[..., mixed] &= picked == n
         return as_slice(cols), owned
+
+
+def _scored_chunk(qs, ks, vc, chunk: Chunk, h, call: AttentionCall, layer: LayerRuntime) -> Tensor:
+    """One chunk with its scores written out (B, H, Qc, Kr), for what a fused kernel cannot apply: the model's
+    soft-capping c·tanh(s/c) (Gemma 2) between the scaled product and the biases. Out: (B, H, Qc, d)."""
+    groups, dtype = qs[0].shape[1] // ks[0].shape[1], compute_dtype(qs[0])
+    select = layer.select(chunk.pair_i, chunk.pair_j)
+    scores = None
+    for n, (qv, kv) in enumerate(zip(qs, ks)):
+        kv = kv.repeat_interleave(groups, dim=1)  # GQA: (B, H, Kr, d)
+        view_scores = (qv.to(dtype) @ kv.to(dtype).transpose(-1, -2)) * call.scaling
+        scores = view_scores if scores is None else torch.where(select == n, view_scores, scores)
+    scores = soft_cap(scores, call.softcap)
+    bias = layer.bias(h, chunk.pair_i, chunk.pair_j)
+    if bias is not None:
+        scores = scores + bias.to(dtype)
+    probs = torch.softmax(scores.masked_fill(~chunk.seen, float("-inf")), dim=-1)
+    probs = F.dropout(probs, p=call.dropout, training=call.dropout > 0)
+    return probs.to(vc.dtype) @ vc.repeat_interleave(groups, dim=1)
 
 
 def _fused_chunk(qs, ks, vc, chunk: Chunk, h, call: AttentionCall, layer: LayerRuntime, fold: bool) -> Tensor:

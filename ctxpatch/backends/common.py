@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..plan import compute_dtype
 
-__all__ = ["as_slice", "column_count", "compute_dtype", "head_index"]
+__all__ = ["as_slice", "column_count", "compute_dtype", "head_index", "soft_cap"]
 
 
 def head_index(num_heads: int, device: torch.device) -> Tensor:
@@ -25,3 +25,8 @@ def as_slice(columns: Tensor) -> Tensor | slice:
 def column_count(cols: Tensor | slice, total: int) -> int:
     """How many of `total` columns an index (slice or tensor) picks."""
     return len(range(total)[cols]) if isinstance(cols, slice) else cols.numel()
+
+
+def soft_cap(scores: Tensor, cap: float | None) -> Tensor:
+    """The model's attention-logit soft-capping (Gemma 2): c·tanh(s/c) of the scaled scores, before biases."""
+    return scores if cap is None else torch.tanh(scores / cap) * cap

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..plan import AttentionCall, LayerRuntime
-from .common import compute_dtype, head_index
+from .common import compute_dtype, head_index, soft_cap
 from .selected import BlockChoice, expand_heads
 
 
@@ -40,6 +40,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, layer:
     kappa = layer.kappa(i)
     if kappa is not None:
         scores = scores * kappa.to(dtype)
+    scores = soft_cap(scores, call.softcap)
     bias = layer.bias(head_index(heads, q.device), i, j)
     if bias is not None:
         scores = scores + bias.to(dtype)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..plan import AttentionCall, LayerRuntime
-from .common import compute_dtype
+from .common import compute_dtype, soft_cap
 from .selected import BlockChoice
 
 
@@ -47,6 +47,7 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall,
     selected = _selection_mask(q, k, call, layer)
 
     def score_mod(score, b, h, q_idx, kv_idx):
+        score = soft_cap(score, call.softcap)
         bias = layer.bias(h, q_pos[b, q_idx], k_pos[b, kv_idx])
         return score if bias is None else score + bias.to(score.dtype)
 

@@ -23,7 +23,7 @@ from ..kinds import Selection
 from ..plan import AttentionCall, LayerRuntime
 from .._compat.torch import cpu_flash_attention_available
 from . import lse_views
-from .common import as_slice, compute_dtype, head_index
+from .common import as_slice, compute_dtype, head_index, soft_cap
 
 UNION_MAX = 32  # calls with at most this many queries attend to the union of their chosen blocks in one go
 ROWS = 256  # queries of a chunk
@@ -139,15 +139,18 @@ def _union_chunks(q, k, v, q_views, k_views, call: AttentionCall, layer: LayerRu
             choice.visible(chosen, i, j, choice.block_of[:, cols][:, None, None, :]), heads
         )
         qs, ks = modify([qv[:, :, q0:q1] for qv in q_views], [kv[:, :, cols] for kv in k_views], i[:, 0, :, 0], j[:, 0, 0])
-        scores = _scores(qs, ks, layer.select(i, j), call.scaling, layer.bias(h, i, j))
+        scores = _scores(qs, ks, layer.select(i, j), call.scaling, layer.bias(h, i, j), call.softcap)
         probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
         probs = F.dropout(probs, p=call.dropout, training=call.dropout > 0)
         outs.append(_weighted(probs, v[:, :, cols]))
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
-def _scores(qs: list[Tensor], ks: list[Tensor], select: Tensor | None, scaling: float, bias: Tensor | None) -> Tensor:
-    """(..., H, C, K) scores, each pair in its view; qs (..., H, C, d), ks (..., Hk, K, d) per view."""
+def _scores(
+    qs: list[Tensor], ks: list[Tensor], select: Tensor | None, scaling: float, bias: Tensor | None, cap: float | None
+) -> Tensor:
+    """(..., H, C, K) scores, each pair in its view, soft-capped (Gemma 2) before the bias; qs (..., H, C, d), ks
+    (..., Hk, K, d) per view."""
     heads, rows, dim = qs[0].shape[-3:]
     kv_heads, dtype = ks[0].shape[-3], compute_dtype(qs[0])
     scores = None
@@ -157,6 +160,7 @@ def _scores(qs: list[Tensor], ks: list[Tensor], select: Tensor | None, scaling: 
         grouped = qv.to(dtype).reshape(*qv.shape[:-3], kv_heads, -1, dim)  # (..., Hk, G*C, d): a group shares its keys
         view = (grouped @ kv.to(dtype).transpose(-1, -2)).reshape(*qv.shape[:-3], heads, rows, -1) * scaling
         scores = view if scores is None else torch.where(select == n, view, scores)
+    scores = soft_cap(scores, cap)
     return scores if bias is None else scores + bias.to(dtype)
 
 
@@ -189,10 +193,10 @@ def _near_part(q_views, k_views, v, call: AttentionCall, layer: LayerRuntime, q0
     fused kernel, columns every query of the chunk sees in one view (the window's middle) go in a call with no mask;
     only the window's two edges and the sinks are masked pair by pair."""
     qs, ks, vc = [qv[:, :, q0:q1] for qv in q_views], [kv[:, :, cols] for kv in k_views], v[:, :, cols]
-    if layer.plan.biases or not _fused_kernel_serves(*qs, *ks, vc):
+    if layer.plan.biases or call.softcap is not None or not _fused_kernel_serves(*qs, *ks, vc):
         i, j, qi, kj, real = _pairs(call, q0, q1, cols)
         seen = layer.visible(call, i, j, qi, kj, real) & layer.plan.selection.always_visible(i, j)  # (B, 1, C, K)
-        return _part(qs, ks, vc, seen, layer.select(i, j), call.scaling, layer.bias(h, i, j))
+        return _part(qs, ks, vc, seen, layer.select(i, j), call.scaling, layer.bias(h, i, j), call.softcap)
     whole, view = _whole_columns(call, layer, q0, q1, cols)
     exact = as_slice((~whole).nonzero().flatten())
     kept = torch.arange(call.k_pos.shape[1], device=whole.device)[cols]  # (K,) the chunk's key indices
@@ -249,10 +253,10 @@ def _merged(lses: list[Tensor], outs: list[Tensor]) -> tuple[Tensor, Tensor]:
     return total, merged
 
 
-def _part(qs, ks, vc, seen, select, scaling: float, bias) -> tuple[Tensor, Tensor]:
+def _part(qs, ks, vc, seen, select, scaling: float, bias, cap: float | None) -> tuple[Tensor, Tensor]:
     """(lse (B, H, C), out (B, H, C, dv)) of the pairs `seen` (B, 1, C, K), each in its view, from explicit scores
     (autograd differentiates them); rows that see nothing have lse -inf and out 0."""
-    scores = _scores(qs, ks, select, scaling, bias).masked_fill(~seen, float("-inf"))
+    scores = _scores(qs, ks, select, scaling, bias, cap).masked_fill(~seen, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.nan_to_num(torch.exp(scores - lse[..., None]))
     return lse, _weighted(probs, vc).to(probs.dtype)
@@ -303,7 +307,7 @@ def _add_block(state, b: int, heads: slice, kvs: slice, rows: Tensor, cols: slic
     that see every key of the block in one view (the block is wholly outside their window) go unmasked."""
     qs = [qv[b : b + 1, heads][:, :, rows] for qv in q_views]  # (1, share, n, d)
     ks, vc = [kv[b : b + 1, kvs, cols] for kv in k_views], v[b : b + 1, kvs, cols]  # (1, kv heads of those, Bk, d)
-    if not layer.plan.biases and _fused_kernel_serves(*qs, *ks, vc):
+    if not layer.plan.biases and call.softcap is None and _fused_kernel_serves(*qs, *ks, vc):
         clean, view = _clean_rows(call, layer, b, rows, cols)
         lses, outs = [], []
         for n in range(len(qs)):
@@ -324,7 +328,7 @@ def _add_block(state, b: int, heads: slice, kvs: slice, rows: Tensor, cols: slic
     if not bool(seen.any()):
         return
     h = torch.arange(heads.start, heads.stop, device=rows.device).view(-1, 1, 1)
-    lse, out = _part(qs, ks, vc, seen, layer.select(i, j), call.scaling, layer.bias(h, i, j))
+    lse, out = _part(qs, ks, vc, seen, layer.select(i, j), call.scaling, layer.bias(h, i, j), call.softcap)
     state.add((b, heads, rows), lse[0], out[0])
 
 

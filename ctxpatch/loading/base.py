@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .._compat import transformers as hf
+from ..adapters.families import check_config
 from ..dtypes import DTYPE_CHOICES, DTYPES, InvalidDtypeError, checkpoint_dtype, resolve_dtype  # noqa: F401
 from ..errors import UserInputError
 from ..record import is_native, read_record
@@ -116,8 +117,9 @@ def load_base_model(
 
     source, extra = ref.from_pretrained()
     _warn_if_patched(source)
-    checkpoint = ref.config() if dtype in (None, "auto") else None
-    dtype = resolve_dtype(dtype, checkpoint)
+    config = ref.config()
+    check_config(config)  # a family ctxpatch cannot patch is refused before its weights load
+    dtype = resolve_dtype(dtype, config if dtype in (None, "auto") else None)
     net = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **extra, **place, **kwargs)
     return net.eval()
 

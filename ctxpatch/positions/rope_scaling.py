@@ -35,9 +35,10 @@ class RopeScaler(PositionRule):
         return {**base, **given, "rope_type": self.rope_type, "original_max_position_embeddings": train_len}
 
     def make_rotary(self, rotary: Rotary, config: Any, info: ModelInfo) -> Rotary:
-        rope = self.rope_parameters(rope_parameters(config), info.train_len, rotary.layout.rotary_dim)
-        module = rotary_for_rope(rotary.module, config, rope, info.train_len).to(rotary.inv_freq.device)
-        return Rotary(module, rotary.layout)
+        base = rope_parameters(config, rotary.layer_type)
+        rope = self.rope_parameters(base, info.train_len, rotary.layout.rotary_dim)
+        module = rotary_for_rope(rotary.module, config, rope, info.train_len, rotary.layer_type)
+        return Rotary(module.to(rotary.inv_freq.device), rotary.layout, rotary.layer_type)
 
     length_rule: bool = False  # True: the scaling follows the length it sees (dynamic); no target rule
 
