@@ -62,7 +62,7 @@ def test_with_table_replaces_only_between_the_markers():
     assert table_in(with_table(text, "new\n")) == "new\n"
     with pytest.raises(ValueError):
         with_table("no markers", "new\n")
-    other = "<!-- families:start -->\nhand list\n<!-- families:end -->\n"  # another generator's block
+    other = "<!-- notes:start -->\nhand list\n<!-- notes:end -->\n"  # a block of no known name
     assert docs.generated(other, ROOT) == other
 
 

@@ -18,7 +18,7 @@ from conftest import token_ids
 from ctxpatch.adapters import find_adapter
 from ctxpatch.adapters.families import CHECKS, EXTRA, FAMILIES, Family, table
 from ctxpatch.backends import blockwise
-from ctxpatch.docs import table_in
+from ctxpatch.docs import block_in
 from ctxpatch.loading.base import load_base_model
 from ctxpatch.preflight import info_from_config
 
@@ -42,6 +42,7 @@ ACTIVE = [
     ("yarn", {}),
     ("sinks", {"global_tokens": 3, "window": 8}),  # a cache policy, on sliding layers too
     ("hybrid+rerope", {"window": 6, "global_tokens": 2}),
+    ("retrieval", {"sinks": 2, "local_window": 6, "block_size": 4, "top_k": 2}),  # a selection: by content
 ]
 PIECES = [(0, 17), (17, 25)] + [(t, t + 1) for t in range(25, 40)]  # chunked prefill, then one token at a time
 IDS = [f.name.lower().replace(" ", "-") for f in FAMILIES]
@@ -70,9 +71,9 @@ def test_every_check_is_a_test():
 
 
 def test_the_families_table_is_current():
-    found = table_in(DOC.read_text(encoding="utf-8"), "families")
+    found = block_in(DOC.read_text(encoding="utf-8"), "families")
     assert found is not None, "docs/families.md lost its <!-- families:start/end --> markers"
-    assert found == table() + "\n", "docs/families.md is stale: run `python -m ctxpatch.docs docs/families.md`"
+    assert found == table() + "\n", "docs/families.md is stale: run `python -m ctxpatch.docs --write`"
 
 
 @pytest.mark.parametrize("backend", ["dense", "blockwise"])

@@ -34,6 +34,7 @@ SPECS = [
     ("sinks", {"global_tokens": 3, "window": 8}),
     ("hybrid+rerope", {"window": 6, "global_tokens": 2}),
     ("alibi+logn", {"train_len": 8}),
+    ("retrieval", {"sinks": 2, "local_window": 6, "block_size": 4, "top_k": 1}),  # chooses inside the model's window
 ]
 IDS = [f"{s}-{next(iter(p.values()), '')}" for s, p in SPECS]
 PIECES = [(0, 17), (17, 25)] + [(t, t + 1) for t in range(25, 40)]  # chunked prefill, then one token at a time

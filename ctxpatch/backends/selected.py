@@ -35,6 +35,7 @@ class BlockChoice:
 
     def __init__(self, selection: Selection, k: Tensor, call: AttentionCall):
         self.selection, self.kv_heads, self.k_pos = selection, k.shape[1], call.k_pos
+        self.native_window = call.native_window
         real = call.key_padding if call.key_padding is not None else torch.ones_like(call.k_pos, dtype=torch.bool)
         self.block_of = torch.div(call.k_pos, selection.block, rounding_mode="floor").long().clamp(min=0)  # (B, Tk)
         self.blocks = int(self.block_of.max()) + 1
@@ -55,6 +56,8 @@ class BlockChoice:
             scores = scores.sum(2) if per == "kv_head" else scores.sum((1, 2))[:, None]  # (B, Hk or 1, C, nb)
         blocks = torch.arange(self.blocks, device=q.device)
         allowed = self.selection.candidates(i[:, None, :, None], blocks) & self.occupied[:, None, None, :]
+        if self.native_window is not None:  # the model's own window wins: choose among blocks wholly inside it
+            allowed &= blocks * self.selection.block > i[:, None, :, None] - self.native_window
         scores = scores.masked_fill(~allowed, float("-inf"))
         # a stable sort: equal scores (identical blocks of repeated text) go to the earlier block, in every schedule
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : self.selection.count]
