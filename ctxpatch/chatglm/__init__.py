@@ -6,10 +6,13 @@ use, so the trained-length rule and the errors stay light (`ctxpatch --help` imp
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import train_len
 from .errors import ChatGLMConversionError
+
+if TYPE_CHECKING:  # what `_LAZY` gives, for type checkers and the API reference
+    from .convert import ROPE_RATIO_AS, convert_chatglm, load_chatglm, resolve_dtype, rope_ratio_rule
 
 _LAZY = {"convert_chatglm": "convert", "load_chatglm": "convert", "rope_ratio_rule": "convert",
          "ROPE_RATIO_AS": "convert", "resolve_dtype": "convert"}
