@@ -23,7 +23,7 @@ from ..kinds import Selection
 from ..plan import AttentionCall, LayerRuntime
 from .._compat.torch import cpu_flash_attention_available
 from . import lse_views
-from .common import as_slice, compute_dtype, head_index, soft_cap
+from .common import as_slice, column_count, compute_dtype, head_index, soft_cap
 
 UNION_MAX = 32  # calls with at most this many queries attend to the union of their chosen blocks in one go
 ROWS = 256  # queries of a chunk
@@ -209,7 +209,7 @@ def _near_part(q_views, k_views, v, call: AttentionCall, layer: LayerRuntime, q0
     lses, outs = [], []
     for n, (qv, kv) in enumerate(zip(qs, ks)):
         mine = as_slice((whole & (view == n)).nonzero().flatten())
-        if _width(mine, whole.numel()):
+        if column_count(mine, whole.numel()):
             _attend_into(lses, outs, qv, kv[:, :, mine], vc[:, :, mine], None, call.scaling)
         owned = seen if select is None else seen & (select == n)
         some = as_slice(owned.flatten(0, -2).any(0).nonzero().flatten())
@@ -229,10 +229,6 @@ def _attend_into(lses: list, outs: list, q: Tensor, k: Tensor, v: Tensor, owned:
     lse = lse.to(compute_dtype(q))
     lses.append(lse if owned is None else lse.masked_fill(~owned.any(-1), float("-inf")))
     outs.append(out.to(compute_dtype(q)))
-
-
-def _width(cols, total: int) -> int:
-    return len(range(total)[cols]) if isinstance(cols, slice) else cols.numel()
 
 
 def _whole_columns(call: AttentionCall, layer: LayerRuntime, q0: int, q1: int, cols) -> tuple[Tensor, Tensor]:
@@ -312,7 +308,6 @@ def _add_block(state, b: int, heads: slice, kvs: slice, rows: Tensor, cols: slic
     ks, vc = [kv[b : b + 1, kvs, cols] for kv in k_views], v[b : b + 1, kvs, cols]  # (1, kv heads of those, Bk, d)
     if not layer.plan.biases and call.softcap is None and _fused_kernel_serves(*qs, *ks, vc):
         clean, view = _clean_rows(call, layer, b, rows, cols)
-        lses, outs = [], []
         for n in range(len(qs)):
             mine = (clean & (view == n)).nonzero().flatten()
             if mine.numel():
