@@ -30,6 +30,7 @@ def path(request, monkeypatch):
     """The blockwise backend's two ways: every chosen block of a chunk at once, or block by block."""
     monkeypatch.setattr(selected, "UNION_MAX", 10**9 if request.param == "union" else 0)
     monkeypatch.setattr(selected, "ROWS", 4)  # several chunks at the tests' 22 queries, narrower than a window
+    monkeypatch.setattr(selected, "PAIR_BUDGET", 700)  # several ranges of queries and of explicit pairs per head group
     return request.param
 
 

@@ -5,10 +5,11 @@ attending under them.
 each head group) chooses; dense, blockwise and flex all ask it, so they see the same choices.
 
 The blockwise path computes a layer under a selection in time linear in the length: per query chunk, the pairs
-seen whatever the content (window, sinks) against only those keys; then, per chosen key block, the queries that
-chose it against only its keys, merged into the chunks' running softmax (max, sum, weighted values), so a query
-costs S + W + k·B products, not n. A call with a few queries (decoding, short pieces) takes every block its
-queries chose at once instead (`UNION_MAX`).
+seen whatever the content (window, sinks) against only those keys; then, per head group and range of queries,
+the (query, chosen block) pairs sorted by block, one fused call per block on the rows that chose it, and every
+row's partial softmaxes (max, sum, weighted values) merged by scatter into its near part's, so a query costs
+S + W + k·B products, not n, and no per-block gather or merge touches the whole output. A call with a few queries
+(decoding, short pieces) takes every block its queries chose at once instead (`UNION_MAX`).
 """
 
 from __future__ import annotations
@@ -186,9 +187,9 @@ def _near_then_blocks(q, v, q_views, k_views, call: AttentionCall, layer: LayerR
         tops.append(choice.top(q[:, :, q0:q1], call.q_pos[:, q0:q1]))  # (B, Hs, C, k)
         cols = as_slice(choice.reachable(call.q_pos[:, q0:q1], call.q_offset + q1).nonzero().flatten())
         parts.append(_near_part(q_views, k_views, v, call, layer, q0, q1, cols, h))
-    state = _Softmax(*(torch.cat(part, 2) for part in zip(*parts)))  # (B, H, Tq), (B, H, Tq, dv)
-    _add_chosen_blocks(state, torch.cat(tops, 2), q_views, k_views, v, call, layer, spans)
-    return state.out.to(q.dtype).transpose(1, 2)
+    lse, out = (torch.cat(part, 2) for part in zip(*parts))  # (B, H, Tq), (B, H, Tq, dv)
+    out = _with_chosen_blocks(lse, out, torch.cat(tops, 2), q_views, k_views, v, call, layer, choice, spans)
+    return out.to(q.dtype).transpose(1, 2)
 
 
 def _near_part(q_views, k_views, v, call: AttentionCall, layer: LayerRuntime, q0: int, q1: int, cols, h):
@@ -267,79 +268,177 @@ def _fused_kernel_serves(*tensors: Tensor) -> bool:
     return cpu_flash_attention_available() and tensors[0].device.type == "cpu" and not needs_grad
 
 
-class _Softmax:
-    """A softmax being summed over parts: per row the log-sum-exp so far and the output so far."""
+PAIR_BUDGET = 1 << 24  # elements of one range's per-pair results (query, choice, head, channel)
 
-    def __init__(self, lse: Tensor, out: Tensor):
-        self.lse, self.out = lse, out
-
-    def add(self, index: tuple, lse: Tensor, out: Tensor) -> None:
-        """Merge a part's (lse, out) into the rows at `index` (a part's empty rows have lse -inf)."""
-        old = self.lse[index]  # never -inf: every query sees itself in the window part
-        new = torch.logaddexp(old, lse)
-        self.out[index] = self.out[index] * torch.exp(old - new)[..., None] + out * torch.exp(lse - new)[..., None]
-        self.lse[index] = new
+Parts = list[tuple[Tensor, Tensor, Tensor]]  # partial softmaxes: rows (P,), lse (share, P), out (share, P, dv)
 
 
-def _add_chosen_blocks(state: _Softmax, top: Tensor, q_views, k_views, v, call: AttentionCall, layer, spans) -> None:
-    """Each chosen block against the queries that chose it: pairs outside what the window and sinks already gave."""
-    heads, kv_heads, sharing = q_views[0].shape[1], k_views[0].shape[1], top.shape[1]
-    share, groups = heads // sharing, heads // kv_heads  # query heads per choice, per key-value head
-    positions = torch.arange(top.shape[2], device=top.device).repeat_interleave(top.shape[3])  # (Tq * k,)
-    for b in range(top.shape[0]):
+class _HeadGroup:
+    """The query heads that share a choice (`heads`), their key-value heads (`kvs`), in batch row b; the query views
+    of those heads made contiguous once, on first use, so that a block's rows are one cheap gather."""
+
+    def __init__(self, b: int, hs: int, share: int, groups: int, q_views, k_views, v):
+        self.b, self.heads = b, slice(hs * share, (hs + 1) * share)
+        self.kvs = slice(hs * share // groups, ((hs + 1) * share - 1) // groups + 1)
+        self.q_views, self.k_views = q_views, [kv[b, self.kvs].contiguous() for kv in k_views]  # (kvs, Tk, d) each
+        self.v, self._q = v[b, self.kvs].contiguous(), {}  # (kvs, Tk, dv)
+
+    def q(self, view: int) -> Tensor:
+        """(share, Tq, d): the group's queries in one view."""
+        if view not in self._q:
+            self._q[view] = self.q_views[view][self.b, self.heads].contiguous()
+        return self._q[view]
+
+
+class _Blocks:
+    """Per block of batch row b: its key span (`starts`, `stops`), lowest and highest position, all keys real."""
+
+    def __init__(self, choice: BlockChoice, call: AttentionCall, spans: Tensor, b: int):
+        self.starts, self.stops = spans[b, :-1], spans[b, 1:]  # (nb,)
+        self.width = int((self.stops - self.starts).max())
+        block_of, pos = choice.block_of[b], call.k_pos[b]
+        self.lo = pos.new_zeros(choice.blocks).scatter_reduce(0, block_of, pos, "amin", include_self=False)
+        self.hi = pos.new_zeros(choice.blocks).scatter_reduce(0, block_of, pos, "amax", include_self=False)
+        self.real = None
+        if call.key_padding is not None:
+            real = call.key_padding[b].int()
+            self.real = real.new_ones(choice.blocks).scatter_reduce(0, block_of, real, "amin").bool()
+
+
+def _with_chosen_blocks(lse, out, top, q_views, k_views, v, call: AttentionCall, layer, choice, spans) -> Tensor:
+    """(B, H, Tq, dv): the near part's softmax (lse (B, H, Tq), out (B, H, Tq, dv)) merged with each query's chosen
+    blocks (top (B, Hs, Tq, k)), pairs the window and sinks already gave left out. Per head group and range of
+    queries, the pairs (query, chosen block) that see the whole block in one view go through the fused kernel, one
+    call per block with its queries' rows gathered once, the pairs that see part of it (a block straddling the
+    window's edge, padding) one masked call per block and view; with gradients or biases, explicit scores."""
+    batch, heads, tq, dv = out.shape
+    sharing, count = top.shape[1], top.shape[3]
+    share, groups = heads // sharing, heads // k_views[0].shape[1]
+    fused = not layer.plan.biases and call.softcap is None and _fused_kernel_serves(*q_views, *k_views, v)
+    rows = max(1, PAIR_BUDGET // (count * share * max(dv, q_views[0].shape[-1])))
+    merged = []
+    for b in range(batch):
+        blocks, row_heads = _Blocks(choice, call, spans, b), []
         for hs in range(sharing):
-            chosen = top[b, hs].flatten()  # (Tq * k,) block ids, -1 for none
-            keep = chosen >= 0
-            chosen, rows = chosen[keep], positions[keep]
-            order = torch.argsort(chosen, stable=True)
-            counts = torch.bincount(chosen, minlength=spans.shape[1] - 1).tolist()
-            blocks = [n for n, c in enumerate(counts) if c]
-            heads_here = slice(hs * share, (hs + 1) * share)
-            kvs = slice(hs * share // groups, ((hs + 1) * share - 1) // groups + 1)
-            for block, rows_of_block in zip(blocks, torch.split(rows[order], [counts[n] for n in blocks])):
-                cols = slice(int(spans[b, block]), int(spans[b, block + 1]))
-                _add_block(state, b, heads_here, kvs, rows_of_block, cols, q_views, k_views, v, call, layer)
+            group, pieces = _HeadGroup(b, hs, share, groups, q_views, k_views, v), []
+            for r0 in range(0, tq, rows):
+                r1, h = min(tq, r0 + rows), group.heads
+                parts = _chosen_pairs(group, blocks, top[b, hs, r0:r1], r0, call, layer, fused)
+                pieces.append(_merge(lse[b, h, r0:r1], out[b, h, r0:r1], parts, r0))
+            row_heads.append(torch.cat(pieces, 1))  # (share, Tq, dv)
+        merged.append(torch.cat(row_heads, 0))  # (H, Tq, dv)
+    return torch.stack(merged)
 
 
-def _add_block(state, b: int, heads: slice, kvs: slice, rows: Tensor, cols: slice, q_views, k_views, v, call, layer):
-    """One block's keys (cols) against the queries (rows) of the heads that chose it. Through the fused kernel, rows
-    that see every key of the block in one view (the block is wholly outside their window) go unmasked."""
-    qs = [qv[b : b + 1, heads][:, :, rows] for qv in q_views]  # (1, share, n, d)
-    ks, vc = [kv[b : b + 1, kvs, cols] for kv in k_views], v[b : b + 1, kvs, cols]  # (1, kv heads of those, Bk, d)
-    if not layer.plan.biases and call.softcap is None and _fused_kernel_serves(*qs, *ks, vc):
-        clean, view = _clean_rows(call, layer, b, rows, cols)
-        for n in range(len(qs)):
-            mine = (clean & (view == n)).nonzero().flatten()
-            if mine.numel():
-                out, lse = lse_views.attend(qs[n][:, :, mine], ks[n], vc, None, call.scaling)
-                state.add((b, heads, rows[mine]), lse[0].to(state.lse.dtype), out[0].to(state.out.dtype))
-        rest = (~clean).nonzero().flatten()
-        rows, qs = rows[rest], [qv[:, :, rest] for qv in qs]
-        if not rows.numel():
-            return
-    i = call.q_pos[b, rows].view(1, 1, -1, 1)  # (1, 1, n, 1)
-    j = call.k_pos[b, cols].view(1, 1, 1, -1)  # (1, 1, 1, Bk)
-    qi = (rows + call.q_offset).view(1, 1, -1, 1)
-    kj = torch.arange(cols.start, cols.stop, device=rows.device).view(1, 1, 1, -1)
-    real = None if call.key_padding is None else call.key_padding[b, cols].view(1, 1, 1, -1)
-    seen = layer.visible(call, i, j, qi, kj, real) & ~layer.plan.selection.always_visible(i, j)  # (1, 1, n, Bk)
-    if not bool(seen.any()):
-        return
-    h = torch.arange(heads.start, heads.stop, device=rows.device).view(-1, 1, 1)
-    lse, out = _part(qs, ks, vc, seen, layer.select(i, j), call.scaling, layer.bias(h, i, j), call.softcap)
-    state.add((b, heads, rows), lse[0], out[0])
+def _merge(lse: Tensor, out: Tensor, parts: Parts, r0: int) -> Tensor:
+    """(share, R, dv): the near part (lse (share, R), out (share, R, dv)) and the partial softmaxes of the queries'
+    chosen blocks (rows from r0 on, several per row) as one softmax."""
+    if not parts:
+        return out
+    rows = torch.cat([p[0] for p in parts]) - r0  # (P,)
+    lses = torch.cat([p[1] for p in parts], 1)  # (share, P)
+    spread = rows.expand(lses.shape[0], -1)
+    top = lse.detach().scatter_reduce(1, spread, lses.detach(), "amax")  # (share, R): any row maximum stabilises
+    total = torch.exp(lse - top).scatter_add(1, spread, torch.exp(lses - top.gather(1, spread)))
+    total = top + torch.log(total)
+    merged = out * torch.exp(lse - total)[..., None]
+    for part_rows, part_lse, part_out in parts:
+        weight = torch.exp(part_lse - total[:, part_rows - r0])[..., None]  # a pair that saw nothing (-inf) weighs 0
+        merged.index_add_(1, part_rows - r0, part_out.to(merged.dtype) * weight)  # in place: merged is new
+    return merged
 
 
-def _clean_rows(call: AttentionCall, layer: LayerRuntime, b: int, rows: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
-    """Per row (query) of a block's group: does it see every key of the block, none of them already shown (window,
-    sinks), all in one view (n,) bool, and that view (n,)."""
-    i = call.q_pos[b, rows][:, None]  # (n, 1)
-    j = call.k_pos[b, cols]
-    j_lo, j_hi = j.amin().view(1, 1), j.amax().view(1, 1)
+def _chosen_pairs(group: _HeadGroup, blocks: _Blocks, top: Tensor, r0: int, call, layer, fused: bool) -> Parts:
+    """The partial softmaxes of each query's chosen blocks, top (R, k) from query r0 on (-1: no choice)."""
+    count = top.shape[1]
+    chosen = top.flatten()  # (R·k,) pairs, query-major
+    pair = (chosen >= 0).nonzero().flatten()
+    chosen, rows = chosen[pair], torch.div(pair, count, rounding_mode="floor") + r0
+    clean, view = _clean_pairs(call, layer, group.b, rows, chosen, blocks)
+    if not fused:
+        clean = torch.zeros_like(clean)
+    parts: Parts = []
+    for n in view[clean].unique().tolist():
+        mine = (clean & (view == n)).nonzero().flatten()
+        mine = mine[torch.argsort(chosen[mine], stable=True)]  # grouped by block
+        _fused_blocks(parts, group, n, rows[mine], chosen[mine], blocks, call.scaling)
+    rest = (~clean).nonzero().flatten()
+    widest = group.v.shape[0] * blocks.width * max(group.v.shape[-1], group.k_views[0].shape[-1])
+    for p in torch.split(rest, max(1, PAIR_BUDGET // widest)) if rest.numel() else ():
+        (_masked_pairs if fused else _explicit_pairs)(parts, group, rows[p], chosen[p], blocks, call, layer)
+    return parts
+
+
+def _fused_blocks(parts: Parts, group: _HeadGroup, n: int, rows: Tensor, chosen: Tensor, blocks, scale,
+                  owned: Tensor | None = None) -> None:
+    """Pairs (rows, chosen) grouped by block, each through one fused call per block in view n: the whole block, or
+    the keys `owned` (P, Wb) of it."""
+    q = group.q(n).index_select(1, rows)  # (share, P, d)
+    counts = torch.bincount(chosen, minlength=blocks.starts.numel()).tolist()
+    starts, stops = blocks.starts.tolist(), blocks.stops.tolist()
+    first = 0
+    for block, c in enumerate(counts):
+        if not c:
+            continue
+        cols, mask = slice(starts[block], stops[block]), None
+        if owned is not None:
+            mask = torch.zeros(1, 1, c, cols.stop - cols.start, dtype=q.dtype, device=q.device)
+            mask.masked_fill_(~owned[first : first + c, : cols.stop - cols.start], float("-inf"))
+        out, lse = lse_views.attend(q[None, :, first : first + c], group.k_views[n][None, :, cols],
+                                    group.v[None, :, cols], mask, scale)
+        parts.append((rows[first : first + c], lse[0].to(compute_dtype(q)), out[0]))
+        first += c
+
+
+def _clean_pairs(call: AttentionCall, layer: LayerRuntime, b: int, rows: Tensor, chosen: Tensor, blocks: _Blocks):
+    """Per pair (query rows[p], block chosen[p]): does the query see every key of the block, none of them already
+    shown (window, sinks), all in one view (P,) bool, and that view (P,)."""
+    i = call.q_pos[b, rows][:, None]  # (P, 1)
+    j_lo, j_hi = blocks.lo[chosen][:, None], blocks.hi[chosen][:, None]
     shown = layer.plan.selection.shown()
     clean = layer.blocks_all_visible(call, i, i, j_lo, j_hi) & ~shown.blocks_visible(i, i, j_lo, j_hi)
-    clean = clean[:, 0] & (cols.stop - 1 < rows + call.q_offset)  # every key before the query by index too
-    if call.key_padding is not None:
-        clean = clean & call.key_padding[b, cols].all()
-    needs = torch.stack([need[:, 0] for need in layer.view_needs(i, i, j_lo, j_hi)])  # (V, n)
+    clean = clean[:, 0] & (blocks.stops[chosen] - 1 < rows + call.q_offset)  # every key before the query by index
+    if blocks.real is not None:
+        clean = clean & blocks.real[chosen]
+    needs = torch.stack([need[:, 0] for need in layer.view_needs(i, i, j_lo, j_hi)])  # (V, P)
     return clean & (needs.sum(0) == 1), needs.int().argmax(0)
+
+
+def _pair_grids(group: _HeadGroup, rows: Tensor, chosen: Tensor, blocks: _Blocks, call, layer):
+    """Per pair (rows, chosen): its block's key indices (P, Wb, padded to the widest block), the pairs of them seen
+    and not already shown by the window and sinks (P, 1, 1, Wb), and the pair grids i (P, 1, 1, 1), j (P, 1, 1, Wb)."""
+    b, pairs = group.b, rows.numel()
+    keys = blocks.starts[chosen][:, None] + torch.arange(blocks.width, device=rows.device)  # (P, Wb)
+    inside = keys < blocks.stops[chosen][:, None]
+    keys = keys.clamp(max=call.k_pos.shape[1] - 1)
+    i = call.q_pos[b, rows].view(pairs, 1, 1, 1)
+    j = call.k_pos[b, keys].view(pairs, 1, 1, -1)
+    qi, kj = (rows + call.q_offset).view(pairs, 1, 1, 1), keys.view(pairs, 1, 1, -1)
+    real = None if call.key_padding is None else call.key_padding[b, keys].view(pairs, 1, 1, -1)
+    seen = layer.visible(call, i, j, qi, kj, real) & ~layer.plan.selection.always_visible(i, j)
+    return keys, seen & inside.view(pairs, 1, 1, -1), i, j
+
+
+def _masked_pairs(parts: Parts, group: _HeadGroup, rows: Tensor, chosen: Tensor, blocks: _Blocks, call, layer):
+    """Pairs (rows, chosen) that see part of their block, or it in several views: per view, the pairs that see some
+    of it in that view, one masked fused call per block."""
+    _, seen, i, j = _pair_grids(group, rows, chosen, blocks, call, layer)
+    select = layer.select(i, j)
+    for n in range(len(group.q_views)):
+        owned = (seen if select is None else seen & (select == n))[:, 0, 0]  # (P, Wb)
+        some = owned.any(-1).nonzero().flatten()
+        some = some[torch.argsort(chosen[some], stable=True)]
+        if some.numel():
+            _fused_blocks(parts, group, n, rows[some], chosen[some], blocks, call.scaling, owned[some])
+
+
+def _explicit_pairs(parts: Parts, group: _HeadGroup, rows: Tensor, chosen: Tensor, blocks: _Blocks, call, layer):
+    """Pairs (rows, chosen) from explicit scores over each block's keys, the pairs the window and sinks gave left
+    out; autograd differentiates them."""
+    keys, seen, i, j = _pair_grids(group, rows, chosen, blocks, call, layer)
+    qs = [group.q(n)[:, rows].transpose(0, 1)[:, :, None] for n in range(len(group.q_views))]  # (P, share, 1, d)
+    ks = [kv[:, keys].transpose(0, 1) for kv in group.k_views]  # (P, kvs, Wb, d) each
+    vc = group.v[:, keys].transpose(0, 1)  # (P, kvs, Wb, dv)
+    h = torch.arange(group.heads.start, group.heads.stop, device=rows.device).view(-1, 1, 1)
+    lse, out = _part(qs, ks, vc, seen, layer.select(i, j), call.scaling, layer.bias(h, i, j), call.softcap)
+    parts.append((rows, lse[..., 0].transpose(0, 1), out[:, :, 0].transpose(0, 1)))  # (share, P), (share, P, dv)
