@@ -30,7 +30,7 @@ def path(request, monkeypatch):
     """The blockwise backend's two ways: every chosen block of a chunk at once, or block by block."""
     monkeypatch.setattr(selected, "UNION_MAX", 10**9 if request.param == "union" else 0)
     monkeypatch.setattr(selected, "ROWS", 4)  # several chunks at the tests' 22 queries, narrower than a window
-    monkeypatch.setattr(selected, "PAIR_BUDGET", 700)  # several ranges of queries and of explicit pairs per head group
+    monkeypatch.setattr(selected, "PAIR_BUDGET", 700)  # several batches of explicit pairs per head group
     return request.param
 
 
@@ -129,6 +129,20 @@ def test_quest_bounds_every_key_of_its_block():
     bound = retrieval.score(q, retrieval.summarize(keys, block_of, torch.ones(1, 8, dtype=torch.bool), 2))
     exact = (q[0, 0, 0] @ keys[0, 0].T).view(3, 2, 4).amax(-1)  # the best key of each block
     assert (bound[0, 0, 0] >= exact - 1e-12).all()
+
+
+@pytest.mark.parametrize("count", [0, 1, 3, 7, 12])
+def test_top_blocks_break_ties_towards_the_earlier_block(count):
+    """Scores with many ties (repeated text) and non-candidates (-inf): the chosen set is the first `count` of a
+    stable descending sort, written out here in Python."""
+    torch.manual_seed(0)
+    scores = torch.randint(0, 3, (4, 2, 5, 9)).double()
+    scores[torch.rand(scores.shape) < 0.3] = float("-inf")
+    got = selected._top_blocks(scores, count)
+    assert got.shape == (4, 2, 5, min(count, 9))
+    for row, ids in zip(scores.view(-1, 9).tolist(), got.reshape(40, -1).tolist()):
+        best = sorted((b for b in range(9) if row[b] > float("-inf")), key=lambda b: (-row[b], b))[:count]
+        assert sorted(b for b in ids if b >= 0) == sorted(best)
 
 
 SCHEDULE = {"sinks": 2, "local_window": 6, "block_size": 4, "top_k": 2}

@@ -45,7 +45,7 @@ class BlockChoice:
         self.summary = selection.summarize(k.to(compute_dtype(k)), self.block_of, real, self.blocks)
 
     def top(self, q: Tensor, i: Tensor) -> Tensor:
-        """(B, Hs, C, k) the blocks each query chooses, best first, -1 where it has fewer candidates; q (B, H, C, d)
+        """(B, Hs, C, k) the blocks each query chooses (in no order), -1 where it has fewer candidates; q (B, H, C, d)
         un-rotated, i (B, C) its positions. Hs is H, Hk or 1 as the selection's `per` says."""
         batch, heads, rows, dim = q.shape
         grouped = q.to(compute_dtype(q)).view(batch, self.kv_heads, heads // self.kv_heads, rows, dim)  # (B, Hk, G, C, d)
@@ -59,10 +59,7 @@ class BlockChoice:
         allowed = self.selection.candidates(i[:, None, :, None], blocks) & self.occupied[:, None, None, :]
         if self.native_window is not None:  # the model's own window wins: choose among blocks wholly inside it
             allowed &= blocks * self.selection.block > i[:, None, :, None] - self.native_window
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        # a stable sort: equal scores (identical blocks of repeated text) go to the earlier block, in every schedule
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., : self.selection.count]
-        return order.masked_fill(scores.gather(-1, order) == float("-inf"), -1)
+        return _top_blocks(scores.masked_fill(~allowed, float("-inf")), self.selection.count)
 
     def chosen(self, q: Tensor, i: Tensor) -> Tensor:
         """(B, Hs, C, nb) bool: the blocks each query chooses (see `top`)."""
@@ -91,6 +88,20 @@ class BlockChoice:
             return None
         blocks = torch.arange(self.blocks + 1, device=self.block_of.device)
         return torch.searchsorted(self.block_of, blocks.expand(self.block_of.shape[0], -1).contiguous())
+
+
+def _top_blocks(scores: Tensor, count: int) -> Tensor:
+    """(..., k) the k best of each row of scores (..., nb) (-inf: not a candidate; -1 where fewer), ties at the
+    k-th score going to the earlier blocks (identical blocks of repeated text choose alike in every schedule)."""
+    k = min(count, scores.shape[-1])
+    if k == 0:
+        return torch.empty(*scores.shape[:-1], 0, dtype=torch.long, device=scores.device)
+    kth = scores.topk(k, dim=-1).values[..., -1:]  # (..., 1) a top-k, not a sort: n/B blocks per query
+    level = scores == kth
+    need = k - (scores > kth).sum(-1, keepdim=True)
+    picked = ((scores > kth) | (level & (level.cumsum(-1) <= need))) & (scores > float("-inf"))
+    ids = picked.to(torch.uint8).topk(k, dim=-1).indices  # the picked ones (at most k), then unpicked
+    return ids.masked_fill(~picked.gather(-1, ids), -1)
 
 
 def expand_heads(seen: Tensor, heads: int) -> Tensor:
@@ -243,7 +254,12 @@ def _whole_columns(call: AttentionCall, layer: LayerRuntime, q0: int, q1: int, c
         whole = whole & call.key_padding[:, cols]
     whole = whole.all(0) & (kj < call.q_offset + q0)  # before every query of the chunk: no diagonal
     needs = torch.stack([need.any(0) for need in layer.view_needs(i_lo, i_hi, j, j)])  # (V, K)
-    return whole & (needs.sum(0) == 1), needs.int().argmax(0)
+    return whole & (needs.sum(0) == 1), _first_view(needs)
+
+
+def _first_view(needs: Tensor) -> Tensor:
+    """(K,) the first view each column needs, needs (V, K) bool (V where none): the leading views it does not need."""
+    return (~needs).int().cumprod(0).sum(0)
 
 
 def _merged(lses: list[Tensor], outs: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -268,10 +284,7 @@ def _fused_kernel_serves(*tensors: Tensor) -> bool:
     return cpu_flash_attention_available() and tensors[0].device.type == "cpu" and not needs_grad
 
 
-PAIR_BUDGET = 1 << 24  # elements of one range's per-pair results (query, choice, head, channel)
-
-Parts = list[tuple[Tensor, Tensor, Tensor]]  # partial softmaxes: rows (P,), lse (share, P), out (share, P, dv)
-
+PAIR_BUDGET = 1 << 24  # elements of one batch of explicit pairs' scores (pair, head, key, channel)
 
 class _HeadGroup:
     """The query heads that share a choice (`heads`), their key-value heads (`kvs`), in batch row b; the query views
@@ -307,86 +320,84 @@ class _Blocks:
 
 def _with_chosen_blocks(lse, out, top, q_views, k_views, v, call: AttentionCall, layer, choice, spans) -> Tensor:
     """(B, H, Tq, dv): the near part's softmax (lse (B, H, Tq), out (B, H, Tq, dv)) merged with each query's chosen
-    blocks (top (B, Hs, Tq, k)), pairs the window and sinks already gave left out. Per head group and range of
-    queries, the pairs (query, chosen block) that see the whole block in one view go through the fused kernel, one
-    call per block with its queries' rows gathered once, the pairs that see part of it (a block straddling the
-    window's edge, padding) one masked call per block and view; with gradients or biases, explicit scores."""
+    blocks (top (B, Hs, Tq, k)), pairs the window and sinks already gave left out. Per head group, the pairs
+    (query, chosen block) that see the whole block in one view go through the fused kernel, one call per block on
+    the rows that chose it; the pairs that see part of it (a block straddling the window's edge, padding) one
+    masked call per block and view; with gradients or biases, explicit scores. Each call's rows are merged into
+    their running softmax, so memory stays that of the output."""
     batch, heads, tq, dv = out.shape
-    sharing, count = top.shape[1], top.shape[3]
+    sharing = top.shape[1]
     share, groups = heads // sharing, heads // k_views[0].shape[1]
     fused = not layer.plan.biases and call.softcap is None and _fused_kernel_serves(*q_views, *k_views, v)
-    rows = max(1, PAIR_BUDGET // (count * share * max(dv, q_views[0].shape[-1])))
     merged = []
     for b in range(batch):
         blocks, row_heads = _Blocks(choice, call, spans, b), []
         for hs in range(sharing):
-            group, pieces = _HeadGroup(b, hs, share, groups, q_views, k_views, v), []
-            for r0 in range(0, tq, rows):
-                r1, h = min(tq, r0 + rows), group.heads
-                parts = _chosen_pairs(group, blocks, top[b, hs, r0:r1], r0, call, layer, fused)
-                pieces.append(_merge(lse[b, h, r0:r1], out[b, h, r0:r1], parts, r0))
-            row_heads.append(torch.cat(pieces, 1))  # (share, Tq, dv)
+            group = _HeadGroup(b, hs, share, groups, q_views, k_views, v)
+            state = _RowSoftmax(lse[b, group.heads], out[b, group.heads])
+            _chosen_pairs(state, group, blocks, top[b, hs], call, layer, fused)
+            row_heads.append(state.out)  # (share, Tq, dv)
         merged.append(torch.cat(row_heads, 0))  # (H, Tq, dv)
     return torch.stack(merged)
 
 
-def _merge(lse: Tensor, out: Tensor, parts: Parts, r0: int) -> Tensor:
-    """(share, R, dv): the near part (lse (share, R), out (share, R, dv)) and the partial softmaxes of the queries'
-    chosen blocks (rows from r0 on, several per row) as one softmax."""
-    if not parts:
-        return out
-    rows = torch.cat([p[0] for p in parts]) - r0  # (P,)
-    lses = torch.cat([p[1] for p in parts], 1)  # (share, P)
-    spread = rows.expand(lses.shape[0], -1)
-    top = lse.detach().scatter_reduce(1, spread, lses.detach(), "amax")  # (share, R): any row maximum stabilises
-    total = torch.exp(lse - top).scatter_add(1, spread, torch.exp(lses - top.gather(1, spread)))
-    total = top + torch.log(total)
-    merged = out * torch.exp(lse - total)[..., None]
-    for part_rows, part_lse, part_out in parts:
-        weight = torch.exp(part_lse - total[:, part_rows - r0])[..., None]  # a pair that saw nothing (-inf) weighs 0
-        merged.index_add_(1, part_rows - r0, part_out.to(merged.dtype) * weight)  # in place: merged is new
-    return merged
+class _RowSoftmax:
+    """One head group's softmax being summed over parts: per row the log-sum-exp (share, Tq) and the output
+    (share, Tq, dv) so far."""
+
+    def __init__(self, lse: Tensor, out: Tensor):
+        self.lse, self.out = lse.to(compute_dtype(out)).clone(), out.to(compute_dtype(out)).clone()  # ours to write
+
+    def add(self, rows: Tensor, lse: Tensor, out: Tensor) -> None:
+        """Merge a part's (lse (share, P), out (share, P, dv)) into the rows (P,), each row once; a part's empty
+        rows have lse -inf (a row's own window part never does)."""
+        old, lse = self.lse.index_select(1, rows), lse.to(self.lse.dtype)
+        new = torch.logaddexp(old, lse)
+        out = self.out.index_select(1, rows) * torch.exp(old - new)[..., None] + out * torch.exp(lse - new)[..., None]
+        self.out.index_copy_(1, rows, out.to(self.out.dtype))
+        self.lse.index_copy_(1, rows, new)
 
 
-def _chosen_pairs(group: _HeadGroup, blocks: _Blocks, top: Tensor, r0: int, call, layer, fused: bool) -> Parts:
-    """The partial softmaxes of each query's chosen blocks, top (R, k) from query r0 on (-1: no choice)."""
+def _chosen_pairs(state: _RowSoftmax, group: _HeadGroup, blocks: _Blocks, top: Tensor, call, layer, fused: bool):
+    """Each query's chosen blocks, top (Tq, k) (-1: no choice), merged into `state`."""
     count = top.shape[1]
-    chosen = top.flatten()  # (R·k,) pairs, query-major
+    chosen = top.flatten()  # (Tq·k,) pairs, query-major
     pair = (chosen >= 0).nonzero().flatten()
-    chosen, rows = chosen[pair], torch.div(pair, count, rounding_mode="floor") + r0
+    chosen, rows, slot = chosen[pair], torch.div(pair, count, rounding_mode="floor"), pair % count
     clean, view = _clean_pairs(call, layer, group.b, rows, chosen, blocks)
     if not fused:
         clean = torch.zeros_like(clean)
-    parts: Parts = []
     for n in view[clean].unique().tolist():
         mine = (clean & (view == n)).nonzero().flatten()
         mine = mine[torch.argsort(chosen[mine], stable=True)]  # grouped by block
-        _fused_blocks(parts, group, n, rows[mine], chosen[mine], blocks, call.scaling)
+        _fused_blocks(state, group, n, rows[mine], chosen[mine], blocks, call.scaling)
     rest = (~clean).nonzero().flatten()
     widest = group.v.shape[0] * blocks.width * max(group.v.shape[-1], group.k_views[0].shape[-1])
     for p in torch.split(rest, max(1, PAIR_BUDGET // widest)) if rest.numel() else ():
-        (_masked_pairs if fused else _explicit_pairs)(parts, group, rows[p], chosen[p], blocks, call, layer)
-    return parts
+        if fused:
+            _masked_pairs(state, group, rows[p], chosen[p], blocks, call, layer)
+        else:
+            _explicit_pairs(state, group, rows[p], chosen[p], slot[p], blocks, call, layer)
 
 
-def _fused_blocks(parts: Parts, group: _HeadGroup, n: int, rows: Tensor, chosen: Tensor, blocks, scale,
+def _fused_blocks(state: _RowSoftmax, group: _HeadGroup, n: int, rows: Tensor, chosen: Tensor, blocks, scale,
                   owned: Tensor | None = None) -> None:
     """Pairs (rows, chosen) grouped by block, each through one fused call per block in view n: the whole block, or
     the keys `owned` (P, Wb) of it."""
-    q = group.q(n).index_select(1, rows)  # (share, P, d)
+    q = group.q(n)  # (share, Tq, d)
     counts = torch.bincount(chosen, minlength=blocks.starts.numel()).tolist()
     starts, stops = blocks.starts.tolist(), blocks.stops.tolist()
     first = 0
     for block, c in enumerate(counts):
         if not c:
             continue
-        cols, mask = slice(starts[block], stops[block]), None
+        cols, mask, these = slice(starts[block], stops[block]), None, rows[first : first + c]
         if owned is not None:
             mask = torch.zeros(1, 1, c, cols.stop - cols.start, dtype=q.dtype, device=q.device)
             mask.masked_fill_(~owned[first : first + c, : cols.stop - cols.start], float("-inf"))
-        out, lse = lse_views.attend(q[None, :, first : first + c], group.k_views[n][None, :, cols],
+        out, lse = lse_views.attend(q.index_select(1, these)[None], group.k_views[n][None, :, cols],
                                     group.v[None, :, cols], mask, scale)
-        parts.append((rows[first : first + c], lse[0].to(compute_dtype(q)), out[0]))
+        state.add(these, lse[0], out[0])
         first += c
 
 
@@ -401,7 +412,7 @@ def _clean_pairs(call: AttentionCall, layer: LayerRuntime, b: int, rows: Tensor,
     if blocks.real is not None:
         clean = clean & blocks.real[chosen]
     needs = torch.stack([need[:, 0] for need in layer.view_needs(i, i, j_lo, j_hi)])  # (V, P)
-    return clean & (needs.sum(0) == 1), needs.int().argmax(0)
+    return clean & (needs.sum(0) == 1), _first_view(needs)
 
 
 def _pair_grids(group: _HeadGroup, rows: Tensor, chosen: Tensor, blocks: _Blocks, call, layer):
@@ -419,7 +430,7 @@ def _pair_grids(group: _HeadGroup, rows: Tensor, chosen: Tensor, blocks: _Blocks
     return keys, seen & inside.view(pairs, 1, 1, -1), i, j
 
 
-def _masked_pairs(parts: Parts, group: _HeadGroup, rows: Tensor, chosen: Tensor, blocks: _Blocks, call, layer):
+def _masked_pairs(state: _RowSoftmax, group: _HeadGroup, rows: Tensor, chosen: Tensor, blocks: _Blocks, call, layer):
     """Pairs (rows, chosen) that see part of their block, or it in several views: per view, the pairs that see some
     of it in that view, one masked fused call per block."""
     _, seen, i, j = _pair_grids(group, rows, chosen, blocks, call, layer)
@@ -429,16 +440,20 @@ def _masked_pairs(parts: Parts, group: _HeadGroup, rows: Tensor, chosen: Tensor,
         some = owned.any(-1).nonzero().flatten()
         some = some[torch.argsort(chosen[some], stable=True)]
         if some.numel():
-            _fused_blocks(parts, group, n, rows[some], chosen[some], blocks, call.scaling, owned[some])
+            _fused_blocks(state, group, n, rows[some], chosen[some], blocks, call.scaling, owned[some])
 
 
-def _explicit_pairs(parts: Parts, group: _HeadGroup, rows: Tensor, chosen: Tensor, blocks: _Blocks, call, layer):
+def _explicit_pairs(state: _RowSoftmax, group: _HeadGroup, rows: Tensor, chosen: Tensor, slot: Tensor,
+                    blocks: _Blocks, call, layer):
     """Pairs (rows, chosen) from explicit scores over each block's keys, the pairs the window and sinks gave left
-    out; autograd differentiates them."""
+    out; autograd differentiates them. Merged one choice slot at a time (`slot`: a row has each slot once)."""
     keys, seen, i, j = _pair_grids(group, rows, chosen, blocks, call, layer)
     qs = [group.q(n)[:, rows].transpose(0, 1)[:, :, None] for n in range(len(group.q_views))]  # (P, share, 1, d)
     ks = [kv[:, keys].transpose(0, 1) for kv in group.k_views]  # (P, kvs, Wb, d) each
     vc = group.v[:, keys].transpose(0, 1)  # (P, kvs, Wb, dv)
     h = torch.arange(group.heads.start, group.heads.stop, device=rows.device).view(-1, 1, 1)
     lse, out = _part(qs, ks, vc, seen, layer.select(i, j), call.scaling, layer.bias(h, i, j), call.softcap)
-    parts.append((rows, lse[..., 0].transpose(0, 1), out[:, :, 0].transpose(0, 1)))  # (share, P), (share, P, dv)
+    lse, out = lse[..., 0].transpose(0, 1), out[:, :, 0].transpose(0, 1)  # (share, P), (share, P, dv)
+    for s in slot.unique().tolist():
+        mine = (slot == s).nonzero().flatten()
+        state.add(rows[mine], lse[:, mine], out[:, mine])
