@@ -255,7 +255,8 @@ def evidence_note(index: Index) -> str:
     used = {r.machine for r in index.runs if r.kind != "other"}
     machines = "; ".join(index.machines[m] for m in sorted(used))
     return (f"Model: {index.model}. Machine: {machines}. Text: the held-out plays (never trained or tuned on), one "
-            "window per length (a ratio has no interval), one prompt per depth; retrieval cells are prompts found / "
+            "window per length (a ratio has no interval) and one prompt per depth unless a cell's count says more "
+            "(passkey 15 prompts: three per depth); retrieval cells are prompts found / "
             "prompts with a 95% Wilson interval; a pick's retrieval pools its passkey and needle prompts.\n")
 
 

@@ -5,11 +5,11 @@ attending under them.
 each head group) chooses; dense, blockwise and flex all ask it, so they see the same choices.
 
 The blockwise path computes a layer under a selection in time linear in the length: per query chunk, the pairs
-seen whatever the content (window, sinks) against only those keys; then, per head group and range of queries,
-the (query, chosen block) pairs sorted by block, one fused call per block on the rows that chose it, and every
-row's partial softmaxes (max, sum, weighted values) merged by scatter into its near part's, so a query costs
-S + W + k·B products, not n, and no per-block gather or merge touches the whole output. A call with a few queries
-(decoding, short pieces) takes every block its queries chose at once instead (`UNION_MAX`).
+seen whatever the content (window, sinks) against only those keys; then, per head group, the (query, chosen
+block) pairs sorted by block, one fused call per block on the rows that chose it, each call's rows merged into
+their running softmax (log-sum-exp, output), so a query costs S + W + k·B products, not n, the calls grow with
+the number of blocks and the memory stays that of the output. A call with a few queries (decoding, short
+pieces) takes every block its queries chose at once instead (`UNION_MAX`).
 """
 
 from __future__ import annotations
