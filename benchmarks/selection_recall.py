@@ -1,19 +1,24 @@
-"""Does a query choose the passkey's block? `retrieval`'s scorers and sharings, per layer, on the default model.
+"""Does a query choose the block holding the key? `retrieval`'s scorers and sharings, per layer, on the default model.
 
     python benchmarks/selection_recall.py --length 16384 --depths 0.25,0.5,0.75 --out benchmarks/retrieval/recall-16k.json
+    python benchmarks/selection_recall.py --task niah --length 16384 --out benchmarks/retrieval/recall-niah-16k.json
 
-One forward per passkey prompt (the `passkey` task's prompts: filler text, the key line at a depth) under
-`retrieval` with its defaults for the length. Hooks keep every layer's un-rotated keys and the queries of the
-prompt's last 8 tokens (the question); for each scorer (`mean`, `quest`) and sharing (`head`, `kv_head`, `layer`)
-the script makes the choice `retrieval` would make from those q and k and records whether the block(s) holding
-the key line are among the top k. The forward itself runs one configuration (the default), so a layer's inputs
-are those of the default; what differs is only the choice read from them. Recall = chosen / asked, per layer and
-over all layers; random choice would give about k / candidates.
+One forward per prompt under `retrieval` with its defaults for the length: the `passkey` task's prompts (filler
+text that repeats one passage, the key line at a depth), or with `--task niah` the `niah` task's (held-out plays,
+the magic-number sentence at a depth; the first prompt of each depth, as `ctxpatch eval --text held-out`). Hooks
+keep every layer's un-rotated keys and the queries of the prompt's last 8 tokens (the question); for each scorer
+(`mean`, `quest`, `max`) and sharing (`head`, `kv_head`, `layer`) the script makes the choice `retrieval` would make
+from those q and k and records whether the block(s) holding the key line are among the top k. The forward itself
+runs one configuration (the default), so a layer's inputs are those of the default; what differs is only the
+choice read from them. `max` is no scorer of `retrieval`: each block's best key, q·k exactly (as costly as dense
+attention's scores), to bound what a block summary could choose. Recall = chosen / asked, per layer and over all
+layers; random choice would give about k / candidates.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 
@@ -21,7 +26,9 @@ import torch
 
 import ctxpatch
 from ctxpatch.backends.selected import _top_blocks
-from ctxpatch.eval.data import PASSKEY_LINE, Encoder, passkey_doc
+from ctxpatch.eval.data import NIAH_NEEDLE, PASSKEY_LINE, Encoder, RetrievalRequest, niah_docs, passkey_doc
+from ctxpatch._compat.transformers import rope_parameters
+from ctxpatch.eval.sources import corpus_from_metadata
 from ctxpatch.registry import ModelInfo, method
 
 QUERIES = 8  # the prompt's last tokens whose choices are read
@@ -39,16 +46,41 @@ def capture(model) -> tuple[dict, list]:
     return kept, handles
 
 
-def recall(selection, q: torch.Tensor, k: torch.Tensor, heads: int, kv_heads: int, needle: set[int]) -> float:
-    """Share of (query, choice group) pairs whose top-k holds a needle block; q (1, Q, H·d), k (1, T, Hk·d)."""
+def block_max(queries: torch.Tensor, keys: torch.Tensor, block: int) -> torch.Tensor:
+    """(1, Hk, G, Q, nb): each block's best key for each query, q·k un-rotated (not a scorer of `retrieval`: an
+    exact score, as costly as dense attention's scores, to bound what a block summary could choose)."""
+    scores = queries @ keys[:, :, None].transpose(-1, -2)  # (1, Hk, G, Q, T)
+    pad = -scores.shape[-1] % block
+    scores = torch.nn.functional.pad(scores, (0, pad), value=float("-inf"))
+    return scores.unflatten(-1, (-1, block)).amax(-1)  # (1, Hk, G, Q, nb, B) -> (..., nb)
+
+
+def at_distance(q: torch.Tensor, distance: int, theta: float, heads: int) -> torch.Tensor:
+    """q (1, Q, H·d) rotated by RoPE (transformers' half-split convention) to `distance`: its product with an
+    un-rotated key is their product at that distance (InfLLM scores its memory blocks this way, at the window)."""
+    dim = q.shape[-1] // heads
+    angle = distance / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (d/2,)
+    cos, sin = torch.cos(angle).repeat(2).float(), torch.sin(angle).repeat(2).float()  # (d,)
+    x = q.unflatten(-1, (heads, dim))  # (1, Q, H, d)
+    half = torch.cat([-x[..., dim // 2 :], x[..., : dim // 2]], -1)
+    return (x * cos + half * sin).flatten(-2)
+
+
+def recall(selection, q: torch.Tensor, k: torch.Tensor, heads: int, kv_heads: int, needle: set[int],
+           exact: bool = False) -> float:
+    """Share of (query, choice group) pairs whose top-k holds a needle block; q (1, Q, H·d), k (1, T, Hk·d);
+    `exact`: blocks scored by `block_max` instead of the selection's scorer."""
     dim = q.shape[-1] // heads
     length = k.shape[1]
     keys = k.view(1, length, kv_heads, dim).transpose(1, 2).float()  # (1, Hk, T, d)
     queries = q.view(1, QUERIES, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4).float()  # (1, Hk, G, Q, d)
     block_of = torch.arange(length)[None] // selection.block
     blocks = int(block_of.max()) + 1
-    scores = selection.score(queries, selection.summarize(keys, block_of, torch.ones(1, length, dtype=torch.bool),
-                                                          blocks))  # (1, Hk, G, Q, nb)
+    if exact:
+        scores = block_max(queries, keys, selection.block)
+    else:
+        scores = selection.score(queries, selection.summarize(
+            keys, block_of, torch.ones(1, length, dtype=torch.bool), blocks))  # (1, Hk, G, Q, nb)
     scores = {"head": scores.flatten(1, 2), "kv_head": scores.sum(2), "layer": scores.sum((1, 2))[:, None]}[
         selection.per]
     i = torch.arange(length - QUERIES, length)[None, None, :, None]
@@ -64,38 +96,52 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--depths", default="0.25,0.5,0.75")
+    parser.add_argument("--task", choices=("passkey", "niah"), default="passkey")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     model, tokenizer = ctxpatch.load_model("default")
     encoder, config = Encoder(tokenizer), model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     ctxpatch.apply(model, "retrieval", target_len=args.length)
-    variants = [(s, p) for s in ("mean", "quest") for p in ("head", "kv_head", "layer")]
+    variants = [(s, p) for s in ("mean", "quest", "max") for p in ("head", "kv_head", "layer")]
+    theta = rope_parameters(config)["rope_theta"]
     results = []
     info = ModelInfo(config.max_position_embeddings, config.num_hidden_layers, heads, kv_heads,
                      config.hidden_size // heads, config.hidden_size // heads)
-    for depth in (float(d) for d in args.depths.split(",")):
-        key = str(random.Random(f"recall {depth}").randint(10000, 99999))
-        doc, _ = passkey_doc(encoder, key, args.length, depth, args.length * 3 // 4)
+    for depth, doc, line in prompts(args.task, encoder, args.length, [float(d) for d in args.depths.split(",")]):
         ids = torch.tensor([encoder.pair(doc["context"], doc["continuation"])[0]])
-        line = len(encoder.encode_plain(PASSKEY_LINE.format(key=key)))
         kept, handles = capture(model)
         with torch.no_grad():
             model(ids, logits_to_keep=1)
         for handle in handles:
             handle.remove()
         row = {"depth": depth, "key_position": doc["key_position"], "tokens": ids.shape[1], "recall": {}}
-        for scorer, per in variants:
-            selection = method("retrieval", scorer=scorer, per=per).resolve(info)
+        for (scorer, per), shown in itertools.product(variants, (False, True)):
+            selection = method("retrieval", scorer="mean" if scorer == "max" else scorer, per=per).resolve(info)
             first, last = doc["key_position"], doc["key_position"] + line - 1
             needle = set(range(first // selection.block, last // selection.block + 1))
-            per_layer = [recall(selection, kept[("q", n)], kept[("k", n)], heads, kv_heads, needle)
+            per_layer = [recall(selection, at_distance(kept[("q", n)], selection.local_window, theta, heads)
+                                if shown else kept[("q", n)], kept[("k", n)], heads, kv_heads, needle, scorer == "max")
                          for n in range(config.num_hidden_layers)]
-            row["recall"][f"{scorer}/{per}"] = {"mean": sum(per_layer) / len(per_layer), "layers": per_layer}
-            print(depth, scorer, per, round(row["recall"][f"{scorer}/{per}"]["mean"], 3), flush=True)
+            name = f"{scorer}/{per}" + ("/at-window" if shown else "")
+            row["recall"][name] = {"mean": sum(per_layer) / len(per_layer), "layers": per_layer}
+            print(depth, name, round(row["recall"][name]["mean"], 3), flush=True)
         results.append(row)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"length": args.length, "queries": QUERIES, "results": results}, f, indent=1)
+        with open(args.out, "w", encoding="utf-8") as f:  # after every prompt: a long run keeps what it measured
+            json.dump({"task": args.task, "length": args.length, "queries": QUERIES, "results": results}, f, indent=1)
+
+
+def prompts(task: str, encoder: Encoder, length: int, depths: list[float]):
+    """(depth, the task's doc, tokens of its key line) per depth."""
+    if task == "niah":
+        corpus = corpus_from_metadata(encoder, {"text_files": ["held-out"]})
+        for doc in niah_docs(encoder, corpus, RetrievalRequest((length,), tuple(depths), 1, 0)):
+            yield doc["depth"], doc, len(encoder.encode_plain(NIAH_NEEDLE.format(value=doc["answer"])))
+        return
+    for depth in depths:
+        key = str(random.Random(f"recall {depth}").randint(10000, 99999))
+        doc, _ = passkey_doc(encoder, key, length, depth, length * 3 // 4)
+        yield depth, doc, len(encoder.encode_plain(PASSKEY_LINE.format(key=key)))
 
 
 if __name__ == "__main__":
