@@ -25,11 +25,12 @@ import random
 import torch
 
 import ctxpatch
+from ctxpatch.adapters import find_adapter
 from ctxpatch.backends.selected import _top_blocks
 from ctxpatch.eval.data import NIAH_NEEDLE, PASSKEY_LINE, Encoder, RetrievalRequest, niah_docs, passkey_doc
-from ctxpatch._compat.transformers import rope_parameters
 from ctxpatch.eval.sources import corpus_from_metadata
-from ctxpatch.registry import ModelInfo, method
+from ctxpatch.registry import method
+from ctxpatch.rotary import Rotary
 
 QUERIES = 8  # the prompt's last tokens whose choices are read
 
@@ -55,15 +56,12 @@ def block_max(queries: torch.Tensor, keys: torch.Tensor, block: int) -> torch.Te
     return scores.unflatten(-1, (-1, block)).amax(-1)  # (1, Hk, G, Q, nb, B) -> (..., nb)
 
 
-def at_distance(q: torch.Tensor, distance: int, theta: float, heads: int) -> torch.Tensor:
-    """q (1, Q, H·d) rotated by RoPE (transformers' half-split convention) to `distance`: its product with an
-    un-rotated key is their product at that distance (InfLLM scores its memory blocks this way, at the window)."""
-    dim = q.shape[-1] // heads
-    angle = distance / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (d/2,)
-    cos, sin = torch.cos(angle).repeat(2).float(), torch.sin(angle).repeat(2).float()  # (d,)
-    x = q.unflatten(-1, (heads, dim))  # (1, Q, H, d)
-    half = torch.cat([-x[..., dim // 2 :], x[..., : dim // 2]], -1)
-    return (x * cos + half * sin).flatten(-2)
+def at_distance(q: torch.Tensor, distance: int, rotary: Rotary, heads: int) -> torch.Tensor:
+    """q (1, Q, H·d) rotated by the model's own RoPE to position `distance`: its product with an un-rotated key is
+    their product at that distance (InfLLM scores its memory blocks this way, at the window)."""
+    x = q.unflatten(-1, (heads, -1)).transpose(1, 2)  # (1, Q, H, d) -> (1, H, Q, d)
+    turned = rotary.rotate(x, torch.full((1, q.shape[1]), distance))
+    return turned.transpose(1, 2).flatten(-2)  # (1, Q, H·d)
 
 
 def recall(selection, q: torch.Tensor, k: torch.Tensor, heads: int, kv_heads: int, needle: set[int],
@@ -102,12 +100,12 @@ def main() -> None:
     model, tokenizer = ctxpatch.load_model("default")
     encoder, config = Encoder(tokenizer), model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    adapter = find_adapter(model)
+    info = adapter.info
+    window = method("retrieval").resolve(info).local_window  # every variant's W: only scorer and sharing vary
     ctxpatch.apply(model, "retrieval", target_len=args.length)
     variants = [(s, p) for s in ("mean", "quest", "max") for p in ("head", "kv_head", "layer")]
-    theta = rope_parameters(config)["rope_theta"]
     results = []
-    info = ModelInfo(config.max_position_embeddings, config.num_hidden_layers, heads, kv_heads,
-                     config.hidden_size // heads, config.hidden_size // heads)
     for depth, doc, line in prompts(args.task, encoder, args.length, [float(d) for d in args.depths.split(",")]):
         ids = torch.tensor([encoder.pair(doc["context"], doc["continuation"])[0]])
         kept, handles = capture(model)
@@ -116,13 +114,16 @@ def main() -> None:
         for handle in handles:
             handle.remove()
         row = {"depth": depth, "key_position": doc["key_position"], "tokens": ids.shape[1], "recall": {}}
+        layers = range(config.num_hidden_layers)
+        queries = {False: [kept[("q", n)] for n in layers],
+                   True: [at_distance(kept[("q", n)], window, adapter.rotary_of(n), heads) for n in layers]}
         for (scorer, per), shown in itertools.product(variants, (False, True)):
+            # `max` is no scorer of retrieval: a selection with the default one gives its blocks and candidates
             selection = method("retrieval", scorer="mean" if scorer == "max" else scorer, per=per).resolve(info)
             first, last = doc["key_position"], doc["key_position"] + line - 1
             needle = set(range(first // selection.block, last // selection.block + 1))
-            per_layer = [recall(selection, at_distance(kept[("q", n)], selection.local_window, theta, heads)
-                                if shown else kept[("q", n)], kept[("k", n)], heads, kv_heads, needle, scorer == "max")
-                         for n in range(config.num_hidden_layers)]
+            per_layer = [recall(selection, queries[shown][n], kept[("k", n)], heads, kv_heads, needle, scorer == "max")
+                         for n in layers]
             name = f"{scorer}/{per}" + ("/at-window" if shown else "")
             row["recall"][name] = {"mean": sum(per_layer) / len(per_layer), "layers": per_layer}
             print(depth, name, round(row["recall"][name]["mean"], 3), flush=True)
