@@ -26,6 +26,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import ctxpatch
+from ctxpatch.spec import split_top_level
 
 SPECS = [
     "window", "hybrid", "bca", "logn", "logn+window", "alibi", "alibi+window", "kerple_log", "kerple_power",
@@ -100,7 +101,7 @@ def main() -> None:
     print("|---|---|" + "---|" * len(lengths))
     print("| unpatched | sdpa | " + " | ".join(f"{base[n][0]:.2f}s, {base[n][1]:.0f} MiB" for n in lengths) + " |")
     growth = {"unpatched": base}
-    for spec in args.specs.split(","):
+    for spec in split_top_level(args.specs, ","):  # brackets may hold commas: retrieval[a=1,b=2]
         for backend in args.backends.split(","):
             cells, runs = [], {}
             for n in lengths:

@@ -119,7 +119,9 @@ def main() -> None:
                    True: [at_distance(kept[("q", n)], window, adapter.rotary_of(n), heads) for n in layers]}
         for (scorer, per), shown in itertools.product(variants, (False, True)):
             # `max` is no scorer of retrieval: a selection with the default one gives its blocks and candidates
-            selection = method("retrieval", scorer="mean" if scorer == "max" else scorer, per=per).resolve(info)
+            # whole-block summaries (one part a block), as these results were first measured
+            selection = method("retrieval", scorer="mean" if scorer == "max" else scorer, per=per,
+                               summary_size=max(1, info.train_len // 64)).resolve(info)
             first, last = doc["key_position"], doc["key_position"] + line - 1
             needle = set(range(first // selection.block, last // selection.block + 1))
             per_layer = [recall(selection, queries[shown][n], kept[("k", n)], heads, kv_heads, needle, scorer == "max")

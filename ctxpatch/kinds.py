@@ -247,12 +247,26 @@ class Selection(Method):
         """May a query at i choose block b? i (..., Tq, 1), blocks (nb,) -> (..., Tq, nb)."""
         raise NotImplementedError
 
-    def summarize(self, keys: Tensor, block_of: Tensor, real: Tensor, blocks: int) -> dict[str, Tensor]:
-        """Per-block summaries of un-rotated keys (B, Hk, Tk, d); block_of (B, Tk) block ids, real (B, Tk)."""
+    @property
+    def parts(self) -> int:
+        """Summaries per block: a block scores as its best part (the sharing heads' part scores summed first)."""
+        return 1
+
+    @property
+    def linear(self) -> bool:
+        """Is `score` linear in q (then heads sharing a choice may sum their queries before scoring)?"""
+        return False
+
+    def part_of(self, positions: Tensor) -> Tensor:
+        """(B, Tk) long: the part of each key, block ⌊j/B⌋'s parts numbered block·parts onwards."""
+        return torch.div(positions.clamp(min=0), self.block, rounding_mode="floor").long()
+
+    def summarize(self, keys: Tensor, part_of: Tensor, real: Tensor, parts: int) -> dict[str, Tensor]:
+        """Per-part summaries of un-rotated keys (B, Hk, Tk, d); part_of (B, Tk) part ids, real (B, Tk)."""
         raise NotImplementedError
 
     def score(self, q: Tensor, summary: dict[str, Tensor]) -> Tensor:
-        """(B, Hk, G, Tq, nb) scores of every block for un-rotated queries q (B, Hk, G, Tq, d)."""
+        """(B, Hk, G, Tq, parts) scores of every part for un-rotated queries q (B, Hk, G, Tq, d)."""
         raise NotImplementedError
 
 

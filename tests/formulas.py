@@ -178,12 +178,22 @@ def xpos_weights(i, j, rotary_dim, scale_base):
 # ---- selections: which keys a query sees by their content --------------------------------------------
 
 
-def retrieval_visible(q, k, i, j, key_real, sinks, w, block, top_k, scorer="mean", per="kv_head"):
+def round_bits(x: float, bits: int) -> float:
+    """x rounded to `bits` significant bits (half to even), infinities kept."""
+    if not math.isfinite(x):
+        return x
+    mantissa, exponent = math.frexp(x)
+    return math.ldexp(round(mantissa * 2**bits) / 2**bits, exponent)
+
+
+def retrieval_visible(q, k, i, j, key_real, sinks, w, block, top_k, scorer="mean", per="kv_head", summary=None):
     """(B, H, Tq, Tk): Δ < W, j < S, or j in one of the top_k candidate blocks of query i, pair by pair in Python.
 
-    A block b = ⌊j/B⌋ is a candidate for i when b·B ≤ i − W and (b+1)·B ≤ i + 1 and it holds a real key; its score
-    for head h is q_h · mean(un-rotated keys) ("mean") or Σ_c max(q_c min_c, q_c max_c) ("quest"), summed over the
-    heads sharing the choice (`per`); ties go to the earlier block."""
+    A block b = ⌊j/B⌋ is a candidate for i when b·B ≤ i − W and (b+1)·B ≤ i + 1 and it holds a real key. Its
+    parts are the runs of `summary` positions from b·B (the whole block when None); a part's score for head h
+    is q_h · mean(its un-rotated keys) ("mean") or Σ_c max(q_c min_c, q_c max_c) ("quest"), summed over the heads
+    sharing the choice (`per`); the block's score is its best part's, rounded to 12 significant bits; ties go to the
+    earlier block."""
     batch, heads, tq, _ = q.shape
     groups = heads // k.shape[1]
     i, j = i.expand(batch, 1, tq, 1)[:, 0, :, 0], j.expand(batch, 1, 1, k.shape[2])[:, 0, 0, :]  # (B, Tq), (B, Tk)
@@ -202,15 +212,23 @@ def retrieval_visible(q, k, i, j, key_real, sinks, w, block, top_k, scorer="mean
                            "layer": list(range(heads))}[per]
                 scores = {}
                 for blk in blocks:
-                    total = 0.0
-                    for g in sharing:
-                        keys = k[b, g // groups, members[blk]].double()  # (n, d)
-                        query = q[b, g, t].double()
-                        if scorer == "mean":
-                            total += float(query @ keys.mean(0))
-                        else:
-                            total += float(torch.maximum(query * keys.min(0).values, query * keys.max(0).values).sum())
-                    scores[blk] = total
+                    parts: dict[int, list[int]] = {}
+                    for n in members[blk]:
+                        offset = float(j[b, n]) - blk * block
+                        parts.setdefault(0 if summary is None else int(offset // summary), []).append(n)
+                    best = -math.inf
+                    for part in parts.values():
+                        total = 0.0
+                        for g in sharing:
+                            keys = k[b, g // groups, part].double()  # (n, d)
+                            query = q[b, g, t].double()
+                            if scorer == "mean":
+                                total += float(query @ keys.mean(0))
+                            else:
+                                low, high = query * keys.min(0).values, query * keys.max(0).values
+                                total += float(torch.maximum(low, high).sum())
+                        best = max(best, total)
+                    scores[blk] = round_bits(best, 12)
                 top = set(sorted(scores, key=lambda blk: (-scores[blk], blk))[:top_k])
                 for n in range(j.shape[1]):
                     jp = float(j[b, n])
@@ -299,7 +317,7 @@ def _retrieval(p: Pairs) -> None:
     a = p.params
     p.narrow(retrieval_visible(
         p.q, p.k, p.i, p.j, p.key_real, a["sinks"], a["local_window"], a["block_size"], a["top_k"],
-        a.get("scorer", "mean"), a.get("per", "kv_head"),
+        a.get("scorer", "mean"), a.get("per", "kv_head"), a.get("summary_size", max(1, p.train_len // 512)),
     ))
     if not POSITION_RULES & set(p.names):
         p.rel = rerope(p.i, p.j, a["local_window"])

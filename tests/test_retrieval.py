@@ -38,8 +38,9 @@ def path(request, monkeypatch):
 @pytest.mark.parametrize("per", ["head", "kv_head", "layer"])
 @pytest.mark.parametrize("scorer", ["mean", "quest"])
 @pytest.mark.parametrize("window", [4, 10])  # 10: a chunk sees the middle of its window whole (no mask)
-def test_blockwise_paths_match_the_formula(path, kind, per, scorer, window):
-    params = {**SMALL, "top_k": 2, "per": per, "scorer": scorer, "local_window": window}
+@pytest.mark.parametrize("summary", [2, 3])  # parts of 2 and 1 keys; the whole block (the default here: parts of 1)
+def test_blockwise_paths_match_the_formula(path, kind, per, scorer, window, summary):
+    params = {**SMALL, "top_k": 2, "per": per, "scorer": scorer, "local_window": window, "summary_size": summary}
     k_pos, padding = G.make_call(kind)
     q, k, v = G.inputs(G.length)
     runtime = G.runtime_for("retrieval", params)
@@ -180,7 +181,7 @@ def test_rows_of_a_batch_choose_their_own_blocks(path, monkeypatch):
 
 @pytest.mark.parametrize("params", [
     {"local_window": 32}, {"local_window": 0}, {"sinks": -1}, {"block_size": 0}, {"top_k": -2},
-    {"top_k": 1.5}, {"scorer": "attention"}, {"per": "token"},
+    {"top_k": 1.5}, {"scorer": "attention"}, {"per": "token"}, {"summary_size": 0},
 ])
 def test_refusals_leave_the_model_untouched(params):
     model = tiny_model("llama")

@@ -40,21 +40,30 @@ class BlockChoice:
         real = call.key_padding if call.key_padding is not None else torch.ones_like(call.k_pos, dtype=torch.bool)
         self.block_of = torch.div(call.k_pos, selection.block, rounding_mode="floor").long().clamp(min=0)  # (B, Tk)
         self.blocks = int(self.block_of.max()) + 1
-        counts = torch.zeros(real.shape[0], self.blocks, device=k.device).scatter_add_(1, self.block_of, real.float())
-        self.occupied = counts > 0  # (B, nb): blocks holding a real key
-        self.summary = selection.summarize(k.to(compute_dtype(k)), self.block_of, real, self.blocks)
+        part_of, parts = selection.part_of(call.k_pos), self.blocks * selection.parts  # (B, Tk), within a block's parts
+        counts = torch.zeros(real.shape[0], parts, device=k.device).scatter_add_(1, part_of, real.float())
+        self.filled = counts > 0  # (B, nb·parts): parts holding a real key
+        self.occupied = self.filled.view(real.shape[0], self.blocks, -1).any(-1)  # (B, nb): blocks holding one
+        self.summary = selection.summarize(k.to(compute_dtype(k)), part_of, real, parts)
 
     def top(self, q: Tensor, i: Tensor) -> Tensor:
         """(B, Hs, C, k) the blocks each query chooses (in no order), -1 where it has fewer candidates; q (B, H, C, d)
         un-rotated, i (B, C) its positions. Hs is H, Hk or 1 as the selection's `per` says."""
         batch, heads, rows, dim = q.shape
-        grouped = q.to(compute_dtype(q)).view(batch, self.kv_heads, heads // self.kv_heads, rows, dim)  # (B, Hk, G, C, d)
-        scores = self.selection.score(grouped, self.summary)  # (B, Hk, G, C, nb)
+        groups = heads // self.kv_heads
+        grouped = q.to(compute_dtype(q)).view(batch, self.kv_heads, groups, rows, dim)  # (B, Hk, G, C, d)
         per = self.selection.sharing
+        if self.selection.linear and per != "head":  # Σ_g score(q_g) = score(Σ_g q_g): one product, not G
+            grouped = grouped.sum(2, keepdim=True)  # (B, Hk, 1, C, d)
+        scores = self.selection.score(grouped, self.summary)  # (B, Hk, G or 1, C, nb·parts)
         if per == "head":
-            scores = scores.reshape(batch, heads, rows, self.blocks)  # (B, H, C, nb)
+            scores = scores.reshape(batch, heads, rows, -1)  # (B, H, C, nb·parts)
         else:
-            scores = scores.sum(2) if per == "kv_head" else scores.sum((1, 2))[:, None]  # (B, Hk or 1, C, nb)
+            scores = scores.sum(2) if per == "kv_head" else scores.sum((1, 2))[:, None]  # (B, Hk or 1, C, nb·parts)
+        if self.selection.parts > 1:  # a block scores as its best part holding a real key
+            scores = scores.masked_fill(~self.filled[:, None, None], float("-inf"))
+            scores = scores.unflatten(-1, (self.blocks, -1)).amax(-1)  # (B, Hs, C, nb, parts) -> (B, Hs, C, nb)
+        scores = _coarse(scores)
         blocks = torch.arange(self.blocks, device=q.device)
         allowed = self.selection.candidates(i[:, None, :, None], blocks) & self.occupied[:, None, None, :]
         if self.native_window is not None:  # the model's own window wins: choose among blocks wholly inside it
@@ -88,6 +97,19 @@ class BlockChoice:
             return None
         blocks = torch.arange(self.blocks + 1, device=self.block_of.device)
         return torch.searchsorted(self.block_of, blocks.expand(self.block_of.shape[0], -1).contiguous())
+
+
+SCORE_BITS = 12  # significant bits of a block score kept for the choice
+
+
+def _coarse(scores: Tensor) -> Tensor:
+    """Scores rounded to SCORE_BITS significant bits. The same token's key (and a query's product with it) differs
+    in its last bits between a prefill and a decoding step (matmuls of other shapes); rounded, equal text ties in
+    every schedule and the earlier block wins in all of them. A pair of such scores still splits when it straddles
+    a rounding boundary, about 2^-10 of the time for a few ulps' difference."""
+    mantissa, exponent = torch.frexp(scores)
+    rounded = torch.ldexp(torch.round(mantissa * 2**SCORE_BITS) / 2**SCORE_BITS, exponent)
+    return torch.where(torch.isfinite(scores), rounded, scores)
 
 
 def _top_blocks(scores: Tensor, count: int) -> Tensor:

@@ -4,13 +4,15 @@ keys of the k key blocks whose content scores highest for it; everything else is
     visible(i, j) = (Δ < W) or (j < S) or (⌊j/B⌋ is among the top k candidate blocks of query i)
     candidate b for i:  b·B ≤ i − W (the block has a key outside the window) and (b+1)·B ≤ i + 1 (complete)
 
-Blocks are scored from un-rotated queries and keys (position-free, as ReAttention): `mean` is q · (the
-block's mean key), `quest` is Quest's bound Σ_c max(q_c min_c, q_c max_c) over the block's per-channel
-minimum and maximum. `per` says who shares a choice: each query head, each key-value head (its query
-heads' scores summed, the default), or the whole layer (InfLLM's choice). Alone, every visible key
-outside the window is seen by RoPE at distance W (ReRoPE's cap); composed with a position rule, that
-rule places the keys. Defaults follow InfLLM's Llama-3 (8k) configuration scaled to L: S = B = L/64,
-W = L/2, k = 16, so S + W + k·B = 49L/64 ≤ L keys per query at any length.
+Blocks are scored from un-rotated queries and keys (position-free, as ReAttention), through summaries of
+`summary_size` consecutive keys (a block's parts, aligned at the block's start): `mean` is q · (the part's
+mean key), `quest` is Quest's bound Σ_c max(q_c min_c, q_c max_c) over the part's per-channel minimum and
+maximum; a block scores as its best part (as InfLLM scores a block by several representative keys: a short
+needle in a long block is not averaged away). `per` says who shares a choice: each query head, each
+key-value head (its query heads' part scores summed, the default), or the whole layer (InfLLM's choice).
+Alone, every visible key outside the window is seen by RoPE at distance W (ReRoPE's cap); composed with a
+position rule, that rule places the keys. Defaults follow InfLLM's Llama-3 (8k) configuration scaled to L: S = B = L/64,
+W = L/2, k = 16, so S + W + k·B = 49L/64 ≤ L keys per query at any length; parts of L/512 keys (8 a block).
 
 Papers: Xiao et al., "InfLLM: Training-Free Long-Context Extrapolation for LLMs with an Efficient
 Context Memory" (NeurIPS 2024); Lu et al., "LongHeads: Multi-Head Attention is Secretly a Long Context
@@ -49,8 +51,8 @@ class Retrieval(Selection):
     paper = "InfLLM (Xiao et al., 2024); LongHeads (Lu et al., 2024); Quest (Tang et al., 2024)"
     definition = (
         "visible iff Δ < W, or j < S, or ⌊j/B⌋ is one of the k complete blocks before the window that score highest "
-        "for the query (un-rotated q against the block's mean key or Quest bound); alone, keys outside the window "
-        "are seen at distance W"
+        "for the query (un-rotated q against the mean key or Quest bound of each part of summary_size keys, the "
+        "block's best part); alone, keys outside the window are seen at distance W"
     )
     params = (
         Param("sinks", from_model("L // 64", lambda m: m.train_len // 64), non_negative_int, "S, first keys always seen"),
@@ -59,6 +61,8 @@ class Retrieval(Selection):
         Param("top_k", 16, non_negative_int, "k, blocks each query chooses"),
         Param("scorer", "mean", _one_of(*SCORERS), "how a block is scored"),
         Param("per", "kv_head", _one_of(*SHARING), "who shares a choice"),
+        Param("summary_size", from_model("L // 512", lambda m: max(1, m.train_len // 512)), positive_int,
+              "keys per part; a block scores as its best part"),
     )
 
     @property
@@ -72,6 +76,19 @@ class Retrieval(Selection):
     @property
     def sharing(self) -> str:
         return self.per
+
+    @property
+    def parts(self) -> int:
+        return -(-self.block_size // min(self.summary_size, self.block_size))
+
+    @property
+    def linear(self) -> bool:
+        return self.scorer == "mean"
+
+    def part_of(self, positions: Tensor) -> Tensor:
+        p = positions.clamp(min=0)
+        block = _floor(p, self.block_size)
+        return (block * self.parts + _floor(p - block * self.block_size, self.summary_size)).long()
 
     def check_together(self, info: ModelInfo) -> None:
         if self.local_window >= info.train_len:
@@ -104,14 +121,14 @@ class Retrieval(Selection):
         start = blocks * self.block_size
         return (start <= i - self.local_window) & (start + self.block_size <= i + 1)
 
-    def summarize(self, keys: Tensor, block_of: Tensor, real: Tensor, blocks: int) -> dict[str, Tensor]:
+    def summarize(self, keys: Tensor, part_of: Tensor, real: Tensor, parts: int) -> dict[str, Tensor]:
         batch, kv_heads, _, dim = keys.shape
-        index = block_of[:, None, :, None].expand_as(keys)  # (B, Hk, Tk, d)
-        shape = (batch, kv_heads, blocks, dim)
+        index = part_of[:, None, :, None].expand_as(keys)  # (B, Hk, Tk, d)
+        shape = (batch, kv_heads, parts, dim)
         fill = real[:, None, :, None]
         if self.scorer == "mean":
             total = keys.new_zeros(shape).scatter_add_(2, index, keys.masked_fill(~fill, 0))
-            count = real.to(keys.dtype).new_zeros(batch, blocks).scatter_add_(1, block_of, real.to(keys.dtype))
+            count = real.to(keys.dtype).new_zeros(batch, parts).scatter_add_(1, part_of, real.to(keys.dtype))
             return {"mean": total / count.clamp(min=1)[:, None, :, None]}
         low = keys.new_full(shape, float("inf")).scatter_reduce_(2, index, keys.masked_fill(~fill, float("inf")), "amin")
         high = keys.new_full(shape, -float("inf")).scatter_reduce_(
@@ -123,4 +140,4 @@ class Retrieval(Selection):
         if self.scorer == "mean":
             return q @ summary["mean"][:, :, None].transpose(-1, -2)
         high, low = summary["high"][:, :, None].transpose(-1, -2), summary["low"][:, :, None].transpose(-1, -2)
-        return q.clamp(min=0) @ high + q.clamp(max=0) @ low  # (B, Hk, G, Tq, nb)
+        return q.clamp(min=0) @ high + q.clamp(max=0) @ low  # (B, Hk, G, Tq, parts)

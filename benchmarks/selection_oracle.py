@@ -1,0 +1,115 @@
+"""Which choices does the needle need? `retrieval` with the needle's block forced into some choices, on the default
+model and the `niah` task's prompts (held-out plays).
+
+    python benchmarks/selection_oracle.py --length 8192 --depths 0.25 --oracle \
+        --out benchmarks/retrieval/oracle-niah-8k.json
+    python benchmarks/selection_oracle.py --length 16384 --depths 0.25,0.5 --patch 'retrieval[summary_size=128]' \
+        --patch 'retrieval[block_size=16,top_k=128,summary_size=16]' --patch retrieval --out granularity.json
+
+Per prompt and patch, one forward per variant; each reports the answer's log-probability (the key's tokens after
+the question, as the `niah` task scores it) and whether greedy decoding gives it (found). `none` is the patch as
+it is; with `--oracle` the others give the needle's block(s) the highest score, so the choice takes them, for the
+queries from `--from` tokens before the prompt's end (the question and the answer) in the layers named, or for
+every query that may choose it (`every query`). `none` also records, per layer, the share of those queries'
+choices (per choice group) that hold a needle block. The oracle is no method: it reads where the needle is.
+The oracle file of 2026-12-03 was written before `--patch` and `found` existed (one patch, `retrieval` with
+whole-block summaries, then its default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import ctxpatch
+from ctxpatch.backends import selected
+from ctxpatch.eval.data import NIAH_NEEDLE, Encoder, RetrievalRequest, niah_docs
+from ctxpatch.eval.sources import corpus_from_metadata
+
+
+class Oracle:
+    """Patches `selected` so that queries at positions ≥ `start`, in `layers`, take the needle's blocks."""
+
+    def __init__(self, model):
+        self.layer, self.positions, self.needle, self.layers, self.start = 0, None, [], set(), 0
+        self.hits: dict[int, list[float]] = {}
+        for n, layer in enumerate(model.model.layers):
+            layer.self_attn.register_forward_pre_hook(lambda m, a, n=n: setattr(self, "layer", n))
+        top, pick = selected.BlockChoice.top, selected._top_blocks
+
+        def top_noting_positions(choice, q, i):
+            self.positions = i  # (B, C)
+            return top(choice, q, i)
+
+        def pick_with_needle(scores, count):  # scores (B, Hs, C, nb)
+            late = (self.positions >= self.start)[:, None, :, None]
+            if self.layer in self.layers:
+                column = torch.zeros(scores.shape[-1], dtype=torch.bool)
+                column[self.needle] = True
+                scores = scores.masked_fill(late & column & (scores > float("-inf")), 1e30)
+            ids = pick(scores, count)
+            if late.any():
+                held = torch.isin(ids, torch.tensor(self.needle)).any(-1, keepdim=True)  # (B, Hs, C, 1)
+                self.hits.setdefault(self.layer, []).extend(held[late.expand_as(held)].float().tolist())
+            return ids
+
+        selected.BlockChoice.top, selected._top_blocks = top_noting_positions, pick_with_needle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--depths", default="0.25,0.5")
+    parser.add_argument("--from", dest="tail", type=int, default=32, help="tokens before the end the oracle helps")
+    parser.add_argument("--patch", action="append", help="a spec with a selection (repeatable; default retrieval)")
+    parser.add_argument("--oracle", action="store_true", help="also the forced variants")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    model, tokenizer = ctxpatch.load_model("default")
+    encoder, layers = Encoder(tokenizer), model.config.num_hidden_layers
+    oracle = Oracle(model)
+    variants = {"none": (set(), True)}
+    if args.oracle:
+        variants.update({"all layers": (set(range(layers)), True), "early layers (0-9)": (set(range(10)), True),
+                         "late layers (10-29)": (set(range(10, layers)), True),
+                         "every query, all layers": (set(range(layers)), False)})
+    corpus = corpus_from_metadata(encoder, {"text_files": ["held-out"]})
+    depths = tuple(float(d) for d in args.depths.split(","))
+    docs = list(niah_docs(encoder, corpus, RetrievalRequest((args.length,), depths, 1, 0)))
+    results = []
+    for spec in args.patch or ["retrieval"]:
+        with ctxpatch.apply(model, spec, target_len=args.length) as patch:
+            selection = patch.plans[0].selection
+            for doc in docs:
+                row = {"patch": spec, "params": selection.values, "depth": doc["depth"], **measure(
+                    model, encoder, oracle, doc, selection.block, variants, args.tail)}
+                results.append(row)
+                with open(args.out, "w", encoding="utf-8") as f:  # after every prompt: a long run keeps its results
+                    json.dump({"length": args.length, "tail": args.tail, "results": results}, f, indent=1)
+
+
+def measure(model, encoder, oracle: Oracle, doc: dict, block: int, variants: dict, tail: int) -> dict:
+    """The answer's log-probability under each variant, and where the unforced choices put the needle."""
+    context, answer = encoder.pair(doc["context"], doc["continuation"])
+    ids = torch.tensor([context + answer])
+    first = doc["key_position"]
+    last = first + len(encoder.encode_plain(NIAH_NEEDLE.format(value=doc["answer"]))) - 1
+    oracle.needle = list(range(first // block, last // block + 1))
+    row = {"key_position": first, "tokens": ids.shape[1], "logprob": {}, "found": {}}
+    for name, (chosen_layers, tail_only) in variants.items():
+        oracle.layers, oracle.hits = chosen_layers, {}
+        oracle.start = ids.shape[1] - tail if tail_only else 0
+        with torch.no_grad():
+            logits = model(ids, logits_to_keep=len(answer) + 1).logits[0, :-1].float()
+        row["logprob"][name] = logits.log_softmax(-1).gather(-1, torch.tensor(answer)[:, None]).sum().item()
+        row["found"][name] = bool((logits.argmax(-1) == torch.tensor(answer)).all())
+        if name == "none":
+            row["needle chosen per layer"] = [sum(h) / len(h) for _, h in sorted(oracle.hits.items())]
+        print(doc["depth"], name, round(row["logprob"][name], 2), row["found"][name], flush=True)
+    return row
+
+
+if __name__ == "__main__":
+    main()
