@@ -38,7 +38,7 @@ def path(request, monkeypatch):
 @pytest.mark.parametrize("per", ["head", "kv_head", "layer"])
 @pytest.mark.parametrize("scorer", ["mean", "quest"])
 @pytest.mark.parametrize("window", [4, 10])  # 10: a chunk sees the middle of its window whole (no mask)
-@pytest.mark.parametrize("summary", [2, 3])  # parts of 2 and 1 keys; the whole block (the default here: parts of 1)
+@pytest.mark.parametrize("summary", [2, 3])  # B = 3: parts of 2 and 1 keys, or the whole block (default here: 1 key)
 def test_blockwise_paths_match_the_formula(path, kind, per, scorer, window, summary):
     params = {**SMALL, "top_k": 2, "per": per, "scorer": scorer, "local_window": window, "summary_size": summary}
     k_pos, padding = G.make_call(kind)

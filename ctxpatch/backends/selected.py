@@ -38,9 +38,10 @@ class BlockChoice:
         self.selection, self.kv_heads, self.k_pos = selection, k.shape[1], call.k_pos
         self.native_window = call.native_window
         real = call.key_padding if call.key_padding is not None else torch.ones_like(call.k_pos, dtype=torch.bool)
-        self.block_of = torch.div(call.k_pos, selection.block, rounding_mode="floor").long().clamp(min=0)  # (B, Tk)
+        part_of = selection.part_of(call.k_pos)  # (B, Tk): block b's parts are b·parts onwards
+        self.block_of = torch.div(part_of, selection.parts, rounding_mode="floor")  # (B, Tk)
         self.blocks = int(self.block_of.max()) + 1
-        part_of, parts = selection.part_of(call.k_pos), self.blocks * selection.parts  # (B, Tk), within a block's parts
+        parts = self.blocks * selection.parts
         counts = torch.zeros(real.shape[0], parts, device=k.device).scatter_add_(1, part_of, real.float())
         self.filled = counts > 0  # (B, nb·parts): parts holding a real key
         self.occupied = self.filled.view(real.shape[0], self.blocks, -1).any(-1)  # (B, nb): blocks holding one

@@ -11,8 +11,9 @@ maximum; a block scores as its best part (as InfLLM scores a block by several re
 needle in a long block is not averaged away). `per` says who shares a choice: each query head, each
 key-value head (its query heads' part scores summed, the default), or the whole layer (InfLLM's choice).
 Alone, every visible key outside the window is seen by RoPE at distance W (ReRoPE's cap); composed with a
-position rule, that rule places the keys. Defaults follow InfLLM's Llama-3 (8k) configuration scaled to L: S = B = L/64,
-W = L/2, k = 16, so S + W + k·B = 49L/64 ≤ L keys per query at any length; parts of L/512 keys (8 a block).
+position rule, that rule places the keys. Defaults follow InfLLM's Llama-3 (8k) configuration scaled to L:
+S = B = L/64, W = L/2, k = 16, so S + W + k·B = 49L/64 ≤ L keys per query at any length; parts of L/512 keys
+(8 a block).
 
 Papers: Xiao et al., "InfLLM: Training-Free Long-Context Extrapolation for LLMs with an Efficient
 Context Memory" (NeurIPS 2024); Lu et al., "LongHeads: Multi-Head Attention is Secretly a Long Context
