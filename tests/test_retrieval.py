@@ -31,6 +31,7 @@ def path(request, monkeypatch):
     monkeypatch.setattr(selected, "UNION_MAX", 10**9 if request.param == "union" else 0)
     monkeypatch.setattr(selected, "ROWS", 4)  # several chunks at the tests' 22 queries, narrower than a window
     monkeypatch.setattr(selected, "PAIR_BUDGET", 700)  # several batches of explicit pairs per head group
+    monkeypatch.setattr(selected, "SLOT_BUDGET", 160)  # chosen blocks merged in windows of 2 to 10 of the 22 rows
     return request.param
 
 
@@ -41,6 +42,23 @@ def path(request, monkeypatch):
 @pytest.mark.parametrize("summary", [2, 3])  # B = 3: parts of 2 and 1 keys, or the whole block (default here: 1 key)
 def test_blockwise_paths_match_the_formula(path, kind, per, scorer, window, summary):
     params = {**SMALL, "top_k": 2, "per": per, "scorer": scorer, "local_window": window, "summary_size": summary}
+    k_pos, padding = G.make_call(kind)
+    q, k, v = G.inputs(G.length)
+    runtime = G.runtime_for("retrieval", params)
+    got = G.run("blockwise", runtime, q, k, v, k_pos, padding, G.length)
+    expected = G.reference("retrieval", params, runtime, q, k, v, k_pos, padding, G.length)
+    assert_close(G.real_rows(got, padding, G.length), G.real_rows(expected, padding, G.length), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["plain", "padded", "skips", "stretched"])
+@pytest.mark.parametrize("window", [4, 10])
+def test_near_keys_gathered_instead_of_sliced_match_the_formula(kind, window, monkeypatch):
+    """The block path's window and sinks with their unmasked keys gathered into one copy (many runs) rather than
+    attended slice by slice."""
+    monkeypatch.setattr(selected, "UNION_MAX", 0)
+    monkeypatch.setattr(selected, "ROWS", 4)
+    monkeypatch.setattr(selected, "RUNS_MAX", 0)
+    params = {**SMALL, "top_k": 2, "local_window": window, "summary_size": 2}
     k_pos, padding = G.make_call(kind)
     q, k, v = G.inputs(G.length)
     runtime = G.runtime_for("retrieval", params)

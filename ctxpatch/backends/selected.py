@@ -24,11 +24,12 @@ from ..kinds import Selection
 from ..plan import AttentionCall, LayerRuntime
 from .._compat.torch import cpu_flash_attention_available
 from . import lse_views
-from .common import as_slice, column_count, compute_dtype, head_index, soft_cap
+from .common import as_slice, compute_dtype, head_index, soft_cap
 
 UNION_MAX = 32  # calls with at most this many queries attend to the union of their chosen blocks in one go
 ROWS = 256  # queries of a chunk
 SCORE_BUDGET = 1 << 25  # elements of one chunk's score tensor
+RUNS_MAX = 4  # a near part's unmasked keys in one view: at most this many fused calls on slices, else one copy
 
 
 class BlockChoice:
@@ -43,9 +44,10 @@ class BlockChoice:
         self.blocks = int(self.block_of.max()) + 1
         parts = self.blocks * selection.parts
         counts = torch.zeros(real.shape[0], parts, device=k.device).scatter_add_(1, part_of, real.float())
-        self.filled = counts > 0  # (B, nb·parts): parts holding a real key
-        self.occupied = self.filled.view(real.shape[0], self.blocks, -1).any(-1)  # (B, nb): blocks holding one
-        self.summary = selection.summarize(k.to(compute_dtype(k)), part_of, real, parts)
+        filled = (counts > 0).view(real.shape[0], self.blocks, -1)  # (B, nb, parts): parts holding a real key
+        self.occupied = filled.any(-1)  # (B, nb): blocks holding one
+        summary = selection.summarize(k.to(compute_dtype(k)), part_of, real, parts)
+        self.summary = _empty_parts_copy_a_filled_one(summary, filled)
 
     def top(self, q: Tensor, i: Tensor) -> Tensor:
         """(B, Hs, C, k) the blocks each query chooses (in no order), -1 where it has fewer candidates; q (B, H, C, d)
@@ -59,10 +61,11 @@ class BlockChoice:
         scores = self.selection.score(grouped, self.summary)  # (B, Hk, G or 1, C, nb·parts)
         if per == "head":
             scores = scores.reshape(batch, heads, rows, -1)  # (B, H, C, nb·parts)
+        elif per == "kv_head":
+            scores = scores[:, :, 0] if scores.shape[2] == 1 else scores.sum(2)  # (B, Hk, C, nb·parts)
         else:
-            scores = scores.sum(2) if per == "kv_head" else scores.sum((1, 2))[:, None]  # (B, Hk or 1, C, nb·parts)
-        if self.selection.parts > 1:  # a block scores as its best part holding a real key
-            scores = scores.masked_fill(~self.filled[:, None, None], float("-inf"))
+            scores = scores.sum((1, 2))[:, None]  # (B, 1, C, nb·parts)
+        if self.selection.parts > 1:  # a block scores as its best part (empty parts repeat a filled one's score)
             scores = scores.unflatten(-1, (self.blocks, -1)).amax(-1)  # (B, Hs, C, nb, parts) -> (B, Hs, C, nb)
         scores = _coarse(scores)
         blocks = torch.arange(self.blocks, device=q.device)
@@ -100,17 +103,40 @@ class BlockChoice:
         return torch.searchsorted(self.block_of, blocks.expand(self.block_of.shape[0], -1).contiguous())
 
 
+def _empty_parts_copy_a_filled_one(summary: dict[str, Tensor], filled: Tensor) -> dict[str, Tensor]:
+    """Summaries (B, Hk, nb·parts, ...) where each part holding no real key takes the summary of its block's first
+    filled part: a block's best part is then the best of its filled ones, with no mask over every query's scores."""
+    if bool(filled.all()):
+        return summary
+    batch, blocks, parts = filled.shape
+    first = filled.int().argmax(-1, keepdim=True)  # (B, nb, 1): a block's first filled part (0 if none)
+    own = torch.arange(parts, device=filled.device).expand_as(filled)
+    source = (torch.where(filled, own, first) + torch.arange(blocks, device=filled.device)[:, None] * parts)
+    source = source.view(batch, 1, -1)  # (B, 1, nb·parts)
+    return {
+        name: value.gather(2, source.view(*source.shape, *[1] * (value.dim() - 3)).expand_as(value))
+        for name, value in summary.items()
+    }
+
+
 SCORE_BITS = 12  # significant bits of a block score kept for the choice
+_BITS_OF = {torch.float64: (torch.int64, 52), torch.float32: (torch.int32, 23)}  # same-width int, stored mantissa bits
 
 
 def _coarse(scores: Tensor) -> Tensor:
-    """Scores rounded to SCORE_BITS significant bits. The same token's key (and a query's product with it) differs
-    in its last bits between a prefill and a decoding step (matmuls of other shapes); rounded, equal text ties in
-    every schedule and the earlier block wins in all of them. A pair of such scores still splits when it straddles
-    a rounding boundary, about 2^-10 of the time for a few ulps' difference."""
-    mantissa, exponent = torch.frexp(scores)
-    rounded = torch.ldexp(torch.round(mantissa * 2**SCORE_BITS) / 2**SCORE_BITS, exponent)
-    return torch.where(torch.isfinite(scores), rounded, scores)
+    """Scores rounded to SCORE_BITS significant bits (half to even; infinities kept). The same token's key (and a
+    query's product with it) differs in its last bits between a prefill and a decoding step (matmuls of other
+    shapes); rounded, equal text ties in every schedule and the earlier block wins in all of them. A pair of such
+    scores still splits when it straddles a rounding boundary, about 2^-10 of the time for a few ulps' difference.
+    On the bits: the stored mantissa's low `drop` bits rounded away, a carry moving into the exponent."""
+    if scores.dtype not in _BITS_OF:  # half precision keeps fewer bits than this already
+        return scores
+    integer, stored = _BITS_OF[scores.dtype]
+    drop = stored + 1 - SCORE_BITS
+    bits = scores.contiguous().view(integer)
+    odd = (bits >> drop) & 1  # the last kept bit: a tie rounds towards it being even
+    rounded = (bits + odd + ((1 << (drop - 1)) - 1)) & ~((1 << drop) - 1)
+    return rounded.view(scores.dtype)
 
 
 def _top_blocks(scores: Tensor, count: int) -> Tensor:
@@ -228,31 +254,43 @@ def _near_then_blocks(q, v, q_views, k_views, call: AttentionCall, layer: LayerR
 
 def _near_part(q_views, k_views, v, call: AttentionCall, layer: LayerRuntime, q0: int, q1: int, cols, h):
     """(lse (B, H, C), out (B, H, C, dv)) of a chunk's pairs shown whatever the content (window, sinks). Through the
-    fused kernel, columns every query of the chunk sees in one view (the window's middle) go in a call with no mask;
-    only the window's two edges and the sinks are masked pair by pair."""
-    qs, ks, vc = [qv[:, :, q0:q1] for qv in q_views], [kv[:, :, cols] for kv in k_views], v[:, :, cols]
-    if layer.plan.biases or call.softcap is not None or not _fused_kernel_serves(*qs, *ks, vc):
+    fused kernel, columns every query of the chunk sees in one view (the window's middle, the sinks) go in a call
+    with no mask, sliced from the keys in place; only the window's two edges are masked pair by pair."""
+    qs = [qv[:, :, q0:q1] for qv in q_views]
+    if layer.plan.biases or call.softcap is not None or not _fused_kernel_serves(*qs, *k_views, v):
         i, j, qi, kj, real = _pairs(call, q0, q1, cols)
         seen = layer.visible(call, i, j, qi, kj, real) & layer.plan.selection.always_visible(i, j)  # (B, 1, C, K)
+        ks, vc = [kv[:, :, cols] for kv in k_views], v[:, :, cols]
         return _part(qs, ks, vc, seen, layer.select(i, j), call.scaling, layer.bias(h, i, j), call.softcap)
     whole, view = _whole_columns(call, layer, q0, q1, cols)
-    exact = as_slice((~whole).nonzero().flatten())
     kept = torch.arange(call.k_pos.shape[1], device=whole.device)[cols]  # (K,) the chunk's key indices
-    i, j, qi, kj, real = _pairs(call, q0, q1, kept[exact])
+    edges = kept[~whole]  # (E,) key indices masked pair by pair
+    i, j, qi, kj, real = _pairs(call, q0, q1, edges)
     seen = layer.visible(call, i, j, qi, kj, real) & layer.plan.selection.always_visible(i, j)  # (B, 1, C, E)
     select = layer.select(i, j)
     lses, outs = [], []
-    for n, (qv, kv) in enumerate(zip(qs, ks)):
-        mine = as_slice((whole & (view == n)).nonzero().flatten())
-        if column_count(mine, whole.numel()):
-            _attend_into(lses, outs, qv, kv[:, :, mine], vc[:, :, mine], None, call.scaling)
+    for n, (qv, kv) in enumerate(zip(qs, k_views)):
+        columns = kept[whole & (view == n)]
+        runs = _runs(columns)
+        for run in runs if len(runs) <= RUNS_MAX else [columns]:  # slices of the keys, or one gathered copy
+            _attend_into(lses, outs, qv, kv[:, :, run], v[:, :, run], None, call.scaling)
         owned = seen if select is None else seen & (select == n)
-        some = as_slice(owned.flatten(0, -2).any(0).nonzero().flatten())
-        owned = owned[..., some]
-        if owned.shape[-1]:
-            where = as_slice(torch.arange(whole.numel(), device=whole.device)[exact][some])
-            _attend_into(lses, outs, qv, kv[:, :, where], vc[:, :, where], owned, call.scaling)
+        some = owned.flatten(0, -2).any(0).nonzero().flatten()
+        if some.numel():
+            where = as_slice(edges[some])
+            _attend_into(lses, outs, qv, kv[:, :, where], v[:, :, where], owned[..., some], call.scaling)
     return _merged(lses, outs)
+
+
+def _runs(columns: Tensor) -> list[slice]:
+    """Sorted key indices (K,) as their contiguous runs (slices: views of the keys, not copies)."""
+    if not columns.numel():
+        return []
+    breaks = (columns[1:] != columns[:-1] + 1).nonzero().flatten().tolist()
+    bounds = [0, *[b + 1 for b in breaks], columns.numel()]
+    ends = columns[[*bounds[:-1], *[b - 1 for b in bounds[1:]]]].tolist()
+    starts, lasts = ends[: len(bounds) - 1], ends[len(bounds) - 1 :]
+    return [slice(a, z + 1) for a, z in zip(starts, lasts)]
 
 
 def _attend_into(lses: list, outs: list, q: Tensor, k: Tensor, v: Tensor, owned: Tensor | None, scale: float) -> None:
@@ -348,7 +386,7 @@ def _with_chosen_blocks(lse, out, top, q_views, k_views, v, call: AttentionCall,
     the rows that chose it; the pairs that see part of it (a block straddling the window's edge, padding) one
     masked call per block and view; with gradients or biases, explicit scores. Each call's rows are merged into
     their running softmax, so memory stays that of the output."""
-    batch, heads, tq, dv = out.shape
+    batch, heads = out.shape[:2]
     sharing = top.shape[1]
     share, groups = heads // sharing, heads // k_views[0].shape[1]
     fused = not layer.plan.biases and call.softcap is None and _fused_kernel_serves(*q_views, *k_views, v)
@@ -371,9 +409,9 @@ class _RowSoftmax:
     def __init__(self, lse: Tensor, out: Tensor):
         self.lse, self.out = lse.to(compute_dtype(out)).clone(), out.to(compute_dtype(out)).clone()  # ours to write
 
-    def add(self, rows: Tensor, lse: Tensor, out: Tensor) -> None:
+    def add(self, rows: Tensor, slot: Tensor | None, lse: Tensor, out: Tensor) -> None:
         """Merge a part's (lse (share, P), out (share, P, dv)) into the rows (P,), each row once; a part's empty
-        rows have lse -inf (a row's own window part never does)."""
+        rows have lse -inf (a row's own window part never does). `slot` (which choice) is not needed here."""
         old, lse = self.lse.index_select(1, rows), lse.to(self.lse.dtype)
         new = torch.logaddexp(old, lse)
         out = self.out.index_select(1, rows) * torch.exp(old - new)[..., None] + out * torch.exp(lse - new)[..., None]
@@ -381,32 +419,82 @@ class _RowSoftmax:
         self.lse.index_copy_(1, rows, new)
 
 
+SLOT_BUDGET = 1 << 24  # elements of one row window's chosen-block outputs kept apart (share, rows, k, dv)
+
+
 def _chosen_pairs(state: _RowSoftmax, group: _HeadGroup, blocks: _Blocks, top: Tensor, call, layer, fused: bool):
-    """Each query's chosen blocks, top (Tq, k) (-1: no choice), merged into `state`."""
+    """Each query's chosen blocks, top (Tq, k) (-1: no choice), merged into `state`, a window of rows at a time."""
+    share, _, dv = state.out.shape
+    window = max(1, SLOT_BUDGET // (share * max(1, top.shape[1]) * dv))
+    for r0 in range(0, top.shape[0], window):
+        _window_pairs(state, group, blocks, top[r0 : r0 + window], r0, call, layer, fused)
+
+
+def _window_pairs(state: _RowSoftmax, group: _HeadGroup, blocks: _Blocks, top: Tensor, r0: int, call, layer,
+                  fused: bool):
+    """The chosen blocks of rows r0.. (top (R, k)): the pairs that see a whole block in one view through the fused
+    kernel, each kept in its (row, slot) and merged once; the others merged as they come."""
     count = top.shape[1]
-    chosen = top.flatten()  # (Tq·k,) pairs, query-major
+    chosen = top.flatten()  # (R·k,) pairs, query-major
     pair = (chosen >= 0).nonzero().flatten()
-    chosen, rows, slot = chosen[pair], torch.div(pair, count, rounding_mode="floor"), pair % count
+    chosen, rows, slot = chosen[pair], torch.div(pair, count, rounding_mode="floor") + r0, pair % count
     clean, view = _clean_pairs(call, layer, group.b, rows, chosen, blocks)
     if not fused:
         clean = torch.zeros_like(clean)
-    for n in view[clean].unique().tolist():
-        mine = (clean & (view == n)).nonzero().flatten()
-        mine = mine[torch.argsort(chosen[mine], stable=True)]  # grouped by block
-        _fused_blocks(state, group, n, rows[mine], chosen[mine], blocks, call.scaling)
+    if bool(clean.any()):
+        slots = _SlotParts(state, r0, top.shape[0], count, int(clean.sum()))
+        for n in view[clean].unique().tolist():
+            mine = (clean & (view == n)).nonzero().flatten()
+            mine = mine[torch.argsort(chosen[mine], stable=True)]  # grouped by block
+            _fused_blocks(slots, group, n, rows[mine], chosen[mine], blocks, call.scaling, slot[mine])
+        slots.merge()
     rest = (~clean).nonzero().flatten()
     widest = group.v.shape[0] * blocks.width * max(group.v.shape[-1], group.k_views[0].shape[-1])
     for p in torch.split(rest, max(1, PAIR_BUDGET // widest)) if rest.numel() else ():
         if fused:
-            _masked_pairs(state, group, rows[p], chosen[p], blocks, call, layer)
+            _masked_pairs(state, group, rows[p], chosen[p], slot[p], blocks, call, layer)
         else:
             _explicit_pairs(state, group, rows[p], chosen[p], slot[p], blocks, call, layer)
 
 
-def _fused_blocks(state: _RowSoftmax, group: _HeadGroup, n: int, rows: Tensor, chosen: Tensor, blocks, scale,
+class _SlotParts:
+    """A window of rows' chosen-block parts, kept apart and merged into the window's running softmax in one step:
+    each fused call's rows are written where the previous call's ended (no read-modify-write of the rows' outputs),
+    then read in (row, choice slot) order at once."""
+
+    def __init__(self, state: _RowSoftmax, r0: int, rows: int, count: int, pairs: int):
+        share, _, dv = state.out.shape
+        self.state, self.window, self.count, self.written = state, slice(r0, r0 + rows), count, 0
+        self.at = torch.empty(pairs, dtype=torch.long, device=state.out.device)  # (P,) row·k + slot of each part
+        self.lse = state.lse.new_empty(share, pairs + 1)  # (share, P + 1): the last part is "no choice"
+        self.out = state.out.new_empty(share, pairs + 1, dv)  # (share, P + 1, dv)
+        self.lse[:, -1], self.out[:, -1] = float("-inf"), 0.0
+
+    def add(self, rows: Tensor, slot: Tensor, lse: Tensor, out: Tensor) -> None:
+        """A call's parts: rows (c,) and their slots, lse (share, c), out (share, c, dv)."""
+        part = slice(self.written, self.written + rows.numel())
+        self.at[part] = (rows - self.window.start) * self.count + slot
+        self.lse[:, part], self.out[:, part] = lse, out
+        self.written = part.stop
+
+    def merge(self) -> None:
+        state, (share, pairs, dv) = self.state, self.out.shape
+        rows = self.window.stop - self.window.start
+        where = self.at.new_full((rows * self.count,), pairs - 1)  # (R·k,) each slot's part, or "no choice"
+        where[self.at] = torch.arange(pairs - 1, device=where.device)
+        lse = torch.cat([state.lse[:, self.window, None], self.lse[:, where].view(share, rows, self.count)], -1)
+        total = torch.logsumexp(lse, -1)  # lse (share, R, 1+k) -> (share, R)
+        weight = torch.exp(lse - total[..., None])  # (share, R, 1+k)
+        parts = self.out.index_select(1, where).view(share * rows, self.count, dv)  # (share·R, k, dv)
+        blocks = (weight[..., 1:].reshape(share * rows, 1, self.count) @ parts).view(share, rows, dv)
+        state.out[:, self.window] = state.out[:, self.window] * weight[..., :1] + blocks
+        state.lse[:, self.window] = total
+
+
+def _fused_blocks(into, group: _HeadGroup, n: int, rows: Tensor, chosen: Tensor, blocks, scale, slot: Tensor,
                   owned: Tensor | None = None) -> None:
     """Pairs (rows, chosen) grouped by block, each through one fused call per block in view n: the whole block, or
-    the keys `owned` (P, Wb) of it."""
+    the keys `owned` (P, Wb) of it; each call's rows added `into` a running softmax (with their choice slots)."""
     q = group.q(n)  # (share, Tq, d)
     counts = torch.bincount(chosen, minlength=blocks.starts.numel()).tolist()
     starts, stops = blocks.starts.tolist(), blocks.stops.tolist()
@@ -420,7 +508,7 @@ def _fused_blocks(state: _RowSoftmax, group: _HeadGroup, n: int, rows: Tensor, c
             mask.masked_fill_(~owned[first : first + c, : cols.stop - cols.start], float("-inf"))
         out, lse = lse_views.attend(q.index_select(1, these)[None], group.k_views[n][None, :, cols],
                                     group.v[None, :, cols], mask, scale)
-        state.add(these, lse[0], out[0])
+        into.add(these, slot[first : first + c], lse[0], out[0])
         first += c
 
 
@@ -453,7 +541,8 @@ def _pair_grids(group: _HeadGroup, rows: Tensor, chosen: Tensor, blocks: _Blocks
     return keys, seen & inside.view(pairs, 1, 1, -1), i, j
 
 
-def _masked_pairs(state: _RowSoftmax, group: _HeadGroup, rows: Tensor, chosen: Tensor, blocks: _Blocks, call, layer):
+def _masked_pairs(state: _RowSoftmax, group: _HeadGroup, rows: Tensor, chosen: Tensor, slot: Tensor, blocks: _Blocks,
+                  call, layer):
     """Pairs (rows, chosen) that see part of their block, or it in several views: per view, the pairs that see some
     of it in that view, one masked fused call per block."""
     _, seen, i, j = _pair_grids(group, rows, chosen, blocks, call, layer)
@@ -463,7 +552,7 @@ def _masked_pairs(state: _RowSoftmax, group: _HeadGroup, rows: Tensor, chosen: T
         some = owned.any(-1).nonzero().flatten()
         some = some[torch.argsort(chosen[some], stable=True)]
         if some.numel():
-            _fused_blocks(state, group, n, rows[some], chosen[some], blocks, call.scaling, owned[some])
+            _fused_blocks(state, group, n, rows[some], chosen[some], blocks, call.scaling, slot[some], owned[some])
 
 
 def _explicit_pairs(state: _RowSoftmax, group: _HeadGroup, rows: Tensor, chosen: Tensor, slot: Tensor,
@@ -479,4 +568,4 @@ def _explicit_pairs(state: _RowSoftmax, group: _HeadGroup, rows: Tensor, chosen:
     lse, out = lse[..., 0].transpose(0, 1), out[:, :, 0].transpose(0, 1)  # (share, P), (share, P, dv)
     for s in slot.unique().tolist():
         mine = (slot == s).nonzero().flatten()
-        state.add(rows[mine], lse[:, mine], out[:, mine])
+        state.add(rows[mine], None, lse[:, mine], out[:, mine])
