@@ -111,7 +111,7 @@ def _empty_parts_copy_a_filled_one(summary: dict[str, Tensor], filled: Tensor) -
     batch, blocks, parts = filled.shape
     first = filled.int().argmax(-1, keepdim=True)  # (B, nb, 1): a block's first filled part (0 if none)
     own = torch.arange(parts, device=filled.device).expand_as(filled)
-    source = (torch.where(filled, own, first) + torch.arange(blocks, device=filled.device)[:, None] * parts)
+    source = torch.where(filled, own, first) + torch.arange(blocks, device=filled.device)[:, None] * parts
     source = source.view(batch, 1, -1)  # (B, 1, nb·parts)
     return {
         name: value.gather(2, source.view(*source.shape, *[1] * (value.dim() - 3)).expand_as(value))
