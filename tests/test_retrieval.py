@@ -42,12 +42,7 @@ def path(request, monkeypatch):
 @pytest.mark.parametrize("summary", [2, 3])  # B = 3: parts of 2 and 1 keys, or the whole block (default here: 1 key)
 def test_blockwise_paths_match_the_formula(path, kind, per, scorer, window, summary):
     params = {**SMALL, "top_k": 2, "per": per, "scorer": scorer, "local_window": window, "summary_size": summary}
-    k_pos, padding = G.make_call(kind)
-    q, k, v = G.inputs(G.length)
-    runtime = G.runtime_for("retrieval", params)
-    got = G.run("blockwise", runtime, q, k, v, k_pos, padding, G.length)
-    expected = G.reference("retrieval", params, runtime, q, k, v, k_pos, padding, G.length)
-    assert_close(G.real_rows(got, padding, G.length), G.real_rows(expected, padding, G.length), rtol=1e-6, atol=1e-6)
+    _blockwise_matches_the_formula(params, kind)
 
 
 @pytest.mark.parametrize("kind", ["plain", "padded", "skips", "stretched"])
@@ -58,7 +53,10 @@ def test_near_keys_gathered_instead_of_sliced_match_the_formula(kind, window, mo
     monkeypatch.setattr(selected, "UNION_MAX", 0)
     monkeypatch.setattr(selected, "ROWS", 4)
     monkeypatch.setattr(selected, "RUNS_MAX", 0)
-    params = {**SMALL, "top_k": 2, "local_window": window, "summary_size": 2}
+    _blockwise_matches_the_formula({**SMALL, "top_k": 2, "local_window": window, "summary_size": 2}, kind)
+
+
+def _blockwise_matches_the_formula(params: dict, kind: str) -> None:
     k_pos, padding = G.make_call(kind)
     q, k, v = G.inputs(G.length)
     runtime = G.runtime_for("retrieval", params)
