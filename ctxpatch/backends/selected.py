@@ -6,10 +6,11 @@ each head group) chooses; dense, blockwise and flex all ask it, so they see the 
 
 The blockwise path computes a layer under a selection in time linear in the length: per query chunk, the pairs
 seen whatever the content (window, sinks) against only those keys; then, per head group, the (query, chosen
-block) pairs sorted by block, one fused call per block on the rows that chose it, each call's rows merged into
-their running softmax (log-sum-exp, output), so a query costs S + W + k·B products, not n, the calls grow with
-the number of blocks and the memory stays that of the output. A call with a few queries (decoding, short
-pieces) takes every block its queries chose at once instead (`UNION_MAX`).
+block) pairs sorted by block, one fused call per block on the rows that chose it, each call's (log-sum-exp,
+output) rows kept per (query, choice) and merged into the rows' softmax once per window of queries, so a query
+costs S + W + k·B products, not n, the calls grow with the number of blocks and the memory stays that of the
+output plus one window's parts (`SLOT_BUDGET`). A call with a few queries (decoding, short pieces) takes every
+block its queries chose at once instead (`UNION_MAX`).
 """
 
 from __future__ import annotations
@@ -384,8 +385,9 @@ def _with_chosen_blocks(lse, out, top, q_views, k_views, v, call: AttentionCall,
     blocks (top (B, Hs, Tq, k)), pairs the window and sinks already gave left out. Per head group, the pairs
     (query, chosen block) that see the whole block in one view go through the fused kernel, one call per block on
     the rows that chose it; the pairs that see part of it (a block straddling the window's edge, padding) one
-    masked call per block and view; with gradients or biases, explicit scores. Each call's rows are merged into
-    their running softmax, so memory stays that of the output."""
+    masked call per block and view; with gradients or biases, explicit scores. A window of rows at a time, the
+    whole-block pairs' parts are kept per (row, choice) and merged once, the others merged as they come, so memory
+    stays that of the output plus one window's parts."""
     batch, heads = out.shape[:2]
     sharing = top.shape[1]
     share, groups = heads // sharing, heads // k_views[0].shape[1]
