@@ -7,6 +7,7 @@ test_model.py with every other method.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import formulas as f
@@ -146,6 +147,18 @@ def test_quest_bounds_every_key_of_its_block():
     bound = retrieval.score(q, retrieval.summarize(keys, block_of, torch.ones(1, 8, dtype=torch.bool), 2))
     exact = (q[0, 0, 0] @ keys[0, 0].T).view(3, 2, 4).amax(-1)  # the best key of each block
     assert (bound[0, 0, 0] >= exact - 1e-12).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_scores_rounded_to_12_bits_as_the_reference(dtype):
+    """`_coarse` on the bit pattern against `formulas.round_bits` (frexp, half to even) value by value: scores over
+    twelve decades, exact ties at the 13th bit of both signs, zeros and infinities."""
+    torch.manual_seed(0)
+    spread = torch.randn(4000, dtype=torch.float64) * torch.logspace(-6, 6, 4000, dtype=torch.float64)
+    ties = torch.randint(-2**13, 2**13, (2000,)).double() * 2.0 ** torch.randint(-20, 20, (2000,)).double()
+    values = torch.cat([spread, ties, torch.tensor([0.0, -0.0, math.inf, -math.inf])]).to(dtype)
+    expected = torch.tensor([f.round_bits(x, selected.SCORE_BITS) for x in values.tolist()], dtype=dtype)
+    assert_close(selected._coarse(values), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("count", [0, 1, 3, 7, 12])
