@@ -128,6 +128,10 @@ def test_grids_follow_each_methods_rule_and_bounds():
             assert rule.widest(target, rule.group) < length or "group" in point  # the rule reaches the target
         factors = [p.get("factor") for p in registry.method_class("yarn").candidate_grid(info, target)]
         assert factors == [None, 6.0, 8.0]  # the rule (T / L = 4), 1.5x and 2x
+        for point in registry.method_class("retrieval").candidate_grid(info, target):
+            r = registry.method("retrieval", **point).resolve(info, target)
+            assert 0 < r.local_window < length  # keys past the window are seen at distance W < L
+            assert r.sinks + r.local_window + r.top_k * r.block_size <= length  # never more keys than in training
 
 
 def test_narrowed_and_widened_candidate_lists():

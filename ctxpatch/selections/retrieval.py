@@ -107,10 +107,11 @@ class Retrieval(Selection):
 
     @classmethod
     def candidate_grid(cls, info: ModelInfo, target_len: int) -> list[dict]:
-        """InfLLM's configuration scaled to L (the default), a quarter window with twice the blocks, and Quest's
-        scorer."""
-        length = info.train_len
-        return [{}, {"local_window": max(1, length // 4), "top_k": 32}, {"scorer": "quest"}]
+        """InfLLM's configuration scaled to L (the default), an eighth of L as window with three times the blocks
+        (as many as fit in L: at most 48), and Quest's scorer."""
+        base, window = method(cls.name).resolve(info), max(1, info.train_len // 8)
+        top_k = min(48, (info.train_len - base.sinks - window) // base.block_size)
+        return [{}, {"local_window": window, "top_k": top_k}, {"scorer": "quest"}]
 
     def default_position(self, info: ModelInfo) -> PositionRule:
         return method("rerope", window=self.local_window).resolve(info)
