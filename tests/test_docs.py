@@ -9,6 +9,7 @@ import json
 import math
 import re
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,31 @@ def test_changelog_sections_each_appear_once_per_release():
         elif line.startswith("### "):
             assert line not in seen, f"CHANGELOG.md: {release} has two '{line}' sections; merge them"
             seen.add(line)
+
+
+SMOLLM2 = dict(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rotary_dim=64)  # the default model's shape
+
+
+def _label_cases():
+    index = results.read_index(BENCHMARKS)
+    for run in (r for r in index.runs if r.kind == "training-free"):
+        for path, board in index.boards(run):
+            for spec, by_target in board.patches.items():
+                for saved in by_target.values():
+                    yield pytest.param(run.labels.get(spec, spec), board.train_len, saved, id=f"{path}:{spec}")
+
+
+@pytest.mark.parametrize("label,train_len,saved", list(_label_cases()))
+def test_each_table_label_resolves_today_to_the_parameters_its_run_used(label, train_len, saved):
+    """A default changed after a run must not leave that run's rows under a name that now means other values:
+    runs.json's `labels` rename them (to the values they ran with)."""
+    from ctxpatch.registry import ModelInfo
+    from ctxpatch.spec import parse_spec
+
+    info = ModelInfo(train_len, **SMOLLM2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        now = [m.resolve(info, saved["target_len"]) for m in parse_spec(label).methods]
+    recorded = [(m["name"], m["params"]) for m in saved["methods"]]
+    # a parameter added after the run is not in its record: compare the ones it recorded
+    assert [(m.name, {k: m.values.get(k) for k in params}) for m, (_, params) in zip(now, recorded)] == recorded

@@ -227,8 +227,14 @@ def test_refusals_leave_the_model_untouched(params):
 def test_defaults_keep_what_a_query_sees_inside_the_trained_length():
     info = ModelInfo(8192, 30, 9, 3, 64, 64)
     r = method("retrieval").resolve(info)
-    assert (r.sinks, r.local_window, r.block_size, r.top_k) == (128, 4096, 128, 16)  # InfLLM's Llama-3 configuration
-    assert r.sinks + r.local_window + r.top_k * r.block_size <= info.train_len
+    assert (r.sinks, r.local_window, r.block_size, r.top_k) == (128, 1024, 128, 48)  # S = B = L/64, W = L/8
+    assert r.sinks + r.local_window + r.top_k * r.block_size == 57 * info.train_len // 64
+    wide = method("retrieval", local_window=4096).resolve(info)  # k shrinks to what fits: (8192 - 128 - 4096) // 128
+    assert wide.top_k == 31 and wide.sinks + wide.local_window + wide.top_k * wide.block_size <= info.train_len
+    assert method("retrieval", local_window=4096, top_k=16).resolve(info).top_k == 16  # a given k is kept
+    for length in (32, 100, 192):  # tiny models: S = 0 or B = 1, still inside L
+        r = method("retrieval").resolve(ModelInfo(length, 2, 4, 2, 8, 8))
+        assert 0 <= r.top_k <= 48 and r.sinks + r.local_window + r.top_k * r.block_size <= length
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         method("retrieval", top_k=64).resolve(info)
