@@ -139,3 +139,25 @@ def test_beam_search_on_a_left_padded_batch_is_the_same_with_and_without_the_cac
     assert cached.shape == (8, 28)
     assert torch.equal(cached, uncached)
     assert not torch.equal(cached, plain)  # selfextend acts at these lengths
+
+
+@pytest.mark.parametrize("position", [0, 5])
+@pytest.mark.parametrize("rope", [None, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}])
+def test_rotation_at_one_position_for_every_token_matches_the_formula(position, rope):
+    """A far view rotates every key at one position (ReRoPE's 0, its query's W): one table row is broadcast. At
+    position 0 the rotation is not the identity under YaRN (cos and sin carry its attention scaling)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    if rope is not None:
+        config.rope_parameters = {**config.rope_parameters, **rope}
+    module = LlamaRotaryEmbedding(config).double()
+    rotary = Rotary(module, RotaryLayout(False, 16))
+    x = torch.randn(2, 1, 7, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = rotary.rotate(x, torch.full((2, 7), position))
+    theta = module.inv_freq.double()  # (8,): YaRN's frequencies are its own
+    turned = f.pairs(x, 16, False) * torch.exp(1j * position * theta) * module.attention_scaling  # (2, 1, 7, 8)
+    expected = torch.cat([turned.real, turned.imag], dim=-1)
+    assert_close(got, expected, rtol=1e-6, atol=1e-6)  # transformers makes its tables in float32
+    assert rope is None or module.attention_scaling != 1.0

@@ -7,6 +7,7 @@ test_model.py with every other method.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 
@@ -116,26 +117,27 @@ def test_a_choice_leaves_keys_out():
 
 @pytest.mark.parametrize("scorer", ["mean", "quest"])
 def test_scorers_against_a_direct_evaluation(scorer):
+    """Two batch rows laid out differently (left padding moves the second row's blocks), each scored by its own."""
     retrieval = method("retrieval", scorer=scorer, block_size=3, local_window=4).resolve(G.info)
     g = torch.Generator().manual_seed(3)
-    keys = torch.randn(1, 2, 9, 5, generator=g, dtype=torch.float64)  # (B, Hk, Tk, d): three blocks of three
-    q = torch.randn(1, 2, 2, 4, 5, generator=g, dtype=torch.float64)  # (B, Hk, G, Tq, d)
-    real = torch.ones(1, 9, dtype=torch.bool)
+    keys = torch.randn(2, 2, 9, 5, generator=g, dtype=torch.float64)  # (B, Hk, Tk, d): three blocks of three
+    q = torch.randn(2, 2, 2, 4, 5, generator=g, dtype=torch.float64)  # (B, Hk, G, Tq, d)
+    real = torch.ones(2, 9, dtype=torch.bool)
     real[0, 4] = False  # a padding key is in no summary
-    block_of = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2]])
+    real[1, 0] = False
+    block_of = torch.tensor([[0, 0, 0, 1, 1, 1, 2, 2, 2], [0, 0, 0, 0, 1, 1, 1, 2, 2]])
+    members = [[[0, 1, 2], [3, 5], [6, 7, 8]], [[1, 2, 3], [4, 5, 6], [7, 8]]]  # each row's real keys per block
     got = retrieval.score(q, retrieval.summarize(keys, block_of, real, 3))
-    expected = torch.empty(1, 2, 2, 4, 3, dtype=torch.float64)
-    for h in range(2):
-        for b, members in enumerate([[0, 1, 2], [3, 5], [6, 7, 8]]):
-            block = keys[0, h, members]  # (n, d)
-            for g_ in range(2):
-                for t in range(4):
-                    query = q[0, h, g_, t]
-                    if scorer == "mean":
-                        expected[0, h, g_, t, b] = sum(float(query @ key) for key in block) / len(members)
-                    else:
-                        bound = [max(query[c] * block[:, c].min(), query[c] * block[:, c].max()) for c in range(5)]
-                        expected[0, h, g_, t, b] = float(sum(bound))
+    expected = torch.empty(2, 2, 2, 4, 3, dtype=torch.float64)
+    for row, h, g_, t in itertools.product(range(2), range(2), range(2), range(4)):
+        query = q[row, h, g_, t]
+        for b, keys_of_block in enumerate(members[row]):
+            block = keys[row, h, keys_of_block]  # (n, d)
+            if scorer == "mean":
+                expected[row, h, g_, t, b] = sum(float(query @ key) for key in block) / len(keys_of_block)
+            else:
+                bound = [max(query[c] * block[:, c].min(), query[c] * block[:, c].max()) for c in range(5)]
+                expected[row, h, g_, t, b] = float(sum(bound))
     assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
