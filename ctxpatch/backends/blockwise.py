@@ -103,12 +103,12 @@ def blockwise_attention(
     kv_heads, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
     layer.prepare(call)
     q_views = layer.rotated_views(q, call.q_pos, 0)
-    k_views = layer.rotated_views(k, call.k_pos, 1)
     kappa = layer.kappa(call.q_pos)  # (B, Tq)
     if kappa is not None:
         q_views = [qv * kappa[:, None, :, None].to(qv.dtype) for qv in q_views]
-    if layer.plan.selection is not None:
-        return selected_attention(q, k, v, q_views, k_views, call, layer, functools.partial(_modified, layer))
+    if layer.plan.selection is not None:  # rotates the keys itself: a decoding step only those it attends to
+        return selected_attention(q, k, v, q_views, call, layer, functools.partial(_modified, layer))
+    k_views = layer.rotated_views(k, call.k_pos, 1)
     if call.softcap is None and _is_plain_causal(call, layer, tq, tk):
         out = F.scaled_dot_product_attention(
             q_views[0], k_views[0], v, is_causal=tq > 1, dropout_p=call.dropout, scale=call.scaling,

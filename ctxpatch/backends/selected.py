@@ -165,15 +165,17 @@ Modify = Callable[[list[Tensor], list[Tensor], Tensor, Tensor], tuple[list[Tenso
 
 
 def selected_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_views: list[Tensor], k_views: list[Tensor], call: AttentionCall,
-    layer: LayerRuntime, modify: Modify,
+    q: Tensor, k: Tensor, v: Tensor, q_views: list[Tensor], call: AttentionCall, layer: LayerRuntime, modify: Modify,
 ) -> Tensor:
-    """(B, Tq, H, dv): a selection layer on the blockwise backend; q, k un-rotated, the views rotated (and scaled)."""
+    """(B, Tq, H, dv): a selection layer on the blockwise backend; q, k un-rotated, the query views rotated (and
+    scaled). A call of a few queries (decoding) rotates only the keys they may see, not the whole cache."""
     choice = BlockChoice(layer.plan.selection, k, call)
-    spans = None if q.shape[2] <= UNION_MAX or layer.plan.modifiers or call.dropout else choice.block_spans()
+    few = q.shape[2] <= UNION_MAX
+    spans = None if few or layer.plan.modifiers or call.dropout else choice.block_spans()
     if spans is None:
+        k_views = None if few else layer.rotated_views(k, call.k_pos, 1)
         return _union_chunks(q, k, v, q_views, k_views, call, layer, modify, choice)
-    return _near_then_blocks(q, v, q_views, k_views, call, layer, choice, spans)
+    return _near_then_blocks(q, v, q_views, layer.rotated_views(k, call.k_pos, 1), call, layer, choice, spans)
 
 
 def _rows(batch: int, heads: int, keys: int) -> int:
@@ -190,7 +192,8 @@ def _pairs(call: AttentionCall, q0: int, q1: int, cols):
 
 
 def _union_chunks(q, k, v, q_views, k_views, call: AttentionCall, layer: LayerRuntime, modify: Modify, choice) -> Tensor:
-    """Per chunk, every key some query of it may see (its window, the sinks and every block its queries chose)."""
+    """Per chunk, every key some query of it may see (its window, the sinks and every block its queries chose);
+    k_views None: each chunk rotates the keys it takes."""
     batch, heads, tq, _ = q.shape
     selection, h = layer.plan.selection, head_index(heads, q.device)
     per_query = getattr(selection, "sinks", 0) + getattr(selection, "local_window", 0) + 4 * selection.count * selection.block
@@ -203,7 +206,10 @@ def _union_chunks(q, k, v, q_views, k_views, call: AttentionCall, layer: LayerRu
         seen = layer.visible(call, i, j, qi, kj, real) & expand_heads(
             choice.visible(chosen, i, j, choice.block_of[:, cols][:, None, None, :]), heads
         )
-        qs, ks = modify([qv[:, :, q0:q1] for qv in q_views], [kv[:, :, cols] for kv in k_views], i[:, 0, :, 0], j[:, 0, 0])
+        ks = layer.rotated_views(k[:, :, cols], call.k_pos[:, cols], 1) if k_views is None else [
+            kv[:, :, cols] for kv in k_views
+        ]
+        qs, ks = modify([qv[:, :, q0:q1] for qv in q_views], ks, i[:, 0, :, 0], j[:, 0, 0])
         scores = _scores(qs, ks, layer.select(i, j), call.scaling, layer.bias(h, i, j), call.softcap)
         probs = torch.softmax(scores.masked_fill(~seen, float("-inf")), dim=-1)
         probs = F.dropout(probs, p=call.dropout, training=call.dropout > 0)
