@@ -47,6 +47,7 @@ SPECS = [
     ("retrieval", {"sinks": 2, "local_window": 6, "block_size": 4, "top_k": 2}),
     ("retrieval+dca", {"sinks": 1, "local_window": 3, "block_size": 3, "top_k": 2, "chunk_len": 7}),
     ("retrieval+selfextend", {"sinks": 0, "local_window": 6, "block_size": 4, "top_k": 1, "group": 4, "per": "head"}),
+    ("retrieval+alibi", {"sinks": 1, "local_window": 5, "block_size": 3, "top_k": 1}),  # a per-head bias, heads in groups
 ]
 IDS = [s for s, _ in SPECS]
 BACKENDS = ["dense", "blockwise"]
