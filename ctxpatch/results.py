@@ -223,8 +223,12 @@ def pick(candidates: list[Cell]) -> str:
     by_ratio, by_retrieval = _best_ratio(candidates), _best_retrieval(candidates)
     if by_ratio is None and by_retrieval is None:
         return "not measured"
-    if by_retrieval is None or by_retrieval is by_ratio or by_ratio is None:
-        text = "for perplexity and retrieval " + _describe(by_ratio or by_retrieval)
+    if by_ratio is None:  # no perplexity measured at this length: the pick is for retrieval only
+        text = "for retrieval " + _describe(by_retrieval)
+    elif by_retrieval is None:
+        text = "for perplexity " + _describe(by_ratio)
+    elif by_retrieval is by_ratio:
+        text = "for perplexity and retrieval " + _describe(by_ratio)
     else:
         text = f"for perplexity {_describe(by_ratio)}<br>for retrieval {_describe(by_retrieval)}"
     runner_up = _best_retrieval([c for c in candidates if c is not by_retrieval])
