@@ -15,6 +15,7 @@ block its queries chose at once instead (`UNION_MAX`).
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -398,24 +399,22 @@ def _with_chosen_blocks(lse, out, top, q_views, k_views, v, call: AttentionCall,
     sharing = top.shape[1]
     share, groups = heads // sharing, heads // k_views[0].shape[1]
     fused = not layer.plan.biases and call.softcap is None and _fused_kernel_serves(*q_views, *k_views, v)
-    merged = []
+    scratch = _Scratch()  # lse and out are the caller's fresh tensors: each head group's rows are merged in place
     for b in range(batch):
-        blocks, row_heads = _Blocks(choice, call, spans, b), []
+        blocks = _Blocks(choice, call, spans, b)
         for hs in range(sharing):
             group = _HeadGroup(b, hs, share, groups, q_views, k_views, v)
             state = _RowSoftmax(lse[b, group.heads], out[b, group.heads])
-            _chosen_pairs(state, group, blocks, top[b, hs], call, layer, fused)
-            row_heads.append(state.out)  # (share, Tq, dv)
-        merged.append(torch.cat(row_heads, 0))  # (H, Tq, dv)
-    return torch.stack(merged)
+            _chosen_pairs(state, group, blocks, top[b, hs], call, layer, fused, scratch)
+    return out
 
 
 class _RowSoftmax:
-    """One head group's softmax being summed over parts: per row the log-sum-exp (share, Tq) and the output
-    (share, Tq, dv) so far."""
+    """One head group's softmax being summed over parts, in place: per row the log-sum-exp (share, Tq) and the
+    output (share, Tq, dv) so far (views of the call's, in its compute dtype)."""
 
     def __init__(self, lse: Tensor, out: Tensor):
-        self.lse, self.out = lse.to(compute_dtype(out)).clone(), out.to(compute_dtype(out)).clone()  # ours to write
+        self.lse, self.out = lse, out
 
     def add(self, rows: Tensor, slot: Tensor | None, lse: Tensor, out: Tensor) -> None:
         """Merge a part's (lse (share, P), out (share, P, dv)) into the rows (P,), each row once; a part's empty
@@ -430,16 +429,17 @@ class _RowSoftmax:
 SLOT_BUDGET = 1 << 24  # elements of one row window's chosen-block outputs kept apart (share, rows, k, dv)
 
 
-def _chosen_pairs(state: _RowSoftmax, group: _HeadGroup, blocks: _Blocks, top: Tensor, call, layer, fused: bool):
+def _chosen_pairs(state: _RowSoftmax, group: _HeadGroup, blocks: _Blocks, top: Tensor, call, layer, fused: bool,
+                  scratch: _Scratch):
     """Each query's chosen blocks, top (Tq, k) (-1: no choice), merged into `state`, a window of rows at a time."""
     share, _, dv = state.out.shape
     window = max(1, SLOT_BUDGET // (share * max(1, top.shape[1]) * dv))
     for r0 in range(0, top.shape[0], window):
-        _window_pairs(state, group, blocks, top[r0 : r0 + window], r0, call, layer, fused)
+        _window_pairs(state, group, blocks, top[r0 : r0 + window], r0, call, layer, fused, scratch)
 
 
 def _window_pairs(state: _RowSoftmax, group: _HeadGroup, blocks: _Blocks, top: Tensor, r0: int, call, layer,
-                  fused: bool):
+                  fused: bool, scratch: _Scratch):
     """The chosen blocks of rows r0.. (top (R, k)): the pairs that see a whole block in one view through the fused
     kernel, each kept in its (row, slot) and merged once; the others merged as they come."""
     count = top.shape[1]
@@ -450,7 +450,7 @@ def _window_pairs(state: _RowSoftmax, group: _HeadGroup, blocks: _Blocks, top: T
     if not fused:
         clean = torch.zeros_like(clean)
     if bool(clean.any()):
-        slots = _SlotParts(state, r0, top.shape[0], count, int(clean.sum()))
+        slots = _SlotParts(state, r0, top.shape[0], count, scratch)
         for n in view[clean].unique().tolist():
             mine = (clean & (view == n)).nonzero().flatten()
             mine = mine[torch.argsort(chosen[mine], stable=True)]  # grouped by block
@@ -465,35 +465,49 @@ def _window_pairs(state: _RowSoftmax, group: _HeadGroup, blocks: _Blocks, top: T
             _explicit_pairs(state, group, rows[p], chosen[p], slot[p], blocks, call, layer)
 
 
+class _Scratch:
+    """Buffers that one layer call's windows of rows reuse. A window's parts are tens of MB: a fresh tensor of that
+    size is fresh pages from the OS, and faulting them in cost more than writing the parts (0.5-1.3 ms against
+    0.1 ms a 1,820-row call)."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised tensor of `shape` in `like`'s dtype and device; the previous one of this name is gone."""
+        need, flat = math.prod(shape), self._flat.get(name)
+        if flat is None or flat.numel() < need or flat.dtype != like.dtype or flat.device != like.device:
+            flat = self._flat[name] = like.new_empty(need + need // 4)  # room for the next window's few more
+        return flat[:need].view(shape)
+
+
 class _SlotParts:
     """A window of rows' chosen-block parts, kept apart and merged into the window's running softmax in one step:
-    each fused call's rows are written where the previous call's ended (no read-modify-write of the rows' outputs),
-    then read in (row, choice slot) order at once."""
+    each fused call writes its rows' parts at their (row, choice slot), no read-modify-write of the rows' outputs,
+    and the merge reads them in that order as they lie."""
 
-    def __init__(self, state: _RowSoftmax, r0: int, rows: int, count: int, pairs: int):
+    def __init__(self, state: _RowSoftmax, r0: int, rows: int, count: int, scratch: _Scratch):
         share, _, dv = state.out.shape
-        self.state, self.window, self.count, self.written = state, slice(r0, r0 + rows), count, 0
-        self.at = torch.empty(pairs, dtype=torch.long, device=state.out.device)  # (P,) row·k + slot of each part
-        self.lse = state.lse.new_empty(share, pairs + 1)  # (share, P + 1): the last part is "no choice"
-        self.out = state.out.new_empty(share, pairs + 1, dv)  # (share, P + 1, dv)
-        self.lse[:, -1], self.out[:, -1] = float("-inf"), 0.0
+        self.state, self.window, self.count = state, slice(r0, r0 + rows), count
+        self.lse = scratch.take("lse", (share, rows * count), state.lse).fill_(float("-inf"))  # (share, R·k)
+        self.out = scratch.take("out", (share, rows * count, dv), state.out)  # (share, R·k, dv): slots written only
+        self.filled = torch.zeros(rows * count, dtype=torch.bool, device=state.out.device)  # (R·k,)
 
     def add(self, rows: Tensor, slot: Tensor, lse: Tensor, out: Tensor) -> None:
         """A call's parts: rows (c,) and their slots, lse (share, c), out (share, c, dv)."""
-        part = slice(self.written, self.written + rows.numel())
-        self.at[part] = (rows - self.window.start) * self.count + slot
-        self.lse[:, part], self.out[:, part] = lse, out
-        self.written = part.stop
+        at = (rows - self.window.start) * self.count + slot  # (c,) row·k + slot
+        self.lse.index_copy_(1, at, lse.to(self.lse.dtype))  # a bf16 call's output comes in bf16
+        self.out.index_copy_(1, at, out.to(self.out.dtype))
+        self.filled[at] = True
 
     def merge(self) -> None:
-        state, (share, pairs, dv) = self.state, self.out.shape
+        state, (share, _, dv) = self.state, self.out.shape
         rows = self.window.stop - self.window.start
-        where = self.at.new_full((rows * self.count,), pairs - 1)  # (R·k,) each slot's part, or "no choice"
-        where[self.at] = torch.arange(pairs - 1, device=where.device)
-        lse = torch.cat([state.lse[:, self.window, None], self.lse[:, where].view(share, rows, self.count)], -1)
+        self.out.index_fill_(1, (~self.filled).nonzero().flatten(), 0.0)  # a slot with no part weighs 0: no stale NaN
+        lse = torch.cat([state.lse[:, self.window, None], self.lse.view(share, rows, self.count)], -1)
         total = torch.logsumexp(lse, -1)  # lse (share, R, 1+k) -> (share, R)
         weight = torch.exp(lse - total[..., None])  # (share, R, 1+k)
-        parts = self.out.index_select(1, where).view(share * rows, self.count, dv)  # (share·R, k, dv)
+        parts = self.out.view(share * rows, self.count, dv)  # (share, R·k, dv) -> (share·R, k, dv)
         blocks = (weight[..., 1:].reshape(share * rows, 1, self.count) @ parts).view(share, rows, dv)
         state.out[:, self.window] = state.out[:, self.window] * weight[..., :1] + blocks
         state.lse[:, self.window] = total
