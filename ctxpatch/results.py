@@ -219,7 +219,8 @@ def _best_retrieval(candidates: list[Cell]) -> Cell | None:
 
 def pick(candidates: list[Cell]) -> str:
     """One cell of the "Which method?" table: the best ratio, and the best retrieval when another spec; says so
-    when the retrieval pick's lead over the runner-up rests on overlapping 95% intervals."""
+    when the retrieval pick's lead over the runner-up rests on overlapping 95% intervals, or when one spec was
+    measured at all."""
     by_ratio, by_retrieval = _best_ratio(candidates), _best_retrieval(candidates)
     if by_ratio is None and by_retrieval is None:
         return "not measured"
@@ -231,6 +232,8 @@ def pick(candidates: list[Cell]) -> str:
         text = "for perplexity and retrieval " + _describe(by_ratio)
     else:
         text = f"for perplexity {_describe(by_ratio)}<br>for retrieval {_describe(by_retrieval)}"
+    if len({c.label for c in candidates}) == 1:
+        text += "<br>(the only spec measured at this length: nothing to beat)"
     runner_up = _best_retrieval([c for c in candidates if c is not by_retrieval])
     if by_retrieval is not None and runner_up is not None and overlap(by_retrieval.retrieval(), runner_up.retrieval()):
         found, n = runner_up.retrieval()

@@ -158,12 +158,14 @@ def test_pick_names_both_and_says_when_the_intervals_overlap():
     assert "overlap `a`'s, 1/5: not told apart" in text
     apart = results.pick([cell("a", 0.9, 0, 40), cell("b", 1.1, 40, 40)])
     assert "overlap" not in apart and "for retrieval `b`: ratio 1.100; passkey 40/40 [91–100%]" in apart
-    assert results.pick([cell("a", 0.9, 3, 5)]) == "for perplexity and retrieval `a`: ratio 0.900; passkey 3/5 [23–88%]"
+    alone = "<br>(the only spec measured at this length: nothing to beat)"
+    assert results.pick([cell("a", 0.9, 3, 5)]) == "for perplexity and retrieval `a`: ratio 0.900; passkey 3/5 [23–88%]" + alone
     assert results.pick([]) == "not measured"
     unrated = results.Cell("r", 131072, ratio=None, perplexity=None, found={"passkey": (3, 3)}, sources=["x"])
-    assert results.pick([unrated]) == "for retrieval `r`: ratio –; passkey 3/3 [44–100%]"  # no perplexity claimed
+    assert results.pick([unrated]) == "for retrieval `r`: ratio –; passkey 3/3 [44–100%]" + alone  # no ppl claimed
     no_retrieval = results.Cell("p", 131072, ratio=1.02, perplexity=10.2, found={}, sources=["x"])
-    assert results.pick([no_retrieval]) == "for perplexity `p`: ratio 1.020"
+    assert results.pick([no_retrieval]) == "for perplexity `p`: ratio 1.020" + alone
+    assert alone not in results.pick([unrated, no_retrieval])
     assert results.overlap((1, 5), (3, 5)) and not results.overlap((0, 40), (40, 40))
     assert wilson_interval(0, 40)[1] < wilson_interval(40, 40)[0]
 
