@@ -210,6 +210,24 @@ def test_rows_of_a_batch_choose_their_own_blocks(path, monkeypatch):
     assert_close(batch, alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("spec,params", [
+    ("retrieval", SCHEDULE), ("retrieval+dca", {**SCHEDULE, "local_window": 3, "chunk_len": 7}),
+])
+def test_gradients_through_the_union_path_match_dense(path, spec, params):
+    """A fine-tune step of short pieces: the union path rotates each key map only where a view may be taken, and
+    the blocks path merges into reused buffers; gradients equal `dense`'s (the same chosen keys, autograd)."""
+    ids = token_ids(2, 22)
+    grads = {}
+    for backend in ("dense", "blockwise"):
+        model = tiny_model("qwen3").train()
+        with ctxpatch.apply(model, spec, backend=backend, **params):
+            model(ids, labels=ids).loss.backward()
+        grads[backend] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert any(n.endswith("k_proj.weight") for n in grads["dense"])
+    for name, grad in grads["dense"].items():
+        assert_close(grads["blockwise"][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("params", [
     {"local_window": 32}, {"local_window": 0}, {"sinks": -1}, {"block_size": 0}, {"top_k": -2},
     {"top_k": 1.5}, {"scorer": "attention"}, {"per": "token"}, {"summary_size": 0},
