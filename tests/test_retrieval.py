@@ -213,9 +213,9 @@ def test_rows_of_a_batch_choose_their_own_blocks(path, monkeypatch):
 @pytest.mark.parametrize("spec,params", [
     ("retrieval", SCHEDULE), ("retrieval+dca", {**SCHEDULE, "local_window": 3, "chunk_len": 7}),
 ])
-def test_gradients_through_the_union_path_match_dense(path, spec, params):
-    """A fine-tune step of short pieces: the union path rotates each key map only where a view may be taken, and
-    the blocks path merges into reused buffers; gradients equal `dense`'s (the same chosen keys, autograd)."""
+def test_gradients_on_short_pieces_match_dense(path, spec, params):
+    """A fine-tune step of short pieces on both blockwise paths (the union path rotates each key map only where a
+    view may be taken; the blocks path merges head groups in place): gradients equal `dense`'s."""
     ids = token_ids(2, 22)
     grads = {}
     for backend in ("dense", "blockwise"):
