@@ -97,6 +97,11 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _either(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """The union of two column masks, None standing for every column."""
+    return None if a is None or b is None else a | b
+
+
 @dataclass
 class LayerRuntime:
     """One layer's plan, bound to its rotary map and its per-layer tensors."""
@@ -116,14 +121,28 @@ class LayerRuntime:
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
         return x if self.rotary is None else self.rotary.rotate(x, positions)
 
-    def rotated_views(self, x: Tensor, positions: Tensor, side: int) -> list[Tensor]:
-        """x rotated for every view; side 0 = queries, 1 = keys. Views sharing a map share one rotation
-        (dca's three views rotate keys alike)."""
-        rotated: dict[Callable[[Tensor], Tensor], Tensor] = {}
-        for view in self.views():
-            if view[side] not in rotated:
-                rotated[view[side]] = self.rotate(x, view[side](positions))
+    def rotated_views(self, x: Tensor, positions: Tensor, side: int, needed: list[Tensor] | None = None) -> list[Tensor]:
+        """x (B, H, T, d) rotated for every view; side 0 = queries, 1 = keys. Views sharing a map share one rotation
+        (dca's three views rotate keys alike). `needed`, per view a (T,) bool: rotate only those columns (a map
+        shared by views at the union of theirs), zeros elsewhere."""
+        if needed is None:
+            needed = [None] * len(self.views())
+        wanted: dict[Callable[[Tensor], Tensor], Tensor | None] = {}
+        for view, need in zip(self.views(), needed):
+            to = view[side]
+            wanted[to] = _either(wanted[to], need) if to in wanted else need
+        rotated = {to: self._rotated_at(x, positions, to, need) for to, need in wanted.items()}
         return [rotated[view[side]] for view in self.views()]
+
+    def _rotated_at(self, x: Tensor, positions: Tensor, to: Callable[[Tensor], Tensor], need: Tensor | None) -> Tensor:
+        """x rotated by `to`(positions), at every column or only at `need`'s (zeros elsewhere)."""
+        if need is None:
+            return self.rotate(x, to(positions))
+        cols = need.nonzero().flatten()
+        out = torch.zeros_like(x)
+        if cols.numel():
+            out.index_copy_(2, cols, self.rotate(x.index_select(2, cols), to(positions.index_select(1, cols))))
+        return out
 
     def modify(self, views: list[Tensor], positions: Tensor, centre: Tensor, side: int) -> list[Tensor]:
         """Apply the modifiers (xpos) to every view: queries (side 0) or keys (side 1), centre (B, 1)."""

@@ -219,23 +219,14 @@ def _union_chunks(q, k, v, q_views, k_views, call: AttentionCall, layer: LayerRu
 
 
 def _key_views(layer: LayerRuntime, k: Tensor, positions: Tensor, i: Tensor) -> list[Tensor]:
-    """k (B, Hk, K, d) at `positions` (B, K) rotated for every view, for a chunk's queries at i (B, C): each key map
-    only at the columns some pair of the chunk may take one of its views for (`view_needs`), zero elsewhere (scores
-    no pair takes from that view). A decoding step's near view is then its window, not every key it may see."""
+    """k (B, Hk, K, d) at `positions` (B, K) rotated for every view, for a chunk's queries at i (B, C): each view
+    only at the columns some pair of the chunk may take it for (`view_needs`), zero elsewhere (scores no pair takes
+    from that view). A decoding step's near view is then its window, not every key it may see."""
     i_lo, i_hi = i.amin(-1, keepdim=True), i.amax(-1, keepdim=True)  # (B, 1)
     needs = [need.any(0) for need in layer.view_needs(i_lo, i_hi, positions, positions)]  # per view (K,)
     if layer.rotary is None or all(bool(need.all()) for need in needs):
         return layer.rotated_views(k, positions, 1)
-    wanted: dict[Callable[[Tensor], Tensor], Tensor] = {}  # views that share a key map rotate once
-    for (_, key_map), need in zip(layer.views(), needs):
-        wanted[key_map] = need | wanted[key_map] if key_map in wanted else need
-    rotated = {}
-    for key_map, need in wanted.items():
-        cols = need.nonzero().flatten()
-        view = rotated[key_map] = torch.zeros_like(k)
-        if cols.numel():
-            view.index_copy_(2, cols, layer.rotate(k.index_select(2, cols), key_map(positions.index_select(1, cols))))
-    return [rotated[key_map] for _, key_map in layer.views()]
+    return layer.rotated_views(k, positions, 1, needs)
 
 
 def _scores(
