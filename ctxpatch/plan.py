@@ -135,8 +135,9 @@ class LayerRuntime:
         return [rotated[view[side]] for view in self.views()]
 
     def _rotated_at(self, x: Tensor, positions: Tensor, to: Callable[[Tensor], Tensor], need: Tensor | None) -> Tensor:
-        """x rotated by `to`(positions), at every column or only at `need`'s (zeros elsewhere)."""
-        if need is None:
+        """x rotated by `to`(positions), at every column or only at `need`'s (zeros elsewhere); a map needed at every
+        column, or a layer without rotary, is rotated whole (no gather)."""
+        if need is None or self.rotary is None or bool(need.all()):
             return self.rotate(x, to(positions))
         cols = need.nonzero().flatten()
         out = torch.zeros_like(x)

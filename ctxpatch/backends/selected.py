@@ -224,8 +224,6 @@ def _key_views(layer: LayerRuntime, k: Tensor, positions: Tensor, i: Tensor) -> 
     from that view). A decoding step's near view is then its window, not every key it may see."""
     i_lo, i_hi = i.amin(-1, keepdim=True), i.amax(-1, keepdim=True)  # (B, 1)
     needs = [need.any(0) for need in layer.view_needs(i_lo, i_hi, positions, positions)]  # per view (K,)
-    if layer.rotary is None or all(bool(need.all()) for need in needs):
-        return layer.rotated_views(k, positions, 1)
     return layer.rotated_views(k, positions, 1, needs)
 
 
