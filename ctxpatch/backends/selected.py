@@ -7,7 +7,7 @@ each head group) chooses; dense, blockwise and flex all ask it, so they see the 
 The blockwise path computes a layer under a selection in time linear in the length: per query chunk, the pairs
 seen whatever the content (window, sinks) against only those keys; then, per head group, the (query, chosen
 block) pairs sorted by block, one fused call per block on the rows that chose it, each call's (log-sum-exp,
-output) rows kept per (query, choice) and merged into the rows' softmax once per window of queries, so a query
+output) rows kept apart and merged into the rows' softmax once per window of queries, so a query
 costs S + W + k·B products, not n, the calls grow with the number of blocks and the memory stays that of the
 output plus one window's parts (`SLOT_BUDGET`). A call with a few queries (decoding, short pieces) takes every
 block its queries chose at once instead (`UNION_MAX`).
@@ -425,9 +425,9 @@ class _RowSoftmax:
     def __init__(self, lse: Tensor, out: Tensor):
         self.lse, self.out = lse, out
 
-    def add(self, rows: Tensor, slot: Tensor | None, lse: Tensor, out: Tensor) -> None:
+    def add(self, rows: Tensor, lse: Tensor, out: Tensor) -> None:
         """Merge a part's (lse (share, P), out (share, P, dv)) into the rows (P,), each row once; a part's empty
-        rows have lse -inf (a row's own window part never does). `slot` (which choice) is not needed here."""
+        rows have lse -inf (a row's own window part never does)."""
         old, lse = self.lse.index_select(1, rows), lse.to(self.lse.dtype)
         new = torch.logaddexp(old, lse)
         out = self.out.index_select(1, rows) * torch.exp(old - new)[..., None] + out * torch.exp(lse - new)[..., None]
@@ -450,7 +450,7 @@ def _chosen_pairs(state: _RowSoftmax, group: _HeadGroup, blocks: _Blocks, top: T
 def _window_pairs(state: _RowSoftmax, group: _HeadGroup, blocks: _Blocks, top: Tensor, r0: int, call, layer,
                   fused: bool, scratch: _Scratch):
     """The chosen blocks of rows r0.. (top (R, k)): the pairs that see a whole block in one view through the fused
-    kernel, each kept in its (row, slot) and merged once; the others merged as they come."""
+    kernel, kept apart and merged once; the others merged as they come."""
     count = top.shape[1]
     chosen = top.flatten()  # (R·k,) pairs, query-major
     pair = (chosen >= 0).nonzero().flatten()
@@ -459,17 +459,17 @@ def _window_pairs(state: _RowSoftmax, group: _HeadGroup, blocks: _Blocks, top: T
     if not fused:
         clean = torch.zeros_like(clean)
     if bool(clean.any()):
-        slots = _SlotParts(state, r0, top.shape[0], count, scratch)
+        parts = _WindowParts(state, r0, top.shape[0], count, scratch)
         for n in view[clean].unique().tolist():
             mine = (clean & (view == n)).nonzero().flatten()
             mine = mine[torch.argsort(chosen[mine], stable=True)]  # grouped by block
-            _fused_blocks(slots, group, n, rows[mine], chosen[mine], blocks, call.scaling, slot[mine])
-        slots.merge()
+            _fused_blocks(parts, group, n, rows[mine], chosen[mine], blocks, call.scaling)
+        parts.merge()
     rest = (~clean).nonzero().flatten()
     widest = group.v.shape[0] * blocks.width * max(group.v.shape[-1], group.k_views[0].shape[-1])
     for p in torch.split(rest, max(1, PAIR_BUDGET // widest)) if rest.numel() else ():
         if fused:
-            _masked_pairs(state, group, rows[p], chosen[p], slot[p], blocks, call, layer)
+            _masked_pairs(state, group, rows[p], chosen[p], blocks, call, layer)
         else:
             _explicit_pairs(state, group, rows[p], chosen[p], slot[p], blocks, call, layer)
 
@@ -490,42 +490,45 @@ class _Scratch:
         return flat[:need].view(shape)
 
 
-class _SlotParts:
+class _WindowParts:
     """A window of rows' chosen-block parts, kept apart and merged into the window's running softmax in one step:
-    each fused call writes its rows' parts at their (row, choice slot), no read-modify-write of the rows' outputs,
-    and the merge reads them in that order as they lie."""
+    each fused call appends its rows' parts as they come (a slice copy, no read-modify-write of the rows'
+    outputs), and the merge sums every row's parts with one scatter per tensor."""
 
     def __init__(self, state: _RowSoftmax, r0: int, rows: int, count: int, scratch: _Scratch):
         share, _, dv = state.out.shape
-        self.state, self.window, self.count = state, slice(r0, r0 + rows), count
-        self.lse = scratch.take("lse", (share, rows * count), state.lse).fill_(float("-inf"))  # (share, R·k)
-        self.out = scratch.take("out", (share, rows * count, dv), state.out)  # (share, R·k, dv): slots written only
-        self.filled = torch.zeros(rows * count, dtype=torch.bool, device=state.out.device)  # (R·k,)
+        self.state, self.window, self.used = state, slice(r0, r0 + rows), 0
+        self.lse = scratch.take("lse", (share, rows * count), state.lse)  # (share, R·k): at most k parts a row
+        self.out = scratch.take("out", (share, rows * count, dv), state.out)  # (share, R·k, dv)
+        index = state.lse.new_zeros((), dtype=torch.long)
+        self.rows = scratch.take("rows", (rows * count,), index)  # (R·k,) each part's row in the window
 
-    def add(self, rows: Tensor, slot: Tensor, lse: Tensor, out: Tensor) -> None:
-        """A call's parts: rows (c,) and their slots, lse (share, c), out (share, c, dv)."""
-        at = (rows - self.window.start) * self.count + slot  # (c,) row·k + slot
-        self.lse.index_copy_(1, at, lse.to(self.lse.dtype))  # a bf16 call's output comes in bf16
-        self.out.index_copy_(1, at, out.to(self.out.dtype))
-        self.filled[at] = True
+    def add(self, rows: Tensor, lse: Tensor, out: Tensor) -> None:
+        """A call's parts: rows (c,), lse (share, c), out (share, c, dv)."""
+        at = slice(self.used, self.used + rows.numel())
+        self.lse[:, at].copy_(lse)  # a bf16 call's output comes in bf16
+        self.out[:, at].copy_(out)
+        self.rows[at].copy_(rows - self.window.start)
+        self.used = at.stop
 
     def merge(self) -> None:
-        state, (share, _, dv) = self.state, self.out.shape
-        rows = self.window.stop - self.window.start
-        self.out.index_fill_(1, (~self.filled).nonzero().flatten(), 0.0)  # a slot with no part weighs 0: no stale NaN
-        lse = torch.cat([state.lse[:, self.window, None], self.lse.view(share, rows, self.count)], -1)
-        total = torch.logsumexp(lse, -1)  # lse (share, R, 1+k) -> (share, R)
-        weight = torch.exp(lse - total[..., None])  # (share, R, 1+k)
-        parts = self.out.view(share * rows, self.count, dv)  # (share, R·k, dv) -> (share·R, k, dv)
-        blocks = (weight[..., 1:].reshape(share * rows, 1, self.count) @ parts).view(share, rows, dv)
-        state.out[:, self.window] = state.out[:, self.window] * weight[..., :1] + blocks
+        """Per row: lse = logsumexp(its window part, its parts), out their lse-weighted sum. A row's window part is
+        never empty (it holds the query itself), so its lse is a finite start for the row's maximum."""
+        state, used = self.state, self.used
+        rows, lse, out = self.rows[:used], self.lse[:, :used], self.out[:, :used]  # (P,), (share, P), (share, P, dv)
+        near = state.lse[:, self.window]  # (share, R)
+        top = near.scatter_reduce(1, rows.expand_as(lse), lse, "amax")  # (share, R) each row's largest lse
+        total = torch.exp(near - top).index_add_(1, rows, torch.exp(lse - top[:, rows])).log_() + top  # (share, R)
+        out.mul_(torch.exp(lse - total[:, rows])[..., None])  # in place: the scratch's pages are already there
+        state.out[:, self.window] = (state.out[:, self.window] * torch.exp(near - total)[..., None]).index_add_(
+            1, rows, out)
         state.lse[:, self.window] = total
 
 
-def _fused_blocks(into, group: _HeadGroup, n: int, rows: Tensor, chosen: Tensor, blocks, scale, slot: Tensor,
+def _fused_blocks(into, group: _HeadGroup, n: int, rows: Tensor, chosen: Tensor, blocks, scale,
                   owned: Tensor | None = None) -> None:
     """Pairs (rows, chosen) grouped by block, each through one fused call per block in view n: the whole block, or
-    the keys `owned` (P, Wb) of it; each call's rows added `into` a running softmax (with their choice slots)."""
+    the keys `owned` (P, Wb) of it; each call's rows added `into` a running softmax."""
     q = group.q(n)  # (share, Tq, d)
     counts = torch.bincount(chosen, minlength=blocks.starts.numel()).tolist()
     starts, stops = blocks.starts.tolist(), blocks.stops.tolist()
@@ -539,7 +542,7 @@ def _fused_blocks(into, group: _HeadGroup, n: int, rows: Tensor, chosen: Tensor,
             mask.masked_fill_(~owned[first : first + c, : cols.stop - cols.start], float("-inf"))
         out, lse = lse_views.attend(q.index_select(1, these)[None], group.k_views[n][None, :, cols],
                                     group.v[None, :, cols], mask, scale)
-        into.add(these, slot[first : first + c], lse[0], out[0])
+        into.add(these, lse[0], out[0])
         first += c
 
 
@@ -572,8 +575,7 @@ def _pair_grids(group: _HeadGroup, rows: Tensor, chosen: Tensor, blocks: _Blocks
     return keys, seen & inside.view(pairs, 1, 1, -1), i, j
 
 
-def _masked_pairs(state: _RowSoftmax, group: _HeadGroup, rows: Tensor, chosen: Tensor, slot: Tensor, blocks: _Blocks,
-                  call, layer):
+def _masked_pairs(state: _RowSoftmax, group: _HeadGroup, rows: Tensor, chosen: Tensor, blocks: _Blocks, call, layer):
     """Pairs (rows, chosen) that see part of their block, or it in several views: per view, the pairs that see some
     of it in that view, one masked fused call per block."""
     _, seen, i, j = _pair_grids(group, rows, chosen, blocks, call, layer)
@@ -583,7 +585,7 @@ def _masked_pairs(state: _RowSoftmax, group: _HeadGroup, rows: Tensor, chosen: T
         some = owned.any(-1).nonzero().flatten()
         some = some[torch.argsort(chosen[some], stable=True)]
         if some.numel():
-            _fused_blocks(state, group, n, rows[some], chosen[some], blocks, call.scaling, slot[some], owned[some])
+            _fused_blocks(state, group, n, rows[some], chosen[some], blocks, call.scaling, owned[some])
 
 
 def _explicit_pairs(state: _RowSoftmax, group: _HeadGroup, rows: Tensor, chosen: Tensor, slot: Tensor,
@@ -599,4 +601,4 @@ def _explicit_pairs(state: _RowSoftmax, group: _HeadGroup, rows: Tensor, chosen:
     lse, out = lse[..., 0].transpose(0, 1), out[:, :, 0].transpose(0, 1)  # (share, P), (share, P, dv)
     for s in slot.unique().tolist():
         mine = (slot == s).nonzero().flatten()
-        state.add(rows[mine], None, lse[:, mine], out[:, mine])
+        state.add(rows[mine], lse[:, mine], out[:, mine])
