@@ -33,7 +33,7 @@ def path(request, monkeypatch):
     monkeypatch.setattr(selected, "UNION_MAX", 10**9 if request.param == "union" else 0)
     monkeypatch.setattr(selected, "ROWS", 4)  # several chunks at the tests' 22 queries, narrower than a window
     monkeypatch.setattr(selected, "PAIR_BUDGET", 700)  # several batches of explicit pairs per head group
-    monkeypatch.setattr(selected, "SLOT_BUDGET", 160)  # chosen blocks merged in windows of 2 to 10 of the 22 rows
+    monkeypatch.setattr(selected, "PARTS_BUDGET", 160)  # chosen blocks merged in windows of 2 to 10 of the 22 rows
     return request.param
 
 

@@ -9,7 +9,7 @@ seen whatever the content (window, sinks) against only those keys; then, per hea
 block) pairs sorted by block, one fused call per block on the rows that chose it, each call's (log-sum-exp,
 output) rows kept apart and merged into the rows' softmax once per window of queries, so a query
 costs S + W + k·B products, not n, the calls grow with the number of blocks and the memory stays that of the
-output plus one window's parts (`SLOT_BUDGET`). A call with a few queries (decoding, short pieces) takes every
+output plus one window's parts (`PARTS_BUDGET`). A call with a few queries (decoding, short pieces) takes every
 block its queries chose at once instead (`UNION_MAX`).
 """
 
@@ -435,14 +435,14 @@ class _RowSoftmax:
         self.lse.index_copy_(1, rows, new)
 
 
-SLOT_BUDGET = 1 << 24  # elements of one row window's chosen-block outputs kept apart (share, rows, k, dv)
+PARTS_BUDGET = 1 << 24  # elements of one row window's chosen-block outputs kept apart (share, rows, k, dv)
 
 
 def _chosen_pairs(state: _RowSoftmax, group: _HeadGroup, blocks: _Blocks, top: Tensor, call, layer, fused: bool,
                   scratch: _Scratch):
     """Each query's chosen blocks, top (Tq, k) (-1: no choice), merged into `state`, a window of rows at a time."""
     share, _, dv = state.out.shape
-    window = max(1, SLOT_BUDGET // (share * max(1, top.shape[1]) * dv))
+    window = max(1, PARTS_BUDGET // (share * max(1, top.shape[1]) * dv))
     for r0 in range(0, top.shape[0], window):
         _window_pairs(state, group, blocks, top[r0 : r0 + window], r0, call, layer, fused, scratch)
 
