@@ -107,6 +107,22 @@ def test_text_shorter_than_the_request_is_an_error(encoder):
         data.ppl_docs(encoder, short, data.PplRequest(lengths=(4096,), tail=32, train_len=128, samples=1, seed=0))
 
 
+def test_samples_past_the_text_overlap_halfway_and_the_fitting_ones_stay(encoder, corpus):
+    length, stride = 256, 256 + data.MAX_SHIFT
+    apart = data.window_starts(0, length, 3)
+    short = data.Corpus(encoder, encoder.decode(corpus.ids(apart[2])[: apart[1] + stride + 8]))  # two windows
+    assert data.sample_starts(short, 0, length, 2) == apart[:2]
+    assert data.sample_starts(short, 0, length, 3) == [apart[0], apart[1], apart[0] + stride // 2]
+    with pytest.raises(EvalError, match=r"it holds 3: 2 apart and 1 overlapping them\): pass a longer text"):
+        data.sample_starts(short, 0, length, 4)
+    request = data.RetrievalRequest(lengths=(length,), depths=(0.5,), samples=3, seed=0)
+    three = data.niah_docs(encoder, short, request)
+    two = data.niah_docs(encoder, short, data.RetrievalRequest(lengths=(length,), depths=(0.5,), samples=2, seed=0))
+    assert [d["context"] for d in three[:2]] == [d["context"] for d in two]  # recorded scores stay theirs
+    needles = [d["start_token"] + d["key_depth"] * length for d in three]
+    assert all(abs(needles[a] - needles[b]) > length / 4 for a in range(3) for b in range(a + 1, 3))
+
+
 def test_tail_must_fit_the_shortest_length(encoder, corpus):
     with pytest.raises(EvalError, match="tail=200"):
         data.ppl_docs(encoder, corpus, data.PplRequest(lengths=(128,), tail=200, train_len=128, samples=1, seed=0))

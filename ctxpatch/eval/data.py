@@ -94,6 +94,13 @@ class Corpus:
             )
         return self._ids
 
+    def count(self, need: int) -> int:
+        """The text's tokens counted up to `need` (all of them when it has fewer), with no error."""
+        try:
+            return len(self.ids(need))
+        except EvalError:
+            return len(self._ids)
+
 
 def rng_for(*parts: object) -> random.Random:
     """A random generator seeded by its purpose (string seeds are stable across runs and machines)."""
@@ -104,6 +111,26 @@ def window_starts(seed: int, length: int, samples: int) -> list[int]:
     """Where sample i's window starts: back to back from a seed-chosen offset, so samples share no token."""
     offset = rng_for("ctxpatch-offset", seed).randrange(0, 1024)
     return [offset + i * (length + MAX_SHIFT) for i in range(samples)]
+
+
+def sample_starts(corpus: Corpus, seed: int, length: int, samples: int) -> list[int]:
+    """`window_starts` while the text holds them; past that, sample m + t (m the windows that fit, t < m - 1)
+    starts halfway between windows t and t + 1: its window overlaps their halves, but its needle goes in half a
+    window away from theirs and its scored tail is text no other window scores (the four held-out plays hold two
+    64k windows apart, three this way). The samples that fit never move: a score recorded for one stays its own."""
+    apart = window_starts(seed, length, samples)
+    have = corpus.count(apart[-1] + length + MAX_SHIFT)
+    fit = sum(start + length + MAX_SHIFT <= have for start in apart)
+    if fit == samples:
+        return apart
+    if samples > 2 * fit - 1:
+        raise EvalError(
+            f"the {corpus.name} has {have} tokens but this request needs {apart[-1] + length + MAX_SHIFT} "
+            f"({samples} samples of {length} tokens; it holds {max(0, 2 * fit - 1)}: {fit} apart and "
+            f"{max(0, fit - 1)} overlapping them): pass a longer text (--text FILE ...) or fewer samples"
+        )
+    stride = length + MAX_SHIFT
+    return apart[:fit] + [apart[t] + stride // 2 for t in range(samples - fit)]
 
 
 def fit_exact(count: Callable[[int], int], target: int, guess: int, low: int = 0) -> int | None:
@@ -150,11 +177,11 @@ def ppl_docs(encoder: Encoder, corpus: Corpus, request: PplRequest) -> list[dict
     native context (the window's last min(n, train_len) tokens minus the tail), as a pair of docs that share
     `window` (an id) and differ in `context_kind` ("full" / "native")."""
     check_tail(request)
-    need = window_starts(request.seed, max(request.lengths), request.samples)[-1] + max(request.lengths) + MAX_SHIFT
-    ids = corpus.ids(need)
+    starts = {n: sample_starts(corpus, request.seed, n, request.samples) for n in request.lengths}
+    ids = corpus.ids(max(max(s) + n for n, s in starts.items()) + MAX_SHIFT)
     docs = []
     for length in tqdm(request.lengths, desc="perplexity windows", leave=False):
-        for sample, start in enumerate(window_starts(request.seed, length, request.samples)):
+        for sample, start in enumerate(starts[length]):
             docs.extend(ppl_window(encoder, ids, start, length, request, sample))
     return docs
 
@@ -300,13 +327,13 @@ def niah_prompt(haystack: str, value: str, depth: float, separator: str) -> str:
 
 
 def niah_docs(encoder: Encoder, corpus: Corpus, request: RetrievalRequest) -> list[dict]:
-    need = window_starts(request.seed, max(request.lengths), request.samples)[-1] + max(request.lengths) + MAX_SHIFT
-    ids = corpus.ids(need)
+    starts = {n: sample_starts(corpus, request.seed, n, request.samples) for n in request.lengths}
+    ids = corpus.ids(max(max(s) + n for n, s in starts.items()) + MAX_SHIFT)
     docs = []
     grid = [(n, d, s) for n in request.lengths for d in request.depths for s in range(request.samples)]
     guesses: dict[int, int] = {}
     for length, depth, sample in tqdm(grid, desc="needle prompts", leave=False):
-        start = window_starts(request.seed, length, request.samples)[sample]
+        start = starts[length][sample]
         value = str(rng_for("niah", request.seed, length, depth, sample).randint(1000000, 9999999))
         doc, guesses[length] = niah_doc(encoder, ids, start, value, length, depth, guesses.get(length, length * 9 // 10))
         docs.append({**doc, "sample": sample, "start_token": start})

@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 from ..eval import data
-from ..eval.errors import EvalError
 from .candidates import Candidate
 from .schedule import depth
 
@@ -103,20 +102,10 @@ class EvalScorer:
 def available_windows(corpus: data.Corpus, seed: int, length: int, most: int) -> int:
     """How many perplexity windows of `length` tokens the text holds (at most `most`)."""
     need = data.window_starts(seed, length, most)[-1] + length + data.MAX_SHIFT
-    try:
-        have = len(corpus.ids(need))
-    except EvalError:
-        have = len(corpus._ids)  # the whole text, tokenized by the failed request
+    have = corpus.count(need)
     count = 0
     for start in data.window_starts(seed, length, most):
         if start + length + data.MAX_SHIFT <= have:
             count += 1
     return count
 
-
-def token_count(corpus: data.Corpus, need: int) -> int:
-    """The text's tokens, counted up to `need` (the whole text when it is shorter)."""
-    try:
-        return len(corpus.ids(need))
-    except EvalError:
-        return len(corpus._ids)
