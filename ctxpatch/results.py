@@ -210,11 +210,13 @@ def _best_ratio(candidates: list[Cell]) -> Cell | None:
 
 
 def _best_retrieval(candidates: list[Cell]) -> Cell | None:
-    """Most prompts found, as a share of the prompts it was given; ties go to the lower ratio."""
+    """The highest share of prompts found that its prompts support: the lower end of the 95% Wilson interval (12
+    of 16 outranks 3 of 3); ties go to the higher share, then to the lower ratio."""
     measured = [c for c in candidates if c.retrieval()[1]]
     if not measured:
         return None
-    return max(measured, key=lambda c: (c.retrieval()[0] / c.retrieval()[1], -(c.ratio or float("inf"))))
+    return max(measured, key=lambda c: (wilson_interval(*c.retrieval())[0], c.retrieval()[0] / c.retrieval()[1],
+                                        -(c.ratio or float("inf"))))
 
 
 def pick(candidates: list[Cell]) -> str:
@@ -243,8 +245,9 @@ def pick(candidates: list[Cell]) -> str:
 
 def which_table(index: Index) -> str:
     """The "Which method?" table: per target (2x..16x the trained length), the measured pick without training
-    and after a recipe. Best perplexity = lowest ratio; best retrieval = the largest share of passkey and
-    needle prompts found (pooled), ties to the lower ratio; `none` (unpatched) is never a pick."""
+    and after a recipe. Best perplexity = lowest ratio; best retrieval = the highest lower end of the 95% interval
+    of the share of passkey and needle prompts found (pooled), ties to the lower ratio; `none` (unpatched) is never
+    a pick."""
     length = train_len(index)
     free = [c for c in cells(index, "training-free") if c.label != "none"]
     tuned = cells(index, "fine-tuned")

@@ -170,6 +170,14 @@ def test_pick_names_both_and_says_when_the_intervals_overlap():
     assert wilson_interval(0, 40)[1] < wilson_interval(40, 40)[0]
 
 
+def test_the_retrieval_pick_is_the_share_its_prompts_support():
+    few, many = cell("few", 1.2, 3, 3), cell("many", 1.3, 12, 16)
+    assert wilson_interval(3, 3)[0] < wilson_interval(12, 16)[0]  # 44% against 51%, though 3/3 > 12/16
+    assert "for retrieval `many`" in results.pick([few, many]) and "overlap `few`'s, 3/3" in results.pick([many, few])
+    tied = results.pick([cell("a", 1.0, 4, 5), cell("b", 1.1, 4, 5)])
+    assert tied.startswith("for perplexity and retrieval `a`")  # equal counts: the lower ratio
+
+
 # ---- the README ----------------------------------------------------------------------------------------------
 
 
