@@ -55,26 +55,35 @@ class BlockChoice:
         """(B, Hs, C, k) the blocks each query chooses (in no order), -1 where it has fewer candidates; q (B, H, C, d)
         un-rotated, i (B, C) its positions. Hs is H, Hk or 1 as the selection's `per` says."""
         batch, heads, rows, dim = q.shape
+        allowed = self._allowed(i)  # (B, 1, C, nb)
+        reach = int(allowed.flatten(0, -2).any(0).nonzero().max()) + 1 if bool(allowed.any()) else 1
+        allowed, parts = allowed[..., :reach], reach * self.selection.parts  # blocks past every candidate: unscored
         groups = heads // self.kv_heads
         grouped = q.to(compute_dtype(q)).view(batch, self.kv_heads, groups, rows, dim)  # (B, Hk, G, C, d)
         per = self.selection.sharing
         if self.selection.linear and per != "head":  # Σ_g score(q_g) = score(Σ_g q_g): one product, not G
             grouped = grouped.sum(2, keepdim=True)  # (B, Hk, 1, C, d)
-        scores = self.selection.score(grouped, self.summary)  # (B, Hk, G or 1, C, nb·parts)
+        summary = {name: value[:, :, :parts] for name, value in self.summary.items()}
+        scores = self.selection.score(grouped, summary)  # (B, Hk, G or 1, C, reach·parts)
         if per == "head":
-            scores = scores.reshape(batch, heads, rows, -1)  # (B, H, C, nb·parts)
+            scores = scores.reshape(batch, heads, rows, -1)  # (B, H, C, reach·parts)
         elif per == "kv_head":
-            scores = scores[:, :, 0] if scores.shape[2] == 1 else scores.sum(2)  # (B, Hk, C, nb·parts)
+            scores = scores[:, :, 0] if scores.shape[2] == 1 else scores.sum(2)  # (B, Hk, C, reach·parts)
         else:
-            scores = scores.sum((1, 2))[:, None]  # (B, 1, C, nb·parts)
+            scores = scores.sum((1, 2))[:, None]  # (B, 1, C, reach·parts)
         if self.selection.parts > 1:  # a block scores as its best part (empty parts repeat a filled one's score)
-            scores = scores.unflatten(-1, (self.blocks, -1)).amax(-1)  # (B, Hs, C, nb, parts) -> (B, Hs, C, nb)
-        scores = _coarse(scores)
-        blocks = torch.arange(self.blocks, device=q.device)
+            scores = scores.unflatten(-1, (reach, -1)).amax(-1)  # (B, Hs, C, reach, parts) -> (B, Hs, C, reach)
+        top = _top_blocks(_coarse(scores).masked_fill(~allowed, float("-inf")), self.selection.count)
+        width = min(self.selection.count, self.blocks)  # every chunk's answer as wide, whatever its reach
+        return F.pad(top, (0, width - top.shape[-1]), value=-1)
+
+    def _allowed(self, i: Tensor) -> Tensor:
+        """(B, 1, C, nb) bool: the blocks a query at i (B, C) may choose (candidates holding a real key)."""
+        blocks = torch.arange(self.blocks, device=i.device)
         allowed = self.selection.candidates(i[:, None, :, None], blocks) & self.occupied[:, None, None, :]
         if self.native_window is not None:  # the model's own window wins: choose among blocks wholly inside it
             allowed &= blocks * self.selection.block > i[:, None, :, None] - self.native_window
-        return _top_blocks(scores.masked_fill(~allowed, float("-inf")), self.selection.count)
+        return allowed
 
     def chosen(self, q: Tensor, i: Tensor) -> Tensor:
         """(B, Hs, C, nb) bool: the blocks each query chooses (see `top`)."""
