@@ -246,8 +246,8 @@ def pick(candidates: list[Cell]) -> str:
 def which_table(index: Index) -> str:
     """The "Which method?" table: per target (2x..16x the trained length), the measured pick without training
     and after a recipe. Best perplexity = lowest ratio; best retrieval = the highest lower end of the 95% interval
-    of the share of passkey and needle prompts found (pooled), ties to the lower ratio; `none` (unpatched) is never
-    a pick."""
+    of the share of passkey and needle prompts found (pooled), ties to the higher share, then the lower ratio;
+    `none` (unpatched) is never a pick."""
     length = train_len(index)
     free = [c for c in cells(index, "training-free") if c.label != "none"]
     tuned = cells(index, "fine-tuned")

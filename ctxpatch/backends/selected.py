@@ -56,7 +56,8 @@ class BlockChoice:
         un-rotated, i (B, C) its positions. Hs is H, Hk or 1 as the selection's `per` says."""
         batch, heads, rows, dim = q.shape
         allowed = self._allowed(i)  # (B, 1, C, nb)
-        reach = int(allowed.flatten(0, -2).any(0).nonzero().max()) + 1 if bool(allowed.any()) else 1
+        some = allowed.flatten(0, -2).any(0)  # (nb,) blocks some query of the chunk may choose
+        reach = int(some.nonzero().max()) + 1 if bool(some.any()) else 1
         allowed, parts = allowed[..., :reach], reach * self.selection.parts  # blocks past every candidate: unscored
         groups = heads // self.kv_heads
         grouped = q.to(compute_dtype(q)).view(batch, self.kv_heads, groups, rows, dim)  # (B, Hk, G, C, d)

@@ -113,19 +113,31 @@ def window_starts(seed: int, length: int, samples: int) -> list[int]:
     return [offset + i * (length + MAX_SHIFT) for i in range(samples)]
 
 
+def windows_apart(corpus: Corpus, seed: int, length: int, most: int) -> int:
+    """How many of the first `most` windows of `window_starts` (`length` tokens) the text holds."""
+    starts = window_starts(seed, length, most)
+    have = corpus.count(starts[-1] + length + MAX_SHIFT)
+    return sum(start + length + MAX_SHIFT <= have for start in starts)
+
+
+def sample_windows(corpus: Corpus, request) -> tuple[dict[int, list[int]], list[int]]:
+    """Per length of the request, its samples' window starts (`sample_starts`), and the text's ids they need."""
+    starts = {n: sample_starts(corpus, request.seed, n, request.samples) for n in request.lengths}
+    return starts, corpus.ids(max(max(s) + n for n, s in starts.items()) + MAX_SHIFT)
+
+
 def sample_starts(corpus: Corpus, seed: int, length: int, samples: int) -> list[int]:
     """`window_starts` while the text holds them; past that, sample m + t (m the windows that fit, t < m - 1)
     starts halfway between windows t and t + 1: its window overlaps their halves, but its needle goes in half a
     window away from theirs and its scored tail is text no other window scores (the four held-out plays hold two
     64k windows apart, three this way). The samples that fit never move: a score recorded for one stays its own."""
-    apart = window_starts(seed, length, samples)
-    have = corpus.count(apart[-1] + length + MAX_SHIFT)
-    fit = sum(start + length + MAX_SHIFT <= have for start in apart)
+    apart, fit = window_starts(seed, length, samples), windows_apart(corpus, seed, length, samples)
     if fit == samples:
         return apart
     if samples > 2 * fit - 1:
+        need = apart[-1] + length + MAX_SHIFT
         raise EvalError(
-            f"the {corpus.name} has {have} tokens but this request needs {apart[-1] + length + MAX_SHIFT} "
+            f"the {corpus.name} has {corpus.count(need)} tokens but this request needs {need} "
             f"({samples} samples of {length} tokens; it holds {max(0, 2 * fit - 1)}: {fit} apart and "
             f"{max(0, fit - 1)} overlapping them): pass a longer text (--text FILE ...) or fewer samples"
         )
@@ -177,8 +189,7 @@ def ppl_docs(encoder: Encoder, corpus: Corpus, request: PplRequest) -> list[dict
     native context (the window's last min(n, train_len) tokens minus the tail), as a pair of docs that share
     `window` (an id) and differ in `context_kind` ("full" / "native")."""
     check_tail(request)
-    starts = {n: sample_starts(corpus, request.seed, n, request.samples) for n in request.lengths}
-    ids = corpus.ids(max(max(s) + n for n, s in starts.items()) + MAX_SHIFT)
+    starts, ids = sample_windows(corpus, request)
     docs = []
     for length in tqdm(request.lengths, desc="perplexity windows", leave=False):
         for sample, start in enumerate(starts[length]):
@@ -327,8 +338,7 @@ def niah_prompt(haystack: str, value: str, depth: float, separator: str) -> str:
 
 
 def niah_docs(encoder: Encoder, corpus: Corpus, request: RetrievalRequest) -> list[dict]:
-    starts = {n: sample_starts(corpus, request.seed, n, request.samples) for n in request.lengths}
-    ids = corpus.ids(max(max(s) + n for n, s in starts.items()) + MAX_SHIFT)
+    starts, ids = sample_windows(corpus, request)
     docs = []
     grid = [(n, d, s) for n in request.lengths for d in request.depths for s in range(request.samples)]
     guesses: dict[int, int] = {}

@@ -200,7 +200,8 @@ def tune(model: Any, tokenizer: Any = None, *, target_len: int | str, texts: Seq
 
     windows = None
     if scorer is None:
-        from .scorer import EvalScorer, available_windows
+        from ..eval import data
+        from .scorer import EvalScorer
 
         text, name = read_text(texts, text_files)
         scorer = EvalScorer(model, tokenizer, text, train_len=info.train_len, target_len=target_len, tail=tail,
@@ -209,7 +210,7 @@ def tune(model: Any, tokenizer: Any = None, *, target_len: int | str, texts: Seq
 
         def windows(n: int) -> int:
             if n not in counted:
-                counted[n] = available_windows(scorer.corpus, seed, n, max_steps)
+                counted[n] = data.windows_apart(scorer.corpus, seed, n, max_steps)
             return counted[n]
 
         check_text_windows(windows(target_len), len(scorer.corpus._ids), target_len)

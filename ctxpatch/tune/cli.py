@@ -143,7 +143,6 @@ def text_windows(tokenizer: Any, files: list[str] | None, seed: int, most: int):
     """windows(n) -> (tokens counted, perplexity windows of n tokens the text holds)."""
     from ..eval import data
     from .api import read_text
-    from .scorer import available_windows
 
     text, name = read_text(None, files)
     corpus = data.Corpus(data.Encoder(tokenizer), text, name)
@@ -151,7 +150,7 @@ def text_windows(tokenizer: Any, files: list[str] | None, seed: int, most: int):
 
     def windows(n: int) -> tuple[int, int]:
         if n not in cache:
-            count = available_windows(corpus, seed, n, most)
+            count = data.windows_apart(corpus, seed, n, most)
             cache[n] = (len(corpus._ids), count)
         return cache[n]
 

@@ -97,15 +97,3 @@ class EvalScorer:
             if ids.is_cuda:
                 torch.cuda.synchronize()
         return time.perf_counter() - began
-
-
-def available_windows(corpus: data.Corpus, seed: int, length: int, most: int) -> int:
-    """How many perplexity windows of `length` tokens the text holds (at most `most`)."""
-    need = data.window_starts(seed, length, most)[-1] + length + data.MAX_SHIFT
-    have = corpus.count(need)
-    count = 0
-    for start in data.window_starts(seed, length, most):
-        if start + length + data.MAX_SHIFT <= have:
-            count += 1
-    return count
-
