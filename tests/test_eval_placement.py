@@ -207,6 +207,12 @@ class WithoutLogitsToKeep(Wrapped):
         return self.inner(input_ids)
 
 
+class ReturnsNoCache(Wrapped):
+    def forward(self, input_ids, past_key_values=None, use_cache=None, logits_to_keep=0):  # names one, gives none
+        self.calls.append({"length": input_ids.shape[1]})
+        return SimpleNamespace(logits=self.inner(input_ids, logits_to_keep=logits_to_keep).logits)
+
+
 def direct_log_likelihood(model, ids: list[int], keep: int) -> float:
     """Sum of log p(ids[t] | ids[:t]) over the last `keep` tokens, in float64: the formula."""
     with torch.no_grad():
@@ -231,6 +237,17 @@ def test_a_forward_without_logits_to_keep_is_called_without_it():
     ids = list(range(3, 23))
     (log_likelihood, _), = lm._loglikelihood_tokens([(("a", "b"), ids[:15], ids[15:])])
     assert wrapped.calls == [{"length": 19}]
+    assert math.isclose(log_likelihood, direct_log_likelihood(model, ids, 5), rel_tol=1e-5)
+
+
+def test_a_forward_that_returns_no_cache_gets_the_sequence_whole():
+    model, tokenizer = tiny_lm()
+    wrapped = ReturnsNoCache(model)
+    lm = CtxpatchLM(wrapped, tokenizer, max_length=64)
+    lm.piece = 8  # pieces first: the forward's answer shows it keeps no cache
+    ids = list(range(3, 23))
+    (log_likelihood, _), = lm._loglikelihood_tokens([(("a", "b"), ids[:15], ids[15:])])
+    assert wrapped.calls == [{"length": 8}, {"length": 19}] and lm.piece is None
     assert math.isclose(log_likelihood, direct_log_likelihood(model, ids, 5), rel_tol=1e-5)
 
 

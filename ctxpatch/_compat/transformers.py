@@ -110,6 +110,38 @@ def keep_cached(cache: Any, layer_idx: int, keep: Tensor) -> None:
     layer.keys, layer.values = gather(layer.keys), gather(layer.values)
 
 
+def model_cache_keyword(model: nn.Module) -> str | None:
+    """The keyword a causal LM's forward takes a KV cache by: `cache` since transformers 5.24, `past_key_values`
+    before (a peft wrapper: its base model's); None for a forward that names neither."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        names = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in names), None)
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned (`cache` since 5.24, `past_key_values` before), else None."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def holds_every_key(cache: Any, length: int) -> bool:
+    """Whether a cache holds all `length` keys of every layer and `crop` can take them back (no sliding or
+    evicting layer): the prefix it holds can be reused for a sequence that shares it."""
+    layers = getattr(cache, "layers", None)
+    if not layers or is_static_cache(cache) or not getattr(cache, "is_croppable", False):
+        return False
+    return all(cache_length(cache, n) == length for n in range(len(layers)))
+
+
+def crop_cache(cache: Any, keep: int) -> None:
+    """Keep the first `keep` keys of every layer (a negative `crop` removes that many from the end in every
+    transformers version; a positive one was a length before 5.x and is refused since)."""
+    cache.crop(keep - int(cache.get_seq_length()))
+
+
 def is_static_cache(cache: Any) -> bool:
     return bool(getattr(cache, "is_compileable", False))
 

@@ -19,7 +19,9 @@ What it changes in HFLM, and why (each measured on lm-eval 0.4.x):
     otherwise override the task's `max_gen_toks`.
   * Loglikelihood runs one sequence at a time and asks the model only for the logits it scores
     (`logits_to_keep`, when the model's forward takes it): a 32k-token forward with a 49k vocabulary would
-    otherwise materialise 6 GB of logits.
+    otherwise materialise 6 GB of logits. A sequence goes in pieces of 8,192 tokens through the KV cache, in
+    token order, and starts from the previous sequence's cache where they share pieces (`prefix`): a comparison's
+    passkey prompts, which differ only from the key on, cost about two thirds of their tokens.
   * Results are cached per model state (`state`, e.g. the patch spec): the same tokens scored under the same
     state are computed once, so the unpatched native-context reference is shared between specs. With
     `score_log` (a `JsonLog`) each score is also written as it is computed and read back at start: a comparison
@@ -42,9 +44,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .._compat import transformers as hf
 from .._compat.lm_eval import HFLMHooks, register_model, stopping_criteria
 from ..jsonlog import JsonLog
-from . import distributed
+from . import distributed, prefix
 from .errors import EvalError, TruncationError
 from .ruler import LENGTH_MARGIN  # max_length past target_len when only target_len is given
 
@@ -95,6 +98,9 @@ class CtxpatchLM(HFLMHooks):
         for row in score_log.rows() if score_log is not None else ():  # read before any process writes (join)
             self._scores[(row["state"], row["key"])] = (row["logprob"], row["greedy"])
         self._logits_to_keep = takes_logits_to_keep(self.model)
+        self._cache_keyword = hf.model_cache_keyword(self.model)
+        # loglikelihood sequences go in pieces of this many tokens (`prefix`); whole to a forward without a cache
+        self.piece = prefix.PIECE if self._cache_keyword else None
         distributed.join(self.launch, self.device)
 
     # ---- loglikelihood: one sequence at a time, only the scored logits, split over processes --------------------
@@ -110,15 +116,15 @@ class CtxpatchLM(HFLMHooks):
         if self.scored_only:
             self.unscored += len(todo)
             return [self._scores.get(key, UNSCORED) for key in keys]
-        order = sorted(todo, key=lambda k: -(len(requests[todo[k]][1]) + len(requests[todo[k]][2])))
-        mine = self.launch.share(order)  # longest first, round robin: balanced between processes
+        order = sorted(todo, key=lambda k: requests[todo[k]][1] + requests[todo[k]][2])
+        mine = self.launch.share(order)  # in token order (alike beginnings next to each other), round robin
         quiet = disable_tqdm or len(mine) < 2 or not self.launch.is_main
 
         def compute() -> dict[tuple[str, str], tuple[float, bool]]:
-            computed = {}
+            computed, shared = {}, prefix.PrefixCache(self.piece)
             for key in tqdm(mine, desc=f"loglikelihood [{self.state}]", disable=quiet):
                 _, context_ids, continuation_ids = requests[todo[key]]
-                computed[key] = self._score_logged(key, context_ids, continuation_ids)
+                computed[key] = self._score_logged(key, context_ids, continuation_ids, shared)
             return computed
 
         self._scores.update(distributed.merged(self.launch, compute))
@@ -137,35 +143,53 @@ class CtxpatchLM(HFLMHooks):
             self.forwards += 1
         return self._scores[key]
 
-    def _score_logged(self, key: tuple[str, str], context_ids: list[int], continuation_ids: list[int]):
+    def _score_logged(self, key: tuple[str, str], context_ids: list[int], continuation_ids: list[int],
+                      shared: prefix.PrefixCache | None = None):
         """`_score`, written to the score log as soon as it is computed: a resumed comparison reads it instead of
-        a forward (the seconds and tokens are the evidence of what the run cost, over all its sessions)."""
+        a forward (the seconds and tokens are the evidence of what the run cost, over all its sessions; `reused`
+        the tokens taken from the sequence scored before, so a row with 0 is a whole forward)."""
         began = time.perf_counter()
-        logprob, greedy = self._score(context_ids, continuation_ids)
+        logprob, greedy, reused = self._score(context_ids, continuation_ids, shared)
         if self.score_log is not None:
             self.score_log.append([{
                 "state": key[0], "key": key[1], "logprob": logprob, "greedy": greedy,
                 "seconds": round(time.perf_counter() - began, 3), "tokens": len(context_ids) + len(continuation_ids),
+                "reused": reused,
             }])
         return logprob, greedy
 
-    def _score(self, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
-        ids = torch.tensor([(context_ids + continuation_ids)[:-1]], device=self.device)  # (1, T)
-        keep = len(continuation_ids)
+    def _score(self, context_ids: list[int], continuation_ids: list[int],
+               shared: prefix.PrefixCache | None = None) -> tuple[float, bool, int]:
+        """(log-probability of the continuation, whether each of its tokens is the argmax, tokens reused from
+        `shared`'s cache); the sequence fed in pieces (`prefix`)."""
+        ids, keep = (context_ids + continuation_ids)[:-1], len(continuation_ids)
+        shared = shared or prefix.PrefixCache(self.piece)
+        cache, starts = shared.lend(ids, keep)
         with torch.no_grad():
-            logits = self._last_logits(ids, keep)  # (keep, vocab)
+            for start, stop in zip(starts, starts[1:] + [len(ids)]):
+                piece = torch.tensor([ids[start:stop]], device=self.device)  # (1, stop - start)
+                logits, cache = self._forward(piece, keep if stop == len(ids) else 1, cache)
+                if cache is None and stop < len(ids):  # a forward that names a cache but returns none: whole
+                    self.piece = None
+                    return self._score(context_ids, continuation_ids)
+        shared.remember(ids, keep, cache)
         log_probs = torch.log_softmax(logits, dim=-1)
         target = torch.tensor(continuation_ids, device=log_probs.device)  # (keep,)
         picked = log_probs.gather(1, target[:, None])[:, 0]  # (keep,)
-        return float(picked.sum()), bool((log_probs.argmax(dim=-1) == target).all())
+        return float(picked.sum()), bool((log_probs.argmax(dim=-1) == target).all()), starts[0]
+
+    def _forward(self, ids: torch.Tensor, keep: int, cache: Any) -> tuple[torch.Tensor, Any]:
+        """(logits of the last `keep` positions of ids (1, T) -> (keep, vocab), float32; the KV cache after them),
+        `cache` holding the tokens before ids (None: none)."""
+        kwargs = {"use_cache": True, self._cache_keyword: cache} if self._cache_keyword else {}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        output = self.model(ids, **kwargs)
+        return output.logits[0, -keep:].float(), hf.output_cache(output)
 
     def _last_logits(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
-        """Logits of the last `keep` positions of ids (1, T) -> (keep, vocab), float32."""
-        if self._logits_to_keep:
-            logits = self.model(ids, logits_to_keep=keep).logits  # (1, keep, vocab)
-        else:  # a forward without logits_to_keep: all T positions' logits, then the last keep
-            logits = self.model(ids).logits  # (1, T, vocab)
-        return logits[0, -keep:].float()
+        """Logits of the last `keep` positions of ids (1, T) -> (keep, vocab), float32, from one forward."""
+        return self._forward(ids, keep, None)[0]
 
     # ---- generation: no cut prompt, an explicit budget, split over processes -----------------------------------
 
