@@ -204,6 +204,7 @@ class Patch:
         self.target_len = target_len
         self.active = False
         self._undo: list[Any] = []
+        self._rotaries: list[Rotary] = []  # the rotary maps the patch built for its position rules
 
     # ---- install / remove --------------------------------------------------------------------
 
@@ -234,7 +235,13 @@ class Patch:
         self._undo.append(record_on_save(model, self, adapter.info.train_len))
         setattr(model, PATCH, self)
         self._undo.append(lambda: delattr(model, PATCH))
+        self._rotaries = list(rotaries.values())
         self.active = True
+
+    def rotates_by_forward_length(self) -> bool:
+        """Whether a rotary map the patch built recomputes its frequencies from the length of each forward
+        (`dynamic`, `longrope`): a prompt fed in pieces through the cache then differs from one forward over it."""
+        return any(hf.length_dependent_rope(rotary.module) for rotary in self._rotaries)
 
     def remove(self) -> None:
         """Take the patch off: the model computes exactly what it did before `apply`."""

@@ -91,3 +91,37 @@ def test_scores_are_each_sequences_own_whatever_came_before(spec, params, tmp_pa
     else:  # token order: the sequences branching off base at 40, 100, 130, 250, the base twice, 201, 200, then the
         # fresh one; each reuses the last piece start of both (multiples of 32) within what the two share
         assert reused == [0, 32, 96, 128, 192, 192, 192, 192, 0]
+
+
+@pytest.mark.parametrize("spec", ["dynamic", "longrope"])
+def test_a_rope_that_follows_each_forwards_length_scores_sequences_whole(spec, tmp_path):
+    """transformers' dynamic and longrope scalings rotate a forward's keys by its length: in pieces, the cached keys
+    would carry a shorter piece's frequencies (several nats off one forward on these sequences)."""
+    model, tokenizer = tiny_lm()
+    pairs = sequences(len(tokenizer))
+    with ctxpatch.apply(model, spec, target_len=512):
+        lm = CtxpatchLM(model, tokenizer, max_length=512, state=spec, score_log=JsonLog(tmp_path / "scores.jsonl"))
+        lm.piece = PIECE
+        together = lm.score_requests([(("", ""), c, k) for c, k in pairs])
+        whole = [one_forward(model, c, k) for c, k in pairs]
+    torch.testing.assert_close(torch.tensor([s for s, _ in together], dtype=torch.float64),
+                               torch.tensor([s for s, _ in whole], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert {json.loads(line)["reused"] for line in (tmp_path / "scores.jsonl").read_text().splitlines()} == {0}
+
+
+def test_a_model_whose_own_rope_follows_the_length_scores_sequences_whole(tmp_path):
+    """Phi-3's LongRoPE picks its short or long factors by each forward's length: unpatched, pieces would differ."""
+    from test_families import FAMILIES, tiny
+
+    model = tiny(next(f for f in FAMILIES if "LongRoPE" in f.name))
+    tokenizer = tiny_lm()[1]
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(3, min(model.config.vocab_size, len(tokenizer)), (90,), generator=g).tolist()
+    pairs = [(base[:80], base[80:]), (base[:89], [(base[89] + 1) % 50 + 3])]  # past 16 (its L) and past a piece
+    lm = CtxpatchLM(model, tokenizer, max_length=256, score_log=JsonLog(tmp_path / "scores.jsonl"))
+    lm.piece = 16
+    together = lm.score_requests([(("", ""), c, k) for c, k in pairs])
+    whole = [one_forward(model, c, k) for c, k in pairs]
+    torch.testing.assert_close(torch.tensor([s for s, _ in together], dtype=torch.float64),
+                               torch.tensor([s for s, _ in whole], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+    assert {json.loads(line)["reused"] for line in (tmp_path / "scores.jsonl").read_text().splitlines()} == {0}

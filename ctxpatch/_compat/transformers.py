@@ -136,6 +136,18 @@ def holds_every_key(cache: Any, length: int) -> bool:
     return all(cache_length(cache, n) == length for n in range(len(layers)))
 
 
+def length_dependent_rope(model: nn.Module) -> bool:
+    """Whether a rotary module of the model recomputes its frequencies from the length of each forward (the rope
+    types `dynamic_rope_update` serves: "dynamic", "longrope"): keys cached by an earlier, shorter forward were
+    then rotated with other frequencies than one forward over the whole sequence uses."""
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)
+        types = rope_type.values() if isinstance(rope_type, dict) else [rope_type]  # one per layer type (Gemma 3)
+        if any(isinstance(t, str) and ("dynamic" in t or t == "longrope") for t in types):
+            return True
+    return False
+
+
 def crop_cache(cache: Any, keep: int) -> None:
     """Keep the first `keep` keys of every layer (a negative `crop` removes that many from the end in every
     transformers version; a positive one was a length before 5.x and is refused since)."""

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from .._compat import transformers as hf
 from .._compat.lm_eval import HFLMHooks, register_model, stopping_criteria
 from ..jsonlog import JsonLog
+from ..patch import current_patch
 from . import distributed, prefix
 from .errors import EvalError, TruncationError
 from .ruler import LENGTH_MARGIN  # max_length past target_len when only target_len is given
@@ -121,7 +122,7 @@ class CtxpatchLM(HFLMHooks):
         quiet = disable_tqdm or len(mine) < 2 or not self.launch.is_main
 
         def compute() -> dict[tuple[str, str], tuple[float, bool]]:
-            computed, shared = {}, prefix.PrefixCache(self.piece)
+            computed, shared = {}, prefix.PrefixCache(self._piece())
             for key in tqdm(mine, desc=f"loglikelihood [{self.state}]", disable=quiet):
                 _, context_ids, continuation_ids = requests[todo[key]]
                 computed[key] = self._score_logged(key, context_ids, continuation_ids, shared)
@@ -163,20 +164,28 @@ class CtxpatchLM(HFLMHooks):
         """(log-probability of the continuation, whether each of its tokens is the argmax, tokens reused from
         `shared`'s cache); the sequence fed in pieces (`prefix`)."""
         ids, keep = (context_ids + continuation_ids)[:-1], len(continuation_ids)
-        shared = shared or prefix.PrefixCache(self.piece)
+        shared = shared or prefix.PrefixCache(self._piece())
         cache, starts = shared.lend(ids, keep)
         with torch.no_grad():
             for start, stop in zip(starts, starts[1:] + [len(ids)]):
                 piece = torch.tensor([ids[start:stop]], device=self.device)  # (1, stop - start)
                 logits, cache = self._forward(piece, keep if stop == len(ids) else 1, cache)
                 if cache is None and stop < len(ids):  # a forward that names a cache but returns none: whole
-                    self.piece = None
-                    return self._score(context_ids, continuation_ids)
+                    self.piece = shared.piece = None
+                    return self._score(context_ids, continuation_ids, shared)
         shared.remember(ids, keep, cache)
         log_probs = torch.log_softmax(logits, dim=-1)
         target = torch.tensor(continuation_ids, device=log_probs.device)  # (keep,)
         picked = log_probs.gather(1, target[:, None])[:, 0]  # (keep,)
         return float(picked.sum()), bool((log_probs.argmax(dim=-1) == target).all()), starts[0]
+
+    def _piece(self) -> int | None:
+        """Tokens a piece for the model as it is now (`prefix`); None, each sequence whole, where pieces would not
+        give one forward's logits: a forward that takes no cache, or a rope whose frequencies follow the length of
+        each forward (transformers' dynamic and longrope scalings)."""
+        patch = current_patch(self.model)
+        by_length = hf.length_dependent_rope(self.model) or (patch is not None and patch.rotates_by_forward_length())
+        return None if by_length else self.piece
 
     def _forward(self, ids: torch.Tensor, keep: int, cache: Any) -> tuple[torch.Tensor, Any]:
         """(logits of the last `keep` positions of ids (1, T) -> (keep, vocab), float32; the KV cache after them),

@@ -6,9 +6,9 @@ and a needle's depths share their haystack up to the needle: scored in token ord
 follows the last piece it shares with the one before. The pieces sit at multiples of `piece` whatever was scored
 before, so a sequence's logits are the same bits whether its first pieces came from a cache or were computed (on
 kernels that are deterministic, as the CPU's are), and a resumed or split comparison gives the scores of an
-uninterrupted one. Every ctxpatch patch is exact under the
-KV cache (a prompt fed in pieces gives the logits of one forward, to rounding: tests/test_multiview.py,
-test_retrieval.py, test_sliding_window.py).
+uninterrupted one. A prompt fed in pieces gives the logits of one forward, to rounding, under every ctxpatch patch
+(tests/test_multiview.py, test_retrieval.py, test_sliding_window.py) but a rope that recomputes its frequencies from
+each forward's length (transformers' dynamic and longrope scalings: `CtxpatchLM` then feeds sequences whole).
 """
 
 from __future__ import annotations
