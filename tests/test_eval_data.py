@@ -78,6 +78,19 @@ def test_niah_length_and_needle_position(encoder, corpus):
     assert data.niah_docs(encoder, corpus, request) == docs
 
 
+def test_niah_moves_its_haystack_when_every_separator_hits_a_gap(encoder, corpus, monkeypatch):
+    request = data.RetrievalRequest(lengths=(256,), depths=(0.5,), samples=1, seed=0)
+    (whole,) = data.niah_docs(encoder, corpus, request)
+    fit, misses = data.fit_exact, iter(range(len(data.SEPARATORS)))  # the first start: every separator misses
+    monkeypatch.setattr(data, "fit_exact", lambda *a, **k: None if next(misses, None) is not None else fit(*a, **k))
+    (moved,) = data.niah_docs(encoder, corpus, request)
+    assert moved["start_token"] == whole["start_token"] + 1
+    ids = encoded(encoder, moved)
+    assert len(ids) == 256 and moved["context"] != whole["context"]
+    assert encoder.decode(ids[moved["key_position"]:]).lstrip().startswith(
+        f"The special magic number is {moved['answer']}.")
+
+
 # ---- perplexity windows ------------------------------------------------------------------------------------------
 
 

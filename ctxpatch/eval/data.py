@@ -346,26 +346,31 @@ def niah_docs(encoder: Encoder, corpus: Corpus, request: RetrievalRequest) -> li
         start = starts[length][sample]
         value = str(rng_for("niah", request.seed, length, depth, sample).randint(1000000, 9999999))
         doc, guesses[length] = niah_doc(encoder, ids, start, value, length, depth, guesses.get(length, length * 9 // 10))
-        docs.append({**doc, "sample": sample, "start_token": start})
+        docs.append({**doc, "sample": sample})
     return docs
 
 
 def niah_doc(encoder, ids, start, value, length, depth, guess) -> tuple[dict, int]:
+    """A needle prompt of exactly `length` tokens from the haystack at `start`; when every separator's count jumps
+    over the length (a token that re-encodes as several), the haystack starts a few tokens later, as a perplexity
+    window does (within MAX_SHIFT)."""
     continuation = " " + value
-    for separator in SEPARATORS:
-        def count(tokens: int) -> int:
-            return encoder.pair_length(niah_prompt(encoder.decode(ids[start:start + tokens]), value, depth, separator),
-                                       continuation)
+    for shift in range(MAX_SHIFT):
+        first = start + shift
+        for separator in SEPARATORS:
+            def count(tokens: int) -> int:
+                haystack = encoder.decode(ids[first:first + tokens])
+                return encoder.pair_length(niah_prompt(haystack, value, depth, separator), continuation)
 
-        tokens = fit_exact(count, length, guess)
-        if tokens is not None:
-            haystack = encoder.decode(ids[start:start + tokens])
-            context = niah_prompt(haystack, value, depth, separator)
-            doc = {
-                "task": "niah", "length": length, "depth": depth, "answer": value,
-                "key_depth": needle_cut(haystack, depth) / max(1, len(haystack)),
-                "context": context, "continuation": continuation,
-                "key_position": token_position(encoder, context, NIAH_NEEDLE.format(value=value)),
-            }
-            return doc, tokens
+            tokens = fit_exact(count, length, guess)
+            if tokens is not None:
+                haystack = encoder.decode(ids[first:first + tokens])
+                context = niah_prompt(haystack, value, depth, separator)
+                doc = {
+                    "task": "niah", "length": length, "depth": depth, "answer": value,
+                    "key_depth": needle_cut(haystack, depth) / max(1, len(haystack)),
+                    "context": context, "continuation": continuation, "start_token": first,
+                    "key_position": token_position(encoder, context, NIAH_NEEDLE.format(value=value)),
+                }
+                return doc, tokens
     raise EvalError(f"could not build a needle prompt of exactly {length} tokens with this tokenizer and text")
