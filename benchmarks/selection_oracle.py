@@ -5,6 +5,8 @@ model and the `niah` task's prompts (held-out plays).
         --out benchmarks/retrieval/oracle-niah-8k.json
     python benchmarks/selection_oracle.py --length 16384 --depths 0.25,0.5 --patch 'retrieval[summary_size=128]' \
         --patch 'retrieval[block_size=16,top_k=128,summary_size=16]' --patch retrieval --out granularity.json
+    python benchmarks/selection_oracle.py --length 65536 --depths 0.5 --oracle --variants 'none,late layers (10-29)' \
+        --out benchmarks/retrieval/oracle-niah-64k.json
 
 Per prompt and patch, one forward per variant; each reports the answer's log-probability (the key's tokens after
 the question, as the `niah` task scores it) and whether greedy decoding gives it (found). `none` is the patch as
@@ -46,8 +48,8 @@ class Oracle:
         def pick_with_needle(scores, count):  # scores (B, Hs, C, nb)
             late = (self.positions >= self.start)[:, None, :, None]
             if self.layer in self.layers:
-                column = torch.zeros(scores.shape[-1], dtype=torch.bool)
-                column[self.needle] = True
+                column = torch.zeros(scores.shape[-1], dtype=torch.bool)  # blocks up to the chunk's reach
+                column[[b for b in self.needle if b < scores.shape[-1]]] = True
                 scores = scores.masked_fill(late & column & (scores > float("-inf")), 1e30)
             ids = pick(scores, count)
             if late.any():
@@ -65,6 +67,7 @@ def main() -> None:
     parser.add_argument("--from", dest="tail", type=int, default=32, help="tokens before the end the oracle helps")
     parser.add_argument("--patch", action="append", help="a spec with a selection (repeatable; default retrieval)")
     parser.add_argument("--oracle", action="store_true", help="also the forced variants")
+    parser.add_argument("--variants", help="with --oracle, only these variants ('none' among them or not)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     model, tokenizer = ctxpatch.load_model("default")
@@ -75,6 +78,8 @@ def main() -> None:
         variants.update({"all layers": (set(range(layers)), True), "early layers (0-9)": (set(range(10)), True),
                          "late layers (10-29)": (set(range(10, layers)), True),
                          "every query, all layers": (set(range(layers)), False)})
+    if args.variants:
+        variants = {name: variants[name] for name in args.variants.split(",")}
     corpus = corpus_from_metadata(encoder, {"text_files": ["held-out"]})
     depths = tuple(float(d) for d in args.depths.split(","))
     docs = list(niah_docs(encoder, corpus, RetrievalRequest((args.length,), depths, 1, 0)))
@@ -83,21 +88,26 @@ def main() -> None:
         with ctxpatch.apply(model, spec, target_len=args.length) as patch:
             selection = patch.plans[0].selection
             for doc in docs:
-                row = {"patch": spec, "params": selection.values, "depth": doc["depth"], **measure(
-                    model, encoder, oracle, doc, selection.block, variants, args.tail)}
+                row = {"patch": spec, "params": selection.values, "depth": doc["depth"]}
                 results.append(row)
-                with open(args.out, "w", encoding="utf-8") as f:  # after every prompt: a long run keeps its results
-                    json.dump({"length": args.length, "tail": args.tail, "results": results}, f, indent=1)
+
+                def keep():  # after every forward: a long run keeps what it measured
+                    with open(args.out, "w", encoding="utf-8") as f:
+                        json.dump({"length": args.length, "tail": args.tail, "results": results}, f, indent=1)
+
+                measure(model, encoder, oracle, doc, selection.block, variants, args.tail, row, keep)
 
 
-def measure(model, encoder, oracle: Oracle, doc: dict, block: int, variants: dict, tail: int) -> dict:
-    """The answer's log-probability under each variant, and where the unforced choices put the needle."""
+def measure(model, encoder, oracle: Oracle, doc: dict, block: int, variants: dict, tail: int, row: dict,
+            keep) -> None:
+    """Into `row`: the answer's log-probability under each variant, and where the unforced choices put the needle;
+    `keep()` after each variant."""
     context, answer = encoder.pair(doc["context"], doc["continuation"])
     ids = torch.tensor([context + answer])
     first = doc["key_position"]
     last = first + len(encoder.encode_plain(NIAH_NEEDLE.format(value=doc["answer"]))) - 1
     oracle.needle = list(range(first // block, last // block + 1))
-    row = {"key_position": first, "tokens": ids.shape[1], "logprob": {}, "found": {}}
+    row.update({"key_position": first, "tokens": ids.shape[1], "logprob": {}, "found": {}})
     for name, (chosen_layers, tail_only) in variants.items():
         oracle.layers, oracle.hits = chosen_layers, {}
         oracle.start = ids.shape[1] - tail if tail_only else 0
@@ -108,7 +118,7 @@ def measure(model, encoder, oracle: Oracle, doc: dict, block: int, variants: dic
         if name == "none":
             row["needle chosen per layer"] = [sum(h) / len(h) for _, h in sorted(oracle.hits.items())]
         print(doc["depth"], name, round(row["logprob"][name], 2), row["found"][name], flush=True)
-    return row
+        keep()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python benchmarks/selection_recall.py --length 16384 --depths 0.25,0.5,0.75 --out benchmarks/retrieval/recall-16k.json
     python benchmarks/selection_recall.py --task niah --length 16384 --out benchmarks/retrieval/recall-niah-16k.json
+    python benchmarks/selection_recall.py --task niah --length 65536 --depths 0.5 --summary-sizes 16,8,4 \
+        --top-ks 96 --no-at-window --out benchmarks/retrieval/recall-niah-64k.json
 
 One forward per prompt under `retrieval` with its defaults for the length: the `passkey` task's prompts (filler
 text that repeats one passage, the key line at a depth), or with `--task niah` the `niah` task's (held-out plays,
@@ -12,7 +14,8 @@ from those q and k and records whether the block(s) holding the key line are amo
 runs one configuration (the default), so a layer's inputs are those of the default; what differs is only the
 choice read from them. `max` is no scorer of `retrieval`: each block's best key, q·k exactly (as costly as dense
 attention's scores), to bound what a block summary could choose. Recall = chosen / asked, per layer and over all
-layers; random choice would give about k / candidates.
+layers; random choice would give about k / candidates. `--summary-sizes` scores each block as its best part of
+that many keys (today's default: L/512), `--top-ks` reads wider choices too.
 """
 
 from __future__ import annotations
@@ -67,18 +70,20 @@ def at_distance(q: torch.Tensor, distance: int, rotary: Rotary, heads: int) -> t
 def recall(selection, q: torch.Tensor, k: torch.Tensor, heads: int, kv_heads: int, needle: set[int],
            exact: bool = False) -> float:
     """Share of (query, choice group) pairs whose top-k holds a needle block; q (1, Q, H·d), k (1, T, Hk·d);
-    `exact`: blocks scored by `block_max` instead of the selection's scorer."""
+    `exact`: blocks scored by `block_max` instead of the selection's scorer. A block scores as its best part
+    (`summary_size` keys), as `retrieval` scores it."""
     dim = q.shape[-1] // heads
     length = k.shape[1]
     keys = k.view(1, length, kv_heads, dim).transpose(1, 2).float()  # (1, Hk, T, d)
     queries = q.view(1, QUERIES, kv_heads, heads // kv_heads, dim).permute(0, 2, 3, 1, 4).float()  # (1, Hk, G, Q, d)
-    block_of = torch.arange(length)[None] // selection.block
-    blocks = int(block_of.max()) + 1
+    blocks = -(-length // selection.block)
     if exact:
         scores = block_max(queries, keys, selection.block)
     else:
+        part_of = selection.part_of(torch.arange(length)[None])  # (1, T)
         scores = selection.score(queries, selection.summarize(
-            keys, block_of, torch.ones(1, length, dtype=torch.bool), blocks))  # (1, Hk, G, Q, nb)
+            keys, part_of, torch.ones(1, length, dtype=torch.bool), blocks * selection.parts))  # (1, Hk, G, Q, nb·parts)
+        scores = scores.unflatten(-1, (blocks, selection.parts)).amax(-1)  # (1, Hk, G, Q, nb)
     scores = {"head": scores.flatten(1, 2), "kv_head": scores.sum(2), "layer": scores.sum((1, 2))[:, None]}[
         selection.per]
     i = torch.arange(length - QUERIES, length)[None, None, :, None]
@@ -95,6 +100,10 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--depths", default="0.25,0.5,0.75")
     parser.add_argument("--task", choices=("passkey", "niah"), default="passkey")
+    parser.add_argument("--summary-sizes", default="block",
+                        help="keys per part, comma-separated ('block': one part a block, as first measured)")
+    parser.add_argument("--top-ks", default="", help="block counts to read besides the default k (comma-separated)")
+    parser.add_argument("--no-at-window", action="store_true", help="skip the queries rotated to distance W")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     model, tokenizer = ctxpatch.load_model("default")
@@ -104,7 +113,11 @@ def main() -> None:
     info = adapter.info
     window = method("retrieval").resolve(info).local_window  # every variant's W: only scorer and sharing vary
     ctxpatch.apply(model, "retrieval", target_len=args.length)
-    variants = [(s, p) for s in ("mean", "quest", "max") for p in ("head", "kv_head", "layer")]
+    default = method("retrieval").resolve(info)
+    sizes = [default.block_size if size == "block" else int(size) for size in args.summary_sizes.split(",")]
+    counts = [default.top_k, *(int(k) for k in args.top_ks.split(",") if k)]
+    variants = [(s, p, size, k) for s in ("mean", "quest", "max") for p in ("head", "kv_head", "layer")
+                for size in (sizes if s != "max" else sizes[:1]) for k in counts]
     results = []
     for depth, doc, line in prompts(args.task, encoder, args.length, [float(d) for d in args.depths.split(",")]):
         ids = torch.tensor([encoder.pair(doc["context"], doc["continuation"])[0]])
@@ -117,16 +130,20 @@ def main() -> None:
         layers = range(config.num_hidden_layers)
         queries = {False: [kept[("q", n)] for n in layers],
                    True: [at_distance(kept[("q", n)], window, adapter.rotary_of(n), heads) for n in layers]}
-        for (scorer, per), shown in itertools.product(variants, (False, True)):
+        for (scorer, per, size, count), shown in itertools.product(
+                variants, (False,) if args.no_at_window else (False, True)):
             # `max` is no scorer of retrieval: a selection with the default one gives its blocks and candidates
-            # whole-block summaries (one part a block), as these results were first measured
             selection = method("retrieval", scorer="mean" if scorer == "max" else scorer, per=per,
-                               summary_size=max(1, info.train_len // 64)).resolve(info)
+                               summary_size=size, top_k=count).resolve(info)
             first, last = doc["key_position"], doc["key_position"] + line - 1
             needle = set(range(first // selection.block, last // selection.block + 1))
             per_layer = [recall(selection, queries[shown][n], kept[("k", n)], heads, kv_heads, needle, scorer == "max")
                          for n in layers]
             name = f"{scorer}/{per}" + ("/at-window" if shown else "")
+            if len(sizes) > 1 or args.summary_sizes != "block":
+                name += "" if scorer == "max" else f"/parts-{size}"
+            if count != default.top_k:
+                name += f"/k-{count}"
             row["recall"][name] = {"mean": sum(per_layer) / len(per_layer), "layers": per_layer}
             print(depth, name, round(row["recall"][name]["mean"], 3), flush=True)
         results.append(row)
