@@ -111,9 +111,9 @@ def main() -> None:
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     adapter = find_adapter(model)
     info = adapter.info
-    window = method("retrieval").resolve(info).local_window  # every variant's W: only scorer and sharing vary
-    ctxpatch.apply(model, "retrieval", target_len=args.length)
     default = method("retrieval").resolve(info)
+    window = default.local_window  # every variant's W: scorer, sharing, parts and k vary
+    ctxpatch.apply(model, "retrieval", target_len=args.length)
     sizes = [default.block_size if size == "block" else int(size) for size in args.summary_sizes.split(",")]
     counts = [default.top_k, *(int(k) for k in args.top_ks.split(",") if k)]
     variants = [(s, p, size, k) for s in ("mean", "quest", "max") for p in ("head", "kv_head", "layer")
@@ -140,7 +140,7 @@ def main() -> None:
             per_layer = [recall(selection, queries[shown][n], kept[("k", n)], heads, kv_heads, needle, scorer == "max")
                          for n in layers]
             name = f"{scorer}/{per}" + ("/at-window" if shown else "")
-            if len(sizes) > 1 or args.summary_sizes != "block":
+            if args.summary_sizes != "block":
                 name += "" if scorer == "max" else f"/parts-{size}"
             if count != default.top_k:
                 name += f"/k-{count}"
