@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,12 @@ import ctxpatch
 from ctxpatch.backends import selected
 from ctxpatch.eval.data import NIAH_NEEDLE, Encoder, RetrievalRequest, niah_docs
 from ctxpatch.eval.sources import corpus_from_metadata
+
+
+class Variant(NamedTuple):
+    layers: set  # layers whose choices take the needle's blocks
+    tail_only: bool  # only the queries from `--from` tokens before the end (else every query)
+    shared_from: int | None = None  # layers from this one on take its choice
 
 
 class Oracle:
@@ -56,12 +63,11 @@ class Oracle:
             late = (self.positions >= self.start)[:, None, :, None]
             if self.shared_from is not None and self.layer >= self.shared_from:
                 ids = self.pick_shared(pick, scores, count)
-            elif self.layer in self.layers:
-                column = torch.zeros(scores.shape[-1], dtype=torch.bool)  # blocks up to the chunk's reach
-                column[[b for b in self.needle if b < scores.shape[-1]]] = True
-                scores = scores.masked_fill(late & column & (scores > float("-inf")), 1e30)
-                ids = pick(scores, count)
             else:
+                if self.layer in self.layers:
+                    column = torch.zeros(scores.shape[-1], dtype=torch.bool)  # blocks up to the chunk's reach
+                    column[[b for b in self.needle if b < scores.shape[-1]]] = True
+                    scores = scores.masked_fill(late & column & (scores > float("-inf")), 1e30)
                 ids = pick(scores, count)
             if late.any():
                 held = torch.isin(ids, torch.tensor(self.needle)).any(-1, keepdim=True)  # (B, Hs, C, 1)
@@ -97,11 +103,12 @@ def main() -> None:
     model, tokenizer = ctxpatch.load_model("default")
     encoder, layers = Encoder(tokenizer), model.config.num_hidden_layers
     oracle = Oracle(model)
-    variants = {"none": (set(), True)}
+    variants = {"none": Variant(set(), True)}
     if args.oracle:
-        variants.update({"all layers": (set(range(layers)), True), "early layers (0-9)": (set(range(10)), True),
-                         "late layers (10-29)": (set(range(10, layers)), True),
-                         "every query, all layers": (set(range(layers)), False)})
+        variants.update({"all layers": Variant(set(range(layers)), True),
+                         "early layers (0-9)": Variant(set(range(10)), True),
+                         "late layers (10-29)": Variant(set(range(10, layers)), True),
+                         "every query, all layers": Variant(set(range(layers)), False)})
     if args.variants:
         variants = {name: variants.get(name) or named_variant(name) for name in args.variants.split(",")}
     corpus = corpus_from_metadata(encoder, {"text_files": ["held-out"]})
@@ -122,14 +129,14 @@ def main() -> None:
                 measure(model, encoder, oracle, doc, selection.block, variants, args.tail, row, keep)
 
 
-def named_variant(name: str) -> tuple:
+def named_variant(name: str) -> Variant:
     """'layers A-B': the needle forced in layers A to B (the question and answer's queries); 'shared from X'."""
     words = name.split()
     if words[0] == "layers":
         first, last = (int(n) for n in words[1].split("-"))
-        return set(range(first, last + 1)), True
+        return Variant(set(range(first, last + 1)), True)
     if words[:2] == ["shared", "from"]:
-        return int(words[2]), None
+        return Variant(set(), True, int(words[2]))
     raise SystemExit(f"unknown variant {name!r}")
 
 
@@ -143,16 +150,14 @@ def measure(model, encoder, oracle: Oracle, doc: dict, block: int, variants: dic
     last = first + len(encoder.encode_plain(NIAH_NEEDLE.format(value=doc["answer"]))) - 1
     oracle.needle = list(range(first // block, last // block + 1))
     row.update({"key_position": first, "tokens": ids.shape[1], "logprob": {}, "found": {}})
-    for name, (chosen_layers, tail_only) in variants.items():
-        shared = tail_only is None  # 'shared from X': chosen_layers is X
-        oracle.layers, oracle.hits = set() if shared else chosen_layers, {}
-        oracle.shared_from = chosen_layers if shared else None
-        oracle.start = ids.shape[1] - tail if tail_only or shared else 0
+    for name, variant in variants.items():
+        oracle.layers, oracle.shared_from, oracle.hits = variant.layers, variant.shared_from, {}
+        oracle.start = ids.shape[1] - tail if variant.tail_only else 0
         with torch.no_grad():
             logits = model(ids, logits_to_keep=len(answer) + 1).logits[0, :-1].float()
         row["logprob"][name] = logits.log_softmax(-1).gather(-1, torch.tensor(answer)[:, None]).sum().item()
         row["found"][name] = bool((logits.argmax(-1) == torch.tensor(answer)).all())
-        if name == "none" or shared:
+        if name == "none" or variant.shared_from is not None:
             label = "needle chosen per layer" + ("" if name == "none" else f" ({name})")
             row[label] = [sum(h) / len(h) for _, h in sorted(oracle.hits.items())]
         print(doc["depth"], name, round(row["logprob"][name], 2), row["found"][name], flush=True)
