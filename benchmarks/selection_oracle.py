@@ -9,8 +9,11 @@ model and the `niah` task's prompts (held-out plays).
         --out benchmarks/retrieval/oracle-niah-64k.json
     python benchmarks/selection_oracle.py --length 65536 --depths 0.5 --oracle \
         --patch 'retrieval[scorer=quest,summary_size=8,per=layer]' --variants 'shared from 11,none' --out shared.json
+    python benchmarks/selection_oracle.py --length 65536 --depths 0.25,0.75 --samples 0,1 --oracle \
+        --patch 'retrieval[scorer=quest,summary_size=8,per=layer]' --variants 'shared from 11' --out shared-more.json
 
-Per prompt and patch, one forward per variant; each reports the answer's log-probability (the key's tokens after
+`--samples` picks which prompts of each depth (0: the first, as `ctxpatch compare` numbers them). Per prompt and
+patch, one forward per variant; each reports the answer's log-probability (the key's tokens after
 the question, as the `niah` task scores it) and whether greedy decoding gives it (found). `none` is the patch as
 it is; with `--oracle` the others give the needle's block(s) the highest score, so the choice takes them, for the
 queries from `--from` tokens before the prompt's end (the question and the answer) in the layers named, or for
@@ -94,6 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--depths", default="0.25,0.5")
+    parser.add_argument("--samples", default="0", help="which prompts of each depth (0: the first, as `compare`'s)")
     parser.add_argument("--from", dest="tail", type=int, default=32, help="tokens before the end the oracle helps")
     parser.add_argument("--patch", action="append", help="a spec with a selection (repeatable; default retrieval)")
     parser.add_argument("--oracle", action="store_true", help="also the forced variants")
@@ -113,13 +117,15 @@ def main() -> None:
         variants = {name: variants.get(name) or named_variant(name) for name in args.variants.split(",")}
     corpus = corpus_from_metadata(encoder, {"text_files": ["held-out"]})
     depths = tuple(float(d) for d in args.depths.split(","))
-    docs = list(niah_docs(encoder, corpus, RetrievalRequest((args.length,), depths, 1, 0)))
+    samples = [int(s) for s in args.samples.split(",")]
+    docs = [doc for doc in niah_docs(encoder, corpus, RetrievalRequest((args.length,), depths, max(samples) + 1, 0))
+            if doc["sample"] in samples]
     results = []
     for spec in args.patch or ["retrieval"]:
         with ctxpatch.apply(model, spec, target_len=args.length) as patch:
             selection = patch.plans[0].selection
             for doc in docs:
-                row = {"patch": spec, "params": selection.values, "depth": doc["depth"]}
+                row = {"patch": spec, "params": selection.values, "depth": doc["depth"], "sample": doc["sample"]}
                 results.append(row)
 
                 def keep():  # after every forward: a long run keeps what it measured
@@ -160,7 +166,7 @@ def measure(model, encoder, oracle: Oracle, doc: dict, block: int, variants: dic
         if name == "none" or variant.shared_from is not None:
             label = "needle chosen per layer" + ("" if name == "none" else f" ({name})")
             row[label] = [sum(h) / len(h) for _, h in sorted(oracle.hits.items())]
-        print(doc["depth"], name, round(row["logprob"][name], 2), row["found"][name], flush=True)
+        print(doc["depth"], doc["sample"], name, round(row["logprob"][name], 2), row["found"][name], flush=True)
         keep()
 
 
