@@ -9,6 +9,9 @@ produced it, the machine, what it showed, and its kind:
 * `ceiling` — the unpatched model at its trained length: the retrieval a patch must keep;
 * `other` — kept and indexed (older protocols, controls, cost benchmarks), shown only in benchmarks/README.md.
 
+A run may name in `supersedes` earlier folders whose prompts it re-ran with more beside them (`--resume` from
+their scores): where both measure the same task of the same spec at the same length, its count stands instead.
+
 A retrieval cell is "found/prompts [95% Wilson interval]" (`ctxpatch.eval.report.count_cell`); a perplexity cell
 is the ratio full / native context with the perplexity in brackets. `ctxpatch.docs` writes these tables between
 marker comments; tests/test_docs.py fails when what is written differs from what the raw results give.
@@ -39,6 +42,7 @@ class Run:
     showed: str
     kind: str = "other"
     labels: dict[str, str] = field(default_factory=dict)  # spec as recorded -> as the tables name it
+    supersedes: tuple[str, ...] = ()  # folders whose measurements of the same cell and task this run's replace
 
 
 @dataclass
@@ -53,6 +57,7 @@ class Cell:
     params: str = ""  # the resolved parameters, as "local_window=1024, chunk_len=5120"
     sources: list[str] = field(default_factory=list)
     machines: list[str] = field(default_factory=list)
+    origins: dict[str, str] = field(default_factory=dict)  # "ppl" or task -> the folder its number came from
 
     def retrieval(self) -> tuple[int, int]:
         """Passkey and needle prompts pooled: (found, prompts)."""
@@ -79,12 +84,16 @@ class Index:
 def read_index(root: Path) -> Index:
     """benchmarks/runs.json under `root` (the benchmarks folder); ValueError naming what is wrong."""
     data = json.loads((root / "runs.json").read_text(encoding="utf-8"))
-    runs = tuple(Run(paths=tuple(r.pop("paths")), **r) for r in data["runs"])
+    runs = tuple(Run(paths=tuple(r.pop("paths")), supersedes=tuple(r.pop("supersedes", ())), **r)
+                 for r in data["runs"])
+    indexed = {path for run in runs for path in run.paths}
     for run in runs:
         if run.kind not in KINDS:
             raise ValueError(f"benchmarks/runs.json: {run.paths[0]}: kind {run.kind!r} is not one of {KINDS}")
         if run.machine not in data["machines"]:
             raise ValueError(f"benchmarks/runs.json: {run.paths[0]}: machine {run.machine!r} is not in 'machines'")
+        for path in set(run.supersedes) - indexed:
+            raise ValueError(f"benchmarks/runs.json: {run.paths[0]}: supersedes {path!r}, which no run indexes")
     return Index(data["model"], data["machines"], runs, root)
 
 
@@ -111,35 +120,53 @@ def resolved_params(board: Leaderboard, spec: str, length: int) -> str:
 
 
 def cells(index: Index, kind: str) -> list[Cell]:
-    """Every (spec, length) the runs of `kind` measured, their tasks merged; a task measured twice is an error."""
+    """Every (spec, length) the runs of `kind` measured, their tasks merged; a task measured twice is an error
+    unless one run supersedes the other's folder."""
     out: dict[tuple[str, int], Cell] = {}
+    superseded = {path: set(run.supersedes) for run in index.runs for path in run.paths}
+    machine = {path: run.machine for run in index.runs for path in run.paths}
+
+    def replaces(new: str, old: str) -> bool:
+        return old in superseded[new]
+
     for run in (r for r in index.runs if r.kind == kind):
         for path, board in index.boards(run):
             for spec in board.specs:
                 label = run.labels.get(spec, spec)
                 for length in board.lengths:
                     cell = out.setdefault((label, length), Cell(label, length))
-                    measured = _merge(cell, board, spec, length)
-                    if measured and path not in cell.sources:
-                        cell.sources.append(path)
-                        cell.machines += [run.machine] if run.machine not in cell.machines else []
+                    if _merge(cell, board, spec, length, path, replaces):
                         cell.params = cell.params or resolved_params(board, spec, length)
+    for cell in out.values():
+        cell.sources = list(dict.fromkeys(cell.origins.values()))
+        cell.machines = list(dict.fromkeys(machine[path] for path in cell.sources))
     return [c for c in out.values() if c.sources]
 
 
-def _merge(cell: Cell, board: Leaderboard, spec: str, length: int) -> bool:
-    measured = False
+def _merge(cell: Cell, board: Leaderboard, spec: str, length: int, path: str = "",
+           replaces=lambda new, old: False) -> bool:
+    """Adds what `board` measured of `spec` at `length` to `cell`; whether it measured anything."""
+    measured: dict[str, Any] = {}
     if board.perplexity(spec, length) is not None:
-        if cell.perplexity is not None:
-            raise ValueError(f"two runs measure the perplexity of {cell.label} at {length}: mark one kind 'other'")
-        cell.perplexity, cell.ratio, measured = board.perplexity(spec, length), board.ratio(spec, length), True
+        measured["ppl"] = (board.perplexity(spec, length), board.ratio(spec, length))
     for task in TASKS:
         found, n = board.found(spec, task, length)
         if n:
-            if task in cell.found:
-                raise ValueError(f"two runs measure {task} of {cell.label} at {length}: mark one kind 'other'")
-            cell.found[task], measured = (found, n), True
-    return measured
+            measured[task] = (found, n)
+    for what, value in measured.items():
+        old = cell.origins.get(what)
+        if old is not None and not replaces(path, old):
+            if replaces(old, path):
+                continue
+            task = "the perplexity" if what == "ppl" else what
+            raise ValueError(f"two runs measure {task} of {cell.label} at {length}: mark one kind 'other', "
+                             "or name the older folder in the newer run's 'supersedes'")
+        if what == "ppl":
+            cell.perplexity, cell.ratio = value
+        else:
+            cell.found[what] = value
+        cell.origins[what] = path
+    return bool(measured)
 
 
 # ---- cells as text ---------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def copy_of_the_results(tmp_path: Path) -> Path:
 def test_a_changed_raw_result_makes_the_readme_stale(tmp_path):
     root = copy_of_the_results(tmp_path)
     assert docs.generated(README, root) == README
-    board_file = root / "benchmarks" / "grid" / "32k-niah" / "leaderboard.json"
+    board_file = root / "benchmarks" / "retrieval" / "32k-dca-niah-2" / "leaderboard.json"
     data = json.loads(board_file.read_text())
     record = next(r for r in data["records"] if r["spec"] == "dca" and r["task"] == "niah")
     record["value"] = 1.0 - record["value"]  # one needle prompt scored the other way
@@ -146,6 +146,32 @@ def test_a_result_measured_twice_is_refused(tmp_path):
     (root / "benchmarks" / "runs.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="two runs measure the perplexity of dca at 32768"):
         results.cells(results.read_index(root / "benchmarks"), "training-free")
+
+
+def dca_at_32k(root: Path) -> results.Cell:
+    free = results.cells(results.read_index(root / "benchmarks"), "training-free")
+    return next(c for c in free if c.label == "dca" and c.length == 32768)
+
+
+def test_a_run_that_reran_an_older_ones_prompts_with_more_stands_in_its_place(tmp_path):
+    root = copy_of_the_results(tmp_path)
+    runs_file = root / "benchmarks" / "runs.json"
+    index = json.loads(runs_file.read_text())
+    rerun = next(run for run in index["runs"] if run["paths"] == ["retrieval/32k-dca-passkey"])
+    assert rerun["supersedes"] == ["grid/32k-ppl"]
+    board = json.loads((root / "benchmarks" / "retrieval" / "32k-dca-passkey" / "leaderboard.json").read_text())
+    found = sum(r["value"] for r in board["records"] if r["task"] == "passkey")
+    cell = dca_at_32k(root)
+    assert cell.found["passkey"] == (found, 15) and cell.ratio is not None  # the grid keeps its perplexity
+    assert cell.sources[0] == "grid/32k-ppl" and "retrieval/32k-dca-passkey" in cell.sources
+    rerun["supersedes"] = []
+    runs_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="two runs measure passkey of dca at 32768.*'supersedes'"):
+        dca_at_32k(root)
+    rerun["supersedes"] = ["grid/no-such-run"]
+    runs_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="supersedes 'grid/no-such-run', which no run indexes"):
+        dca_at_32k(root)
 
 
 def cell(label: str, ratio: float, found: int, n: int) -> results.Cell:
@@ -261,7 +287,7 @@ def test_changelog_sections_each_appear_once_per_release():
             seen.add(line)
 
 
-SMOLLM2 = dict(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, rotary_dim=64)  # the default model's shape
+SMOLLM2 = {"num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "rotary_dim": 64}  # the default model's shape
 
 
 def _label_cases():

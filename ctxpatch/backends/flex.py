@@ -75,7 +75,7 @@ def flex_attention_backend(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall,
     if len(outs) == 1:
         return outs[0].transpose(1, 2)
     total = torch.logsumexp(torch.stack(lses), dim=0)  # (B, H, Tq)
-    merged = sum(o.to(total.dtype) * torch.exp(l - total).unsqueeze(-1) for o, l in zip(outs, lses))
+    merged = sum(o.to(total.dtype) * torch.exp(lse - total).unsqueeze(-1) for o, lse in zip(outs, lses))
     return merged.to(q.dtype).transpose(1, 2)
 
 

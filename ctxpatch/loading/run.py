@@ -28,7 +28,6 @@ from .._compat import transformers as hf
 from ..errors import UserInputError
 from .assets import DEFAULT_MODEL
 from .base import (
-    check_model,
     display_name,
     fingerprint,
     load_base_model,
@@ -47,7 +46,7 @@ from ..record import (
     REPLACED_CONFIG,
     carries_patch,
     is_native,
-    patch_parameter_state,
+    patch_parameter_state,  # noqa: F401  (ctxpatch.loading re-exports it from here)
     read_record,
     relative_name,
     save_patch_parameters,
