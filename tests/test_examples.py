@@ -1,12 +1,16 @@
 """Every script in examples/ runs, as a user runs it (a subprocess of this Python, the repository on
-PYTHONPATH), on a tiny random model folder, and prints what it says it does: none of them can rot."""
+PYTHONPATH), on a tiny random model folder, and prints what it says it does: none of them can rot. So do the
+Python snippets of the README and the docs that run on a model loaded beforehand."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -129,3 +133,40 @@ def test_lm_eval_harness_script_runs_lm_eval_with_a_patch(model_folder, tmp_path
 def test_an_example_run_with_no_arguments_prints_its_usage(name, tmp_path):
     out = example(name, cwd=tmp_path, status=2)  # its default folder is not in an empty directory
     assert out.startswith(f"usage: {name}") and f"{name}: error: " in out and "Traceback" not in out
+
+
+def python_block(doc: str, first_line: str) -> str:
+    """The ```python block of `doc` (a path under the repository) that starts with `first_line`."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / doc).read_text(encoding="utf-8"), flags=re.DOTALL)
+    return next(block for block in blocks if block.startswith(first_line))
+
+
+@pytest.mark.parametrize("doc, first_line", [
+    ("README.md", "import ctxpatch"),
+    ("docs/index.md", "import ctxpatch"),
+    ("docs/methods.md", 'ctxpatch.apply(model, "retrieval")'),
+])
+def test_a_doc_snippet_runs_as_written(doc, first_line, monkeypatch):
+    """The snippet, in order, on a tiny model shaped as the default one where the snippets' explicit values
+    assume it (trained to 8,192 positions, 30 layers): it stands in for `load_model("default")`, a short text for
+    the file read, and `ids` and `model` are given to the snippets that assume them."""
+    torch = pytest.importorskip("torch")
+    from conftest import tiny_model
+
+    import ctxpatch
+
+    _, tokenizer = tiny_lm()
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=8192, num_hidden_layers=30,
+                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    monkeypatch.setattr(ctxpatch, "load_model", lambda *args, **kwargs: (model, tokenizer))
+    text = generated_text(words=150, seed=3)
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    namespace = {"ctxpatch": ctxpatch, "model": model, "ids": ids, "open": lambda *args, **kwargs: io.StringIO(text)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a target length far past the tiny model's warns; that is not tested here
+            exec(compile(python_block(doc, first_line), doc, "exec"), namespace)
+    finally:
+        torch.set_num_threads(threads)
