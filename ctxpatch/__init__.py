@@ -52,7 +52,7 @@ from . import tune as _tune_package  # noqa: E402,F401  (loaded now, light: see 
 # `ctxpatch.tune` is the function (ctxpatch.tune.api.tune), given by __getattr__. The package of the same name is
 # loaded above, so that importing one of its modules later (ctxpatch.tune.cli) does not bind the package over
 # the function; its binding made by that import is dropped here.
-del tune
+del tune  # noqa: F821  (bound by the import above, not visible to the linter)
 
 
 if TYPE_CHECKING:  # what `_LAZY` provides, for type checkers, IDEs and the API reference (tests/test_cli.py)

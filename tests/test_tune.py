@@ -491,8 +491,8 @@ def test_info_from_a_chatglm_config_json_reads_its_own_names():
 # ---- a tune that replays -----------------------------------------------------------------------------------------
 
 
-def test_a_saved_schedule_replays_the_same_winner_on_a_slower_machine(tmp_path, monkeypatch, capsys,  # noqa: F811
-                                                                      one_thread):
+def test_a_saved_schedule_replays_the_same_winner_on_a_slower_machine(tmp_path, monkeypatch, capsys,
+                                                                      one_thread):  # noqa: F811
     """Two machines (fake timings of the calibration forward, 200x apart) plan two schedules from one budget;
     replaying the first one's schedule.json on the slow one measures the same things and picks the same winner."""
     from ctxpatch.tune import api

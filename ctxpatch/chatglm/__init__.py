@@ -12,7 +12,7 @@ from .config import train_len
 from .errors import ChatGLMConversionError
 
 if TYPE_CHECKING:  # what `_LAZY` gives, for type checkers and the API reference
-    from .convert import ROPE_RATIO_AS, convert_chatglm, load_chatglm, resolve_dtype, rope_ratio_rule
+    from .convert import ROPE_RATIO_AS, convert_chatglm, load_chatglm, resolve_dtype, rope_ratio_rule  # noqa: F401
 
 _LAZY = {"convert_chatglm": "convert", "load_chatglm": "convert", "rope_ratio_rule": "convert",
          "ROPE_RATIO_AS": "convert", "resolve_dtype": "convert"}
