@@ -287,7 +287,8 @@ def test_changelog_sections_each_appear_once_per_release():
             seen.add(line)
 
 
-SMOLLM2 = {"num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "rotary_dim": 64}  # the default model's shape
+# the default model's shape
+SMOLLM2 = {"num_layers": 30, "num_heads": 9, "num_kv_heads": 3, "head_dim": 64, "rotary_dim": 64}
 
 
 def _label_cases():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_chatglm_tokenizer import checkpoint_with_tokenizer, train_spm
-from test_eval_fixtures import TRAIN_LEN, generated_text, tiny_lm
+from test_eval_fixtures import TRAIN_LEN, generated_text, one_thread, tiny_lm, tiny_tokenizer  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -146,27 +146,22 @@ def python_block(doc: str, first_line: str) -> str:
     ("docs/index.md", "import ctxpatch"),
     ("docs/methods.md", 'ctxpatch.apply(model, "retrieval")'),
 ])
+@pytest.mark.usefixtures("one_thread")
 def test_a_doc_snippet_runs_as_written(doc, first_line, monkeypatch):
     """The snippet, in order, on a tiny model shaped as the default one where the snippets' explicit values
     assume it (trained to 8,192 positions, 30 layers): it stands in for `load_model("default")`, a short text for
     the file read, and `ids` and `model` are given to the snippets that assume them."""
-    torch = pytest.importorskip("torch")
     from conftest import tiny_model
 
     import ctxpatch
 
-    _, tokenizer = tiny_lm()
+    tokenizer = tiny_tokenizer()
     model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=8192, num_hidden_layers=30,
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     monkeypatch.setattr(ctxpatch, "load_model", lambda *args, **kwargs: (model, tokenizer))
     text = generated_text(words=150, seed=3)
     ids = tokenizer(text, return_tensors="pt").input_ids
     namespace = {"ctxpatch": ctxpatch, "model": model, "ids": ids, "open": lambda *args, **kwargs: io.StringIO(text)}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a target length far past the tiny model's warns; that is not tested here
-            exec(compile(python_block(doc, first_line), doc, "exec"), namespace)
-    finally:
-        torch.set_num_threads(threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a target length far past the tiny model's warns; that is not tested here
+        exec(compile(python_block(doc, first_line), doc, "exec"), namespace)
